@@ -1,1 +1,12 @@
-//! placeholder
+//! Tether edge agent: keeps a TLS + HTTP/2 session with tunnel-server (the edge plays the
+//! HTTP/2 server), dials the local kubelet for each stream within its own default-deny
+//! allowlist, and reconnects with jittered exponential backoff.
+#![forbid(unsafe_code)]
+
+pub mod allow;
+pub mod backoff;
+pub mod config;
+pub mod session;
+
+pub use config::EdgeConfig;
+pub use session::{Edge, EdgeStatus};

@@ -1,1 +1,18 @@
-//! placeholder
+//! Tether server: edge sessions (TLS + HTTP/2 in reverse roles), the apiserver-facing HTTP
+//! CONNECT frontend, routing by certificate identity, destination policy, admin and metrics.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod demo_kubelet;
+pub mod frontend;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod routing;
+pub mod server;
+pub mod session;
+
+pub use server::{BoundAddrs, RunningServer, Shared};

@@ -1,0 +1,22 @@
+//! I/O building blocks shared by `tunnel-server` and `tunnel-edge`: moving bytes between an
+//! HTTP/2 stream and a socket with flow control and half-close ([`pipe`]), TLS configuration
+//! from PEM files ([`tls`]) and the HTTP/2 tuning both ends of a session apply ([`h2tune`]).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod h2tune;
+pub mod identity;
+pub mod liveness;
+pub mod logging;
+pub mod pipe;
+pub mod tls;
+
+/// Set TCP_NODELAY, ignoring failure (a socket that already failed will report it on first use).
+///
+/// Every leg of a tunnel needs it: Nagle's algorithm meeting delayed ACKs adds ~40 ms to small
+/// request/response exchanges (see docs/ARCHITECTURE.md).
+pub fn set_nodelay(stream: &tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!(%error, "TCP_NODELAY not set");
+    }
+}

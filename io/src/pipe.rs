@@ -1,0 +1,209 @@
+//! Moves the bytes of one tunneled connection between an HTTP/2 stream and a byte stream (a
+//! TCP, Unix or TLS socket), honouring h2 flow control in both directions and half-close:
+//! socket EOF becomes END_STREAM, END_STREAM becomes a write shutdown. Errors never end
+//! silently: the h2 stream is reset and the socket dropped, so the far end sees a failure
+//! instead of a truncated transfer.
+
+use std::future::poll_fn;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// First read buffer of a direction. Small, because most tunneled connections are idle or
+/// carry small requests; it doubles on every read that fills it.
+pub const INITIAL_CHUNK: usize = 16 << 10;
+/// Largest read buffer: h2 sends large chunks far more cheaply than 8 KiB ones.
+pub const MAX_CHUNK: usize = 256 << 10;
+
+/// Timeouts of one pipe.
+#[derive(Debug, Clone, Copy)]
+pub struct PipeConfig {
+    /// How long a write (to the socket, or waiting for h2 send window) may make no progress
+    /// before the stream is reset: a stalled reader must not hold its window forever.
+    pub write_timeout: Duration,
+}
+
+/// How a pipe ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PipeError {
+    /// The socket side failed or reset.
+    #[error("socket error: {0}")]
+    Socket(String),
+    /// The HTTP/2 stream was reset by the peer or the session died.
+    #[error("tunnel stream error: {0}")]
+    Stream(String),
+    /// No progress writing for longer than the write timeout.
+    #[error("write stalled longer than {0:?}")]
+    WriteTimeout(Duration),
+    /// The other direction failed, or the owner cancelled the pipe.
+    #[error("aborted")]
+    Aborted,
+}
+
+/// Bytes moved and how the pipe ended.
+#[derive(Debug, Clone)]
+pub struct PipeReport {
+    /// Bytes read from the socket and sent on the h2 stream.
+    pub socket_to_stream: u64,
+    /// Bytes received on the h2 stream and written to the socket.
+    pub stream_to_socket: u64,
+    /// The first error of either direction, or `Ok` when both ended cleanly.
+    pub result: Result<(), PipeError>,
+}
+
+/// Copy both directions until both have ended. `early` holds bytes already read from the
+/// socket (for example after an HTTP CONNECT head); they are sent first.
+pub async fn pipe<S>(
+    socket: S,
+    mut send: SendStream<Bytes>,
+    recv: RecvStream,
+    early: Bytes,
+    config: PipeConfig,
+    cancel: &CancellationToken,
+) -> PipeReport
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    let (reader, writer) = tokio::io::split(socket);
+    let abort = cancel.child_token();
+    let mut up_bytes = 0u64;
+    let mut down_bytes = 0u64;
+
+    let up = async {
+        let result = tokio::select! {
+            biased;
+            _ = abort.cancelled() => Err(PipeError::Aborted),
+            r = socket_to_stream(reader, &mut send, early, config, &mut up_bytes) => r,
+        };
+        if let Err(error) = &result {
+            abort.cancel();
+            if !matches!(error, PipeError::Stream(_)) {
+                send.send_reset(Reason::CANCEL);
+            }
+        }
+        result
+    };
+    let down = async {
+        let result = tokio::select! {
+            biased;
+            _ = abort.cancelled() => Err(PipeError::Aborted),
+            r = stream_to_socket(recv, writer, config, &mut down_bytes) => r,
+        };
+        if result.is_err() {
+            abort.cancel();
+        }
+        result
+    };
+    let (up_result, down_result) = tokio::join!(up, down);
+    // Report the cause, not the `Aborted` it provoked in the other direction.
+    let result = match (up_result, down_result) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(PipeError::Aborted), Err(e)) | (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e),
+    };
+    PipeReport {
+        socket_to_stream: up_bytes,
+        stream_to_socket: down_bytes,
+        result,
+    }
+}
+
+async fn socket_to_stream<R: AsyncRead + Unpin>(
+    mut reader: R,
+    send: &mut SendStream<Bytes>,
+    early: Bytes,
+    config: PipeConfig,
+    total: &mut u64,
+) -> Result<(), PipeError> {
+    if !early.is_empty() {
+        *total += early.len() as u64;
+        send_all(send, early, config).await?;
+    }
+    let mut chunk = INITIAL_CHUNK;
+    let mut buf = BytesMut::new();
+    loop {
+        buf.reserve(chunk);
+        let n = reader
+            .read_buf(&mut buf)
+            .await
+            .map_err(|e| PipeError::Socket(e.to_string()))?;
+        if n == 0 {
+            // Half-close: the socket's EOF ends our side of the stream only.
+            return send
+                .send_data(Bytes::new(), true)
+                .map_err(|e| PipeError::Stream(e.to_string()));
+        }
+        if n >= chunk && chunk < MAX_CHUNK {
+            chunk *= 2;
+        }
+        *total += n as u64;
+        send_all(send, buf.split().freeze(), config).await?;
+    }
+}
+
+/// Send `data` without exceeding the window h2 grants: `send_data` itself would queue
+/// without bound.
+async fn send_all(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    config: PipeConfig,
+) -> Result<(), PipeError> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = tokio::time::timeout(
+            config.write_timeout,
+            poll_fn(|cx| send.poll_capacity(cx)),
+        )
+        .await
+        .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
+        let granted = match granted {
+            Some(Ok(0)) => continue,
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(PipeError::Stream(e.to_string())),
+            None => return Err(PipeError::Stream("stream closed".into())),
+        };
+        let part = data.split_to(granted.min(data.len()));
+        send.send_data(part, false)
+            .map_err(|e| PipeError::Stream(e.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn stream_to_socket<W: AsyncWrite + Unpin>(
+    mut recv: RecvStream,
+    mut writer: W,
+    config: PipeConfig,
+    total: &mut u64,
+) -> Result<(), PipeError> {
+    loop {
+        match recv.data().await {
+            None => {
+                // END_STREAM: the peer finished writing; pass the half-close on.
+                return tokio::time::timeout(config.write_timeout, writer.shutdown())
+                    .await
+                    .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?
+                    .map_err(|e| PipeError::Socket(e.to_string()));
+            }
+            // After a reset `data()` keeps returning errors: end here, never loop on them.
+            Some(Err(e)) => return Err(PipeError::Stream(e.to_string())),
+            Some(Ok(data)) => {
+                let n = data.len();
+                tokio::time::timeout(config.write_timeout, async {
+                    writer.write_all(&data).await?;
+                    writer.flush().await
+                })
+                .await
+                .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?
+                .map_err(|e| PipeError::Socket(e.to_string()))?;
+                *total += n as u64;
+                // Only now may the peer send more: the window tracks bytes not yet written.
+                recv.flow_control()
+                    .release_capacity(n)
+                    .map_err(|e| PipeError::Stream(e.to_string()))?;
+            }
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! TLS configuration from PEM files. TLS 1.3 only, ring as the one crypto provider, client
+//! certificates verified against an explicit CA (never the system roots), no session tickets.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// ALPN protocol of an edge session (TLS + HTTP/2 in reverse roles, version 1).
+pub const ALPN_EDGE_SESSION: &[u8] = b"tether-h2/1";
+
+/// Why a TLS configuration could not be built; every variant names the file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file holds no PEM item of the expected kind.
+    #[error("{path}: no {what} found in PEM file")]
+    Empty {
+        /// The file.
+        path: PathBuf,
+        /// "certificate" or "private key".
+        what: &'static str,
+    },
+    /// rustls refused the material.
+    #[error("{context}: {source}")]
+    Rustls {
+        /// Which configuration was being built.
+        context: String,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+    /// The CA bundle could not be turned into a client verifier.
+    #[error("{path}: {message}")]
+    Verifier {
+        /// The CA file.
+        path: PathBuf,
+        /// What the verifier builder said.
+        message: String,
+    },
+}
+
+/// The crypto provider every TLS configuration in Tether uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Parse every certificate in PEM text.
+pub fn certs_from_pem(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// Load a certificate chain (leaf first) from a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = certs_from_pem(&read(path)?);
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            path: path.to_owned(),
+            what: "certificate",
+        });
+    }
+    Ok(certs)
+}
+
+/// Load the first private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    rustls_pemfile::private_key(&mut &read(path)?[..])
+        .ok()
+        .flatten()
+        .ok_or_else(|| TlsError::Empty {
+            path: path.to_owned(),
+            what: "private key",
+        })
+}
+
+/// Load a CA bundle into a root store.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|source| TlsError::Rustls {
+            context: format!("CA bundle {}", path.display()),
+            source,
+        })?;
+    }
+    Ok(roots)
+}
+
+/// A TLS 1.3 server configuration that requires a client certificate issued by `client_ca`.
+pub fn server_config_mtls(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, TlsError> {
+    let provider = provider();
+    let roots = Arc::new(load_roots(client_ca)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Verifier {
+            path: client_ca.to_owned(),
+            message: e.to_string(),
+        })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            context: "TLS versions".into(),
+            source,
+        })?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|source| TlsError::Rustls {
+            context: format!("server certificate {}", cert.display()),
+            source,
+        })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // An unread TLS 1.3 ticket turns the peer's close() into an RST; resumption buys nothing
+    // on long-lived sessions.
+    config.send_tls13_tickets = 0;
+    Ok(config)
+}
+
+/// A TLS 1.3 client configuration trusting only `ca`, presenting `cert`/`key`.
+pub fn client_config_mtls(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|source| TlsError::Rustls {
+            context: "TLS versions".into(),
+            source,
+        })?
+        .with_root_certificates(load_roots(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|source| TlsError::Rustls {
+            context: format!("client certificate {}", cert.display()),
+            source,
+        })?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// Parse a server name for SNI and certificate verification (a DNS name or an IP address).
+pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_owned()).map_err(|e| format!("invalid server name `{name}`: {e}"))
+}

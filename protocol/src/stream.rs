@@ -1,0 +1,223 @@
+//! Metadata carried in HTTP/2 headers when the server opens a tunneled stream on
+//! an edge: header names, why a dial failed and how that maps to a status code.
+//! Owns the failure vocabulary and text sanitising; it does not open streams.
+
+use std::fmt;
+
+/// Response header (edge → server) with a one-line human reason when a dial
+/// fails. Always pass the text through [`sanitize_reason`] first.
+pub const REASON_HEADER: &str = "tether-reason";
+
+/// Request header (server → edge) naming who asked for the stream, for the
+/// edge's audit log. Informational only: the edge never authorises by it.
+pub const CLIENT_HEADER: &str = "tether-client";
+
+/// Longest reason text in bytes, so a peer cannot bloat headers, response
+/// bodies or log lines with it.
+pub const MAX_REASON_LEN: usize = 200;
+
+/// Why an edge could not open a tunneled stream to its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DialFailure {
+    /// The edge's own allowlist refused the target.
+    PolicyDenied,
+    /// The target actively refused the connection (RST).
+    Refused,
+    /// The local dial did not complete in time.
+    Timeout,
+    /// The target host or network is unreachable.
+    Unreachable,
+    /// Nothing routes the target: no edge owns it, or the edge does not know it.
+    NoRoute,
+    /// Too many streams in flight; retry later.
+    Overloaded,
+    /// A bug or unexpected local error on the edge.
+    Internal,
+}
+
+impl DialFailure {
+    /// Every variant, for pre-registering metric labels and for tests.
+    pub const ALL: [DialFailure; 7] = [
+        DialFailure::PolicyDenied,
+        DialFailure::Refused,
+        DialFailure::Timeout,
+        DialFailure::Unreachable,
+        DialFailure::NoRoute,
+        DialFailure::Overloaded,
+        DialFailure::Internal,
+    ];
+
+    /// HTTP status the edge answers the stream open with, and the server
+    /// relays to the CONNECT client.
+    pub fn status(self) -> u16 {
+        match self {
+            DialFailure::PolicyDenied => 403,
+            DialFailure::Refused => 502,
+            DialFailure::Timeout => 504,
+            DialFailure::Unreachable => 502,
+            DialFailure::NoRoute => 502,
+            DialFailure::Overloaded => 503,
+            DialFailure::Internal => 500,
+        }
+    }
+
+    /// Snake-case metric label, stable across releases.
+    pub fn label(self) -> &'static str {
+        match self {
+            DialFailure::PolicyDenied => "policy_denied",
+            DialFailure::Refused => "refused",
+            DialFailure::Timeout => "timeout",
+            DialFailure::Unreachable => "unreachable",
+            DialFailure::NoRoute => "no_route",
+            DialFailure::Overloaded => "overloaded",
+            DialFailure::Internal => "internal",
+        }
+    }
+
+    /// Reads a failure back from a status. 502 is shared by three variants and
+    /// reads as [`DialFailure::Refused`], the generic "dial failed"; the
+    /// [`REASON_HEADER`] text carries the detail. Success and unknown codes give `None`.
+    pub fn from_status(status: u16) -> Option<DialFailure> {
+        match status {
+            403 => Some(DialFailure::PolicyDenied),
+            502 => Some(DialFailure::Refused),
+            503 => Some(DialFailure::Overloaded),
+            504 => Some(DialFailure::Timeout),
+            500 => Some(DialFailure::Internal),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for DialFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DialFailure::PolicyDenied => "denied by edge policy",
+            DialFailure::Refused => "connection refused",
+            DialFailure::Timeout => "dial timed out",
+            DialFailure::Unreachable => "target unreachable",
+            DialFailure::NoRoute => "no route to target",
+            DialFailure::Overloaded => "edge overloaded",
+            DialFailure::Internal => "internal error",
+        })
+    }
+}
+
+/// Makes text safe for a header value or a response body line: printable ASCII
+/// only, at most [`MAX_REASON_LEN`] bytes. CR, LF and tab become spaces (so a
+/// multi-line error stays readable on one line); every other character,
+/// including all non-ASCII, becomes `?`.
+pub fn sanitize_reason(s: &str) -> String {
+    s.chars()
+        .take(MAX_REASON_LEN)
+        .map(|c| match c {
+            ' '..='~' => c,
+            '\t' | '\r' | '\n' => ' ',
+            _ => '?',
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn statuses_and_labels() {
+        let table = [
+            (DialFailure::PolicyDenied, 403, "policy_denied"),
+            (DialFailure::Refused, 502, "refused"),
+            (DialFailure::Timeout, 504, "timeout"),
+            (DialFailure::Unreachable, 502, "unreachable"),
+            (DialFailure::NoRoute, 502, "no_route"),
+            (DialFailure::Overloaded, 503, "overloaded"),
+            (DialFailure::Internal, 500, "internal"),
+        ];
+        assert_eq!(table.len(), DialFailure::ALL.len());
+        for (failure, status, label) in table {
+            assert_eq!(failure.status(), status);
+            assert_eq!(failure.label(), label);
+        }
+    }
+
+    #[test]
+    fn from_status_inverts_where_unambiguous() {
+        for failure in DialFailure::ALL {
+            let back = DialFailure::from_status(failure.status()).unwrap();
+            assert_eq!(back.status(), failure.status());
+        }
+        assert_eq!(
+            DialFailure::from_status(403),
+            Some(DialFailure::PolicyDenied)
+        );
+        assert_eq!(DialFailure::from_status(502), Some(DialFailure::Refused));
+        assert_eq!(DialFailure::from_status(503), Some(DialFailure::Overloaded));
+        assert_eq!(DialFailure::from_status(504), Some(DialFailure::Timeout));
+        assert_eq!(DialFailure::from_status(500), Some(DialFailure::Internal));
+        for status in [0, 200, 400, 404, 501, 599, 65535] {
+            assert_eq!(DialFailure::from_status(status), None, "{status}");
+        }
+    }
+
+    #[test]
+    fn labels_are_snake_case_and_unique() {
+        let mut labels: Vec<_> = DialFailure::ALL.iter().map(|f| f.label()).collect();
+        assert!(labels
+            .iter()
+            .all(|l| l.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), DialFailure::ALL.len());
+    }
+
+    #[test]
+    fn header_names_are_valid_lowercase_h2_names() {
+        for name in [REASON_HEADER, CLIENT_HEADER] {
+            assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'));
+        }
+    }
+
+    #[test]
+    fn sanitize_keeps_plain_text() {
+        assert_eq!(
+            sanitize_reason("connect 10.0.0.1:10250: connection refused"),
+            "connect 10.0.0.1:10250: connection refused"
+        );
+        assert_eq!(sanitize_reason(""), "");
+    }
+
+    #[test]
+    fn sanitize_defeats_header_injection() {
+        let evil = "denied\r\nSet-Cookie: x=1\r\n\r\nHTTP/1.1 200 OK";
+        let clean = sanitize_reason(evil);
+        assert!(!clean.contains(['\r', '\n']));
+        assert_eq!(clean, "denied  Set-Cookie: x=1    HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn sanitize_replaces_control_and_non_ascii() {
+        assert_eq!(sanitize_reason("a\0b\x1b[31mc\x7f"), "a?b?[31mc?");
+        assert_eq!(sanitize_reason("nöde 🚀"), "n?de ?");
+    }
+
+    #[test]
+    fn sanitize_truncates() {
+        assert_eq!(sanitize_reason(&"x".repeat(10_000)).len(), MAX_REASON_LEN);
+        assert_eq!(sanitize_reason(&"é".repeat(10_000)).len(), MAX_REASON_LEN);
+        assert_eq!(
+            sanitize_reason(&"x".repeat(MAX_REASON_LEN)).len(),
+            MAX_REASON_LEN
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn sanitized_is_one_short_printable_line(s in any::<String>()) {
+            let clean = sanitize_reason(&s);
+            prop_assert!(clean.len() <= MAX_REASON_LEN);
+            prop_assert!(clean.bytes().all(|b| (b' '..=b'~').contains(&b)));
+            prop_assert_eq!(sanitize_reason(&clean), clean.clone());
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The admin endpoint: `/healthz` (the process serves), `/readyz` (listeners up and not
+//! draining), `/metrics` (Prometheus text). Plain HTTP/1.1 on a separate, usually loopback,
+//! address; it carries no tunnel traffic.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::Shared;
+
+/// Serve admin requests until `cancel`.
+pub async fn serve_admin(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(respond(&shared, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service);
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                r = conn => if let Err(error) = r { debug!(%error, "admin connection"); },
+            }
+        });
+    }
+}
+
+fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" => {
+            if shared.ready.load(Ordering::Acquire) && !shared.draining.load(Ordering::Acquire) {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".to_string(),
+                )
+            }
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.render(),
+        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        response.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    response
+}

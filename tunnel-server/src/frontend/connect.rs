@@ -1,0 +1,289 @@
+//! The HTTP CONNECT frontend (kube-apiserver's `HTTPConnect` egress) on a Unix socket and on
+//! TCP with mandatory mTLS. Reads one CONNECT head within a deadline and a size limit, answers
+//! `200 Connection established` once the edge has dialed, then carries raw bytes both ways.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use protocol::connect::{parse_connect_head, response_head, ConnectError, HeadLimits, ESTABLISHED};
+use protocol::Target;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+use tunnel_io::pipe::{pipe, PipeConfig};
+
+use crate::frontend::dial::dial;
+use crate::session::OpenStream;
+use crate::Shared;
+
+/// Metric label of this frontend.
+const FRONTEND: &str = "connect";
+
+/// Serve the mTLS TCP form until `cancel`.
+pub async fn serve_tcp(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(error) => {
+                warn!(%error, "connect frontend accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        tunnel_io::set_nodelay(&tcp);
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let cancel = cancel.clone();
+        let span = tracing::debug_span!("connect", client = %peer);
+        tracker.spawn(
+            async move {
+                let deadline = Instant::now() + shared.config.connect.header_timeout;
+                let tls = match tokio::time::timeout_at(deadline.into(), acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(error)) => {
+                        warn!(%peer, %error, "connect frontend: TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%peer, "connect frontend: TLS handshake timed out");
+                        return;
+                    }
+                };
+                let subject = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|der| tunnel_io::identity::common_name(der.as_ref()))
+                    .unwrap_or_else(|| "?".into());
+                let client = format!("{subject}@{peer}");
+                serve_connection(tls, client, deadline, &shared, &cancel).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Serve the Unix socket form until `cancel`. Access control is the socket's file mode.
+pub async fn serve_unix(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(5);
+                stream
+            }
+            Err(error) => {
+                warn!(%error, "connect frontend (unix) accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let client = match stream.peer_cred() {
+            Ok(cred) => format!("unix:uid={}:pid={}", cred.uid(), cred.pid().unwrap_or(0)),
+            Err(_) => "unix".to_string(),
+        };
+        let shared = shared.clone();
+        let cancel = cancel.clone();
+        let span = tracing::debug_span!("connect", client = %client);
+        tracker.spawn(
+            async move {
+                let deadline = Instant::now() + shared.config.connect.header_timeout;
+                serve_connection(stream, client, deadline, &shared, &cancel).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// What went wrong before the tunnel was established, as an HTTP answer.
+struct Refusal {
+    status: u16,
+    reason: String,
+    result: &'static str,
+}
+
+/// Read the CONNECT head; bytes after it stay in `buf`.
+async fn read_head<S: AsyncRead + Unpin>(
+    socket: &mut S,
+    buf: &mut BytesMut,
+    limits: &HeadLimits,
+    deadline: Instant,
+) -> Result<(Target, usize), Refusal> {
+    loop {
+        match parse_connect_head(buf, limits) {
+            Ok(Some(request)) => return Ok((request.target, request.head_len)),
+            Ok(None) => {}
+            Err(error) => {
+                return Err(Refusal {
+                    status: error.status(),
+                    reason: error.to_string(),
+                    result: match error {
+                        ConnectError::MethodNotAllowed(_) => "bad_method",
+                        _ if error.status() == 431 => "head_too_large",
+                        _ => "bad_request",
+                    },
+                })
+            }
+        }
+        buf.reserve(4096);
+        let read = tokio::time::timeout_at(deadline.into(), socket.read_buf(buf)).await;
+        match read {
+            Ok(Ok(0)) => {
+                return Err(Refusal {
+                    status: 0,
+                    reason: "client closed before sending a complete CONNECT head".into(),
+                    result: "client_closed",
+                })
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(Refusal {
+                    status: 0,
+                    reason: format!("read error: {e}"),
+                    result: "client_closed",
+                })
+            }
+            Err(_) => {
+                return Err(Refusal {
+                    status: 408,
+                    reason: "timed out waiting for a complete CONNECT head".into(),
+                    result: "head_timeout",
+                })
+            }
+        }
+    }
+}
+
+async fn serve_connection<S>(
+    mut socket: S,
+    client: String,
+    deadline: Instant,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let started = Instant::now();
+    let config = &shared.config.connect;
+    let limits = HeadLimits {
+        max_head_bytes: config.max_head_bytes,
+        ..HeadLimits::default()
+    };
+    let mut buf = BytesMut::with_capacity(1024);
+    let (target, head_len) = match read_head(&mut socket, &mut buf, &limits, deadline).await {
+        Ok(t) => t,
+        Err(refusal) => {
+            shared.metrics.dial(FRONTEND, refusal.result);
+            if refusal.status != 0 {
+                let _ = socket
+                    .write_all(&response_head(refusal.status, &refusal.reason))
+                    .await;
+                let _ = socket.shutdown().await;
+            }
+            info!(target: "audit", frontend = FRONTEND, %client, result = refusal.result, status = refusal.status, reason = refusal.reason, "connect refused");
+            return;
+        }
+    };
+    let early = buf.split_off(head_len).freeze();
+
+    let dialed = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return,
+        d = dial(shared, FRONTEND, &target, &client) => d,
+    };
+    let dialed = match dialed {
+        Ok(d) => d,
+        Err(error) => {
+            let _ = socket
+                .write_all(&response_head(error.status(), &error.reason))
+                .await;
+            let _ = socket.shutdown().await;
+            info!(target: "audit", frontend = FRONTEND, %client, %target, result = error.failure.label(), status = error.status(), reason = error.reason, duration_ms = started.elapsed().as_millis() as u64, "connect refused");
+            return;
+        }
+    };
+    use crate::routing::Routable;
+    let node = dialed.session.node().clone();
+    if let Err(error) = socket.write_all(ESTABLISHED).await {
+        debug!(%error, "client left before the tunnel was established");
+        return;
+    }
+    shared.metrics.streams_open.inc();
+    let OpenStream { send, recv, slot } = dialed.stream;
+    let report = pipe(
+        socket,
+        send,
+        recv,
+        early,
+        PipeConfig {
+            write_timeout: config.write_timeout,
+        },
+        cancel,
+    )
+    .await;
+    shared.metrics.streams_open.dec();
+    drop(slot);
+    shared
+        .metrics
+        .add_bytes(report.socket_to_stream, report.stream_to_socket);
+    let result = match &report.result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    info!(
+        target: "audit",
+        frontend = FRONTEND,
+        %client,
+        %target,
+        %node,
+        result,
+        bytes_to_edge = report.socket_to_stream,
+        bytes_from_edge = report.stream_to_socket,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "stream closed"
+    );
+}

@@ -1,0 +1,214 @@
+//! Starting and stopping a server: bind every listener (so readiness means "listening"),
+//! spawn their accept loops under one cancellation token and task tracker, and shut down.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION};
+
+use crate::config::ServerConfig;
+use crate::metrics::Metrics;
+use crate::policy::DialPolicy;
+use crate::routing::RouteTable;
+use crate::session::EdgeSession;
+
+/// State every task of one server shares.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: ServerConfig,
+    /// Node → live session.
+    pub routes: RouteTable<EdgeSession>,
+    /// The server's destination policy.
+    pub policy: DialPolicy,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Source of session ids.
+    pub next_session_id: AtomicU64,
+    /// Every listener is bound.
+    pub ready: AtomicBool,
+    /// Shutdown has started.
+    pub draining: AtomicBool,
+}
+
+/// The addresses the server actually bound (ports resolved when configured as 0).
+#[derive(Debug, Clone, Serialize)]
+pub struct BoundAddrs {
+    /// Edge listener.
+    pub edge: SocketAddr,
+    /// mTLS CONNECT frontend, if enabled.
+    pub connect_tcp: Option<SocketAddr>,
+    /// CONNECT frontend Unix socket, if enabled.
+    pub connect_unix: Option<std::path::PathBuf>,
+    /// Admin endpoint, if enabled.
+    pub admin: Option<SocketAddr>,
+}
+
+/// A started server.
+pub struct RunningServer {
+    /// Where it listens.
+    pub addrs: BoundAddrs,
+    /// Shared state (route table, metrics) for inspection.
+    pub shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl RunningServer {
+    /// Bind every listener and start serving.
+    pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+        let edge_tls = server_config_mtls(
+            &config.edge.cert,
+            &config.edge.key,
+            &config.edge.client_ca,
+            &[ALPN_EDGE_SESSION],
+        )
+        .context("edge listener TLS")?;
+        let edge_listener = TcpListener::bind(config.edge.listen)
+            .await
+            .with_context(|| format!("bind edge listener {}", config.edge.listen))?;
+
+        let connect_tcp = match config.connect.tcp_listen {
+            Some(addr) => {
+                // Validation guarantees all three are present.
+                let (Some(cert), Some(key), Some(ca)) = (
+                    &config.connect.tcp_cert,
+                    &config.connect.tcp_key,
+                    &config.connect.tcp_client_ca,
+                ) else {
+                    anyhow::bail!("connect.tcp_listen needs tcp_cert, tcp_key and tcp_client_ca");
+                };
+                let tls = server_config_mtls(cert, key, ca, &[]).context("connect frontend TLS")?;
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("bind connect frontend {addr}"))?;
+                Some((listener, TlsAcceptor::from(Arc::new(tls))))
+            }
+            None => None,
+        };
+        let connect_unix = match &config.connect.unix_socket {
+            Some(path) => Some(bind_unix(path, config.connect.unix_socket_mode)?),
+            None => None,
+        };
+        let admin = match config.admin.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("bind admin listener {addr}"))?,
+            ),
+            None => None,
+        };
+
+        let addrs = BoundAddrs {
+            edge: edge_listener.local_addr()?,
+            connect_tcp: connect_tcp
+                .as_ref()
+                .map(|(l, _)| l.local_addr())
+                .transpose()?,
+            connect_unix: config.connect.unix_socket.clone(),
+            admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
+        };
+        let shared = Arc::new(Shared {
+            policy: DialPolicy::new(&config.policy),
+            config,
+            routes: RouteTable::default(),
+            metrics: Metrics::default(),
+            next_session_id: AtomicU64::new(1),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        });
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+
+        tracker.spawn(crate::session::serve_edges(
+            edge_listener,
+            TlsAcceptor::from(Arc::new(edge_tls)),
+            shared.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        if let Some((listener, acceptor)) = connect_tcp {
+            tracker.spawn(crate::frontend::connect::serve_tcp(
+                listener,
+                acceptor,
+                shared.clone(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
+        if let Some(listener) = connect_unix {
+            tracker.spawn(crate::frontend::connect::serve_unix(
+                listener,
+                shared.clone(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
+        if let Some(listener) = admin {
+            tracker.spawn(crate::admin::serve_admin(
+                listener,
+                shared.clone(),
+                cancel.clone(),
+                tracker.clone(),
+            ));
+        }
+        shared.ready.store(true, Ordering::Release);
+        info!(edge = %addrs.edge, connect_tcp = ?addrs.connect_tcp, connect_unix = ?addrs.connect_unix, admin = ?addrs.admin, "tunnel-server listening");
+        Ok(RunningServer {
+            addrs,
+            shared,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// Stop accepting and close every session and stream; wait up to `grace` for tasks.
+    pub async fn shutdown(self, grace: Duration) {
+        self.shared.draining.store(true, Ordering::Release);
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!("tasks still running after {grace:?}; exiting anyway");
+        }
+        if let Some(path) = &self.addrs.connect_unix {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Bind a Unix socket with `mode`, replacing a stale socket file but never another file.
+fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)
+                .with_context(|| format!("remove stale socket {}", path.display()))?;
+        } else {
+            anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display());
+        }
+    }
+    // Bind inside a fresh 0700 directory, set the mode, then move it into place: there is no
+    // moment where the socket exists at `path` with wider permissions.
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let staging = tempfile::Builder::new()
+        .prefix(".tether-sock")
+        .tempdir_in(parent)
+        .with_context(|| format!("create staging directory in {}", parent.display()))?;
+    let staged = staging.path().join("s");
+    let listener = UnixListener::bind(&staged)
+        .with_context(|| format!("bind connect socket {}", path.display()))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {:o} {}", mode, path.display()))?;
+    std::fs::rename(&staged, path).with_context(|| format!("move socket to {}", path.display()))?;
+    Ok(listener)
+}

@@ -1,0 +1,326 @@
+//! Edge sessions on the server: accepting an edge's TLS connection, taking its identity from
+//! the verified certificate, running HTTP/2 as the *client* over it, keeping it alive with
+//! PINGs, and opening one stream per tunneled connection. Owns nothing of the frontends.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::{PingPong, RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use protocol::stream::{sanitize_reason, DialFailure, CLIENT_HEADER, REASON_HEADER};
+use protocol::{NodeName, Target};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::routing::Routable;
+use crate::Shared;
+
+/// One live edge session, as the route table and the frontends see it.
+pub struct EdgeSession {
+    id: u64,
+    node: NodeName,
+    ips: Vec<IpAddr>,
+    peer: SocketAddr,
+    send_request: h2::client::SendRequest<Bytes>,
+    slots: Arc<Semaphore>,
+    max_streams: usize,
+    /// Cancelled when the session is gone: pending dials fail at once.
+    closed: CancellationToken,
+    /// Cancelled when a newer session of the same node took over: no new streams here.
+    retired: CancellationToken,
+}
+
+/// A stream the edge accepted: its target is dialed and bytes may flow.
+pub struct OpenStream {
+    /// apiserver → kubelet direction.
+    pub send: SendStream<Bytes>,
+    /// kubelet → apiserver direction.
+    pub recv: RecvStream,
+    /// Holds one of the session's stream slots until dropped.
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// A dial that did not produce a stream.
+#[derive(Debug, Clone)]
+pub struct OpenError {
+    /// Classification, mapped to an HTTP status by the frontend.
+    pub failure: DialFailure,
+    /// One line for the client and the audit log.
+    pub reason: String,
+    /// The session was replaced while we looked: the caller may look up the route again.
+    pub retry: bool,
+}
+
+impl OpenError {
+    fn new(failure: DialFailure, reason: impl Into<String>) -> OpenError {
+        OpenError {
+            failure,
+            reason: reason.into(),
+            retry: false,
+        }
+    }
+}
+
+impl Routable for EdgeSession {
+    fn session_id(&self) -> u64 {
+        self.id
+    }
+    fn node(&self) -> &NodeName {
+        &self.node
+    }
+    fn ips(&self) -> &[IpAddr] {
+        &self.ips
+    }
+}
+
+impl EdgeSession {
+    /// The edge's address as the server saw it.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Streams open on this session now.
+    pub fn open_streams(&self) -> usize {
+        self.max_streams - self.slots.available_permits()
+    }
+
+    /// Close the session now (revocation, shutdown): its streams fail.
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Ask the edge to dial `target` and wait for its answer up to `dial_timeout`. Dropping
+    /// the returned future (client went away) resets the stream, which cancels the edge's dial.
+    pub async fn open(
+        &self,
+        target: &Target,
+        client: &str,
+        dial_timeout: Duration,
+    ) -> Result<OpenStream, OpenError> {
+        if self.retired.is_cancelled() {
+            return Err(OpenError {
+                retry: true,
+                ..OpenError::new(DialFailure::Unreachable, "session replaced")
+            });
+        }
+        let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
+            OpenError::new(
+                DialFailure::Overloaded,
+                format!("{} streams already open", self.max_streams),
+            )
+        })?;
+        let dial = async {
+            let mut sender = self
+                .send_request
+                .clone()
+                .ready()
+                .await
+                .map_err(|e| OpenError::new(DialFailure::Unreachable, format!("session lost: {e}")))?;
+            let request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .header(CLIENT_HEADER, sanitize_reason(client))
+                .body(())
+                .map_err(|e| OpenError::new(DialFailure::Internal, e.to_string()))?;
+            let (response, send) = sender
+                .send_request(request, false)
+                .map_err(|e| OpenError::new(DialFailure::Unreachable, format!("session lost: {e}")))?;
+            let response = response.await.map_err(|e| {
+                OpenError::new(DialFailure::Unreachable, format!("stream failed: {e}"))
+            })?;
+            let status = response.status();
+            if status == StatusCode::OK {
+                return Ok((send, response.into_body()));
+            }
+            let reason = response
+                .headers()
+                .get(REASON_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(sanitize_reason)
+                .unwrap_or_else(|| format!("edge answered {status}"));
+            let failure =
+                DialFailure::from_status(status.as_u16()).unwrap_or(DialFailure::Refused);
+            Err(OpenError::new(failure, format!("refused by edge: {reason}")))
+        };
+        tokio::select! {
+            biased;
+            _ = self.closed.cancelled() => {
+                Err(OpenError::new(DialFailure::Unreachable, "edge session closed during dial"))
+            }
+            result = tokio::time::timeout(dial_timeout, dial) => match result {
+                Ok(Ok((send, recv))) => Ok(OpenStream { send, recv, slot }),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(OpenError::new(
+                    DialFailure::Timeout,
+                    format!("edge did not answer within {dial_timeout:?}"),
+                )),
+            },
+        }
+    }
+}
+
+/// Accept edge connections until `cancel`. Per-connection failures are logged and skipped;
+/// accept errors (such as running out of file descriptors) back off and retry.
+pub async fn serve_edges(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let handshakes = Arc::new(Semaphore::new(shared.config.edge.max_handshakes));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(error) => {
+                warn!(%error, "edge listener accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            shared.metrics.handshake("overloaded");
+            warn!(%peer, "too many edge handshakes in progress; connection dropped");
+            continue;
+        };
+        let span = tracing::info_span!("edge", %peer, node = tracing::field::Empty);
+        tracker.spawn(
+            handle_edge(tcp, peer, acceptor.clone(), shared.clone(), cancel.clone(), permit)
+                .instrument(span),
+        );
+    }
+}
+
+type Handshaken = (
+    Arc<EdgeSession>,
+    h2::client::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    PingPong,
+);
+
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: &Shared,
+) -> Result<Handshaken, (&'static str, String)> {
+    tunnel_io::set_nodelay(&tcp);
+    let tls = acceptor
+        .accept(tcp)
+        .await
+        .map_err(|e| ("tls", format!("TLS handshake failed: {e}")))?;
+    let der = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or(("identity", "no client certificate".to_string()))?;
+    let identity = crate::pki::edge_identity_from_der(der.as_ref())
+        .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
+    let (send_request, mut connection) = shared
+        .config
+        .h2
+        .client_builder()
+        .handshake(tls)
+        .await
+        .map_err(|e| ("h2", format!("HTTP/2 handshake failed: {e}")))?;
+    let ping_pong = connection
+        .ping_pong()
+        .ok_or(("h2", "PING handle unavailable".to_string()))?;
+    let max_streams = shared.config.edge.max_streams_per_edge;
+    let session = Arc::new(EdgeSession {
+        id: shared.next_session_id.fetch_add(1, Ordering::Relaxed),
+        node: identity.node,
+        ips: identity.ips,
+        peer,
+        send_request,
+        slots: Arc::new(Semaphore::new(max_streams)),
+        max_streams,
+        closed: CancellationToken::new(),
+        retired: CancellationToken::new(),
+    });
+    Ok((session, connection, ping_pong))
+}
+
+async fn handle_edge(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    permit: OwnedSemaphorePermit,
+) {
+    let limit = shared.config.edge.handshake_timeout;
+    let handshaken = tokio::time::timeout(limit, handshake(tcp, peer, acceptor, &shared)).await;
+    drop(permit);
+    let (session, mut connection, ping_pong) = match handshaken {
+        Ok(Ok(h)) => h,
+        Ok(Err((kind, reason))) => {
+            shared.metrics.handshake(kind);
+            warn!(target: "audit", event = "edge_refused", %peer, reason, "edge session refused");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake("timeout");
+            warn!(target: "audit", event = "edge_refused", %peer, "edge handshake timed out after {limit:?}");
+            return;
+        }
+    };
+    tracing::Span::current().record("node", session.node.as_str());
+    let replaced = match shared.routes.register(session.clone()) {
+        Ok(replaced) => replaced,
+        Err(conflict) => {
+            shared.metrics.handshake("conflict");
+            warn!(target: "audit", event = "edge_refused", %peer, node = %session.node, reason = %conflict, "edge session refused");
+            return;
+        }
+    };
+    if let Some(old) = replaced {
+        info!(old_peer = %old.peer, "new session replaces the node's previous one");
+        old.retired.cancel();
+    }
+    shared.metrics.handshake("ok");
+    shared.metrics.edges_connected.set(shared.routes.len() as i64);
+    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
+
+    let edge = &shared.config.edge;
+    let ended = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => "server shutting down".to_string(),
+        _ = session.closed.cancelled() => "session closed by the server".to_string(),
+        result = &mut connection => match result {
+            Ok(()) => "edge closed the session".to_string(),
+            Err(e) => format!("session error: {e}"),
+        },
+        reason = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses) => reason,
+        _ = retire(&session) => "replaced by a newer session; its streams are done".to_string(),
+    };
+    session.closed.cancel();
+    shared.routes.deregister(&session);
+    shared.metrics.edges_connected.set(shared.routes.len() as i64);
+    info!(target: "audit", event = "edge_disconnected", node = %session.node, %peer, reason = ended, "edge session ended");
+}
+
+/// Resolves once a replaced session has no stream left, so its connection can be dropped.
+async fn retire(session: &EdgeSession) {
+    session.retired.cancelled().await;
+    while session.open_streams() > 0 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
