@@ -51,7 +51,9 @@ impl H2Tuning {
             return Err(format!("stream_window must be 65535..={MAX_WINDOW}"));
         }
         if self.connection_window < self.stream_window || self.connection_window > MAX_WINDOW {
-            return Err(format!("connection_window must be stream_window..={MAX_WINDOW}"));
+            return Err(format!(
+                "connection_window must be stream_window..={MAX_WINDOW}"
+            ));
         }
         if !(16_384..=16_777_215).contains(&self.max_frame_size) {
             return Err("max_frame_size must be 16384..=16777215".into());

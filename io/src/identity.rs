@@ -123,4 +123,3 @@ fn ip_from_san(bytes: &[u8]) -> Result<IpAddr, IdentityError> {
     // kube-apiserver dials the IPv4 form; one address must not count as two.
     Ok(ip.to_canonical())
 }
-

@@ -153,12 +153,10 @@ async fn send_all(
 ) -> Result<(), PipeError> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let granted = tokio::time::timeout(
-            config.write_timeout,
-            poll_fn(|cx| send.poll_capacity(cx)),
-        )
-        .await
-        .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
+        let granted =
+            tokio::time::timeout(config.write_timeout, poll_fn(|cx| send.poll_capacity(cx)))
+                .await
+                .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
         let granted = match granted {
             Some(Ok(0)) => continue,
             Some(Ok(n)) => n,

@@ -140,25 +140,52 @@ mod tests {
     #[test]
     fn default_allows_only_the_kubelet_on_itself() {
         let a = allow(vec![]);
-        assert_eq!(a.resolve(&t("node-a:10250")).unwrap(), "127.0.0.1:10250".parse().unwrap());
-        assert_eq!(a.resolve(&t("192.0.2.10:10250")).unwrap(), "192.0.2.10:10250".parse().unwrap());
-        assert_eq!(a.resolve(&t("127.0.0.1:10250")).unwrap(), "127.0.0.1:10250".parse().unwrap());
+        assert_eq!(
+            a.resolve(&t("node-a:10250")).unwrap(),
+            "127.0.0.1:10250".parse().unwrap()
+        );
+        assert_eq!(
+            a.resolve(&t("192.0.2.10:10250")).unwrap(),
+            "192.0.2.10:10250".parse().unwrap()
+        );
+        assert_eq!(
+            a.resolve(&t("127.0.0.1:10250")).unwrap(),
+            "127.0.0.1:10250".parse().unwrap()
+        );
     }
 
     #[test]
     fn other_loopback_ports_and_addresses_are_refused() {
         let a = allow(vec![]);
-        assert!(matches!(a.resolve(&t("127.0.0.1:22")), Err(Refusal::Port(22, _))));
-        assert!(matches!(a.resolve(&t("node-a:2379")), Err(Refusal::Port(2379, _))));
-        assert!(matches!(a.resolve(&t("127.0.0.2:10250")), Err(Refusal::Address(_))));
-        assert!(matches!(a.resolve(&t("10.0.0.7:10250")), Err(Refusal::Address(_))));
-        assert!(matches!(a.resolve(&t("169.254.169.254:80")), Err(Refusal::Address(_))));
+        assert!(matches!(
+            a.resolve(&t("127.0.0.1:22")),
+            Err(Refusal::Port(22, _))
+        ));
+        assert!(matches!(
+            a.resolve(&t("node-a:2379")),
+            Err(Refusal::Port(2379, _))
+        ));
+        assert!(matches!(
+            a.resolve(&t("127.0.0.2:10250")),
+            Err(Refusal::Address(_))
+        ));
+        assert!(matches!(
+            a.resolve(&t("10.0.0.7:10250")),
+            Err(Refusal::Address(_))
+        ));
+        assert!(matches!(
+            a.resolve(&t("169.254.169.254:80")),
+            Err(Refusal::Address(_))
+        ));
     }
 
     #[test]
     fn another_nodes_name_is_refused() {
         let a = allow(vec![]);
-        assert!(matches!(a.resolve(&t("node-b:10250")), Err(Refusal::OtherName(..))));
+        assert!(matches!(
+            a.resolve(&t("node-b:10250")),
+            Err(Refusal::OtherName(..))
+        ));
     }
 
     #[test]
@@ -168,8 +195,14 @@ mod tests {
             ports: vec![9100],
         }]);
         assert!(a.resolve(&t("10.20.3.4:9100")).is_ok());
-        assert!(matches!(a.resolve(&t("10.20.3.4:22")), Err(Refusal::Port(22, _))));
-        assert!(matches!(a.resolve(&t("10.21.0.1:9100")), Err(Refusal::Address(_))));
+        assert!(matches!(
+            a.resolve(&t("10.20.3.4:22")),
+            Err(Refusal::Port(22, _))
+        ));
+        assert!(matches!(
+            a.resolve(&t("10.21.0.1:9100")),
+            Err(Refusal::Address(_))
+        ));
     }
 
     #[test]
@@ -181,6 +214,9 @@ mod tests {
             vec![],
             Some("127.0.0.1".parse().unwrap()),
         );
-        assert_eq!(a.resolve(&t("192.0.2.10:10250")).unwrap(), "127.0.0.1:10250".parse().unwrap());
+        assert_eq!(
+            a.resolve(&t("192.0.2.10:10250")).unwrap(),
+            "127.0.0.1:10250".parse().unwrap()
+        );
     }
 }

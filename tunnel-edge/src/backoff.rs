@@ -114,7 +114,10 @@ mod tests {
             b.next_delay(&mut rng);
         }
         b.session_ended(Duration::from_millis(50), Duration::from_secs(10));
-        assert!(b.ceiling() > MIN, "a flapping session must not reset the backoff");
+        assert!(
+            b.ceiling() > MIN,
+            "a flapping session must not reset the backoff"
+        );
         b.session_ended(Duration::from_secs(11), Duration::from_secs(10));
         assert_eq!(b.ceiling(), MIN);
     }

@@ -275,7 +275,9 @@ impl EdgeConfig {
             return Err("keys `reconnect.min`/`reconnect.max`: need 0 < min <= max".into());
         }
         if self.liveness.ping_interval.is_zero() || self.liveness.ping_misses == 0 {
-            return Err("keys `liveness.ping_interval` and `liveness.ping_misses` must be > 0".into());
+            return Err(
+                "keys `liveness.ping_interval` and `liveness.ping_misses` must be > 0".into(),
+            );
         }
         if self.dial.timeout.is_zero() || self.dial.write_timeout.is_zero() {
             return Err("keys `dial.timeout` and `dial.write_timeout` must be > 0".into());
@@ -308,7 +310,9 @@ pub fn split_host_port(address: &str) -> Result<(String, u16), String> {
         }
     };
     let port = match port {
-        Some(p) => p.parse::<u16>().map_err(|_| format!("bad port in `{address}`"))?,
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| format!("bad port in `{address}`"))?,
         None => DEFAULT_SERVER_PORT,
     };
     if host.is_empty() || port == 0 {
@@ -323,8 +327,14 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("lb.example:443").unwrap(), ("lb.example".into(), 443));
-        assert_eq!(split_host_port("lb.example").unwrap(), ("lb.example".into(), 9000));
+        assert_eq!(
+            split_host_port("lb.example:443").unwrap(),
+            ("lb.example".into(), 443)
+        );
+        assert_eq!(
+            split_host_port("lb.example").unwrap(),
+            ("lb.example".into(), 9000)
+        );
         assert_eq!(split_host_port("[::1]:9000").unwrap(), ("::1".into(), 9000));
         assert!(split_host_port("lb:0").is_err());
         assert!(split_host_port(":9000").is_err());

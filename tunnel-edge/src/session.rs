@@ -235,7 +235,11 @@ async fn serve_stream(
         .map(sanitize_reason)
         .unwrap_or_default();
     if request.method() != Method::CONNECT {
-        refuse(respond, DialFailure::PolicyDenied, "only CONNECT streams are served");
+        refuse(
+            respond,
+            DialFailure::PolicyDenied,
+            "only CONNECT streams are served",
+        );
         return;
     }
     let authority = request
@@ -246,7 +250,11 @@ async fn serve_stream(
     let target = match Target::parse(&authority) {
         Ok(t) => t,
         Err(e) => {
-            refuse(respond, DialFailure::PolicyDenied, &format!("bad target: {e}"));
+            refuse(
+                respond,
+                DialFailure::PolicyDenied,
+                &format!("bad target: {e}"),
+            );
             return;
         }
     };
@@ -282,7 +290,10 @@ async fn serve_stream(
             return;
         }
         Err(_) => {
-            let reason = format!("connect {address}: timed out after {:?}", config.dial.timeout);
+            let reason = format!(
+                "connect {address}: timed out after {:?}",
+                config.dial.timeout
+            );
             info!(target: "audit", %client, %target, result = "timeout", reason, "edge dial failed");
             refuse(respond, DialFailure::Timeout, &reason);
             return;
@@ -326,4 +337,3 @@ async fn serve_stream(
         "edge stream closed"
     );
 }
-

@@ -27,7 +27,10 @@ pub async fn connect_on<S: AsyncRead + AsyncWrite + Unpin>(
         if head.len() >= MAX_ANSWER_HEAD {
             bail!("CONNECT answer head larger than {MAX_ANSWER_HEAD} bytes");
         }
-        let byte = stream.read_u8().await.context("proxy closed during CONNECT")?;
+        let byte = stream
+            .read_u8()
+            .await
+            .context("proxy closed during CONNECT")?;
         head.push(byte);
     }
     let head = String::from_utf8_lossy(&head).into_owned();

@@ -305,7 +305,9 @@ impl ServerConfig {
             return Err("key `edge.handshake_timeout` must be > 0".into());
         }
         if e.max_streams_per_edge == 0 || e.max_handshakes == 0 {
-            return Err("keys `edge.max_streams_per_edge` and `edge.max_handshakes` must be > 0".into());
+            return Err(
+                "keys `edge.max_streams_per_edge` and `edge.max_handshakes` must be > 0".into(),
+            );
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
 
@@ -396,7 +398,10 @@ mod tests {
         assert_eq!(c.policy.allowed_ports, vec![10250]);
         assert_eq!(c.connect.unix_socket_mode, 0o600);
         assert_eq!(c.edge.cert, dir.path().join("server.pem"));
-        assert_eq!(c.connect.unix_socket.unwrap(), dir.path().join("connect.sock"));
+        assert_eq!(
+            c.connect.unix_socket.unwrap(),
+            dir.path().join("connect.sock")
+        );
     }
 
     #[test]
@@ -467,7 +472,10 @@ mod tests {
     #[test]
     fn zero_ping_misses_refused() {
         let dir = dir_with_pems();
-        let text = MINIMAL.replace("client_ca = \"ca.pem\"", "client_ca = \"ca.pem\"\nping_misses = 0");
+        let text = MINIMAL.replace(
+            "client_ca = \"ca.pem\"",
+            "client_ca = \"ca.pem\"\nping_misses = 0",
+        );
         let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
         assert!(err.to_string().contains("edge.ping_misses"), "{err}");
     }

@@ -39,12 +39,22 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
     let ca = Ca::load(&layout.ca_cert(), &layout.ca_key())?;
     let edge_cert = ca.issue_edge(&node, &[DEMO_NODE_IP], pki::EDGE_VALIDITY)?;
     pki::write_pem(&dir.join("demo-node.pem"), &edge_cert.cert_pem, false, true)?;
-    pki::write_pem(&dir.join("demo-node-key.pem"), &edge_cert.key_pem, true, true)?;
+    pki::write_pem(
+        &dir.join("demo-node-key.pem"),
+        &edge_cert.key_pem,
+        true,
+        true,
+    )?;
 
     // The kubelet's serving certificate comes from its own CA, as in a cluster: the tunnel
     // never sees a key that could terminate this TLS.
     let kubelet_ca = Ca::generate("demo kubelet CA", pki::CA_VALIDITY)?;
-    pki::write_pem(&dir.join("kubelet-ca.pem"), kubelet_ca.cert_pem(), false, true)?;
+    pki::write_pem(
+        &dir.join("kubelet-ca.pem"),
+        kubelet_ca.cert_pem(),
+        false,
+        true,
+    )?;
     let kubelet_cert = kubelet_ca.issue_server(
         &[DEMO_NODE.to_string()],
         &[DEMO_NODE_IP],
@@ -120,7 +130,10 @@ ports = [{port}]
 
     let deadline = Instant::now() + Duration::from_secs(10);
     while server.shared.routes.get(&node).is_none() {
-        anyhow::ensure!(Instant::now() < deadline, "the demo edge did not connect within 10 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the demo edge did not connect within 10 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = status.connected.load(Ordering::Acquire);

@@ -135,7 +135,11 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok", file.display());
             println!("  edge listener:   {}", config.edge.listen);
             if let Some(p) = &config.connect.unix_socket {
-                println!("  CONNECT (unix):  {} mode {:o}", p.display(), config.connect.unix_socket_mode);
+                println!(
+                    "  CONNECT (unix):  {} mode {:o}",
+                    p.display(),
+                    config.connect.unix_socket_mode
+                );
             }
             if let Some(a) = config.connect.tcp_listen {
                 println!("  CONNECT (mTLS):  {a}");
@@ -174,7 +178,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|m| anyhow::anyhow!("{}: {m}", args.config.display()))?;
     tunnel_io::logging::init(config.log.format, &config.log.filter);
     let runtime = if args.worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.worker_threads)

@@ -74,7 +74,11 @@ impl Default for Metrics {
             dials_pending.clone(),
         );
         let bytes = Family::<DirectionLabels, Counter>::default();
-        registry.register("tunneled_bytes", "Tunneled bytes by direction", bytes.clone());
+        registry.register(
+            "tunneled_bytes",
+            "Tunneled bytes by direction",
+            bytes.clone(),
+        );
         // 100 µs .. ~13 s.
         let dial_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
@@ -112,7 +116,9 @@ impl Metrics {
 
     /// Count one dial outcome.
     pub fn dial(&self, frontend: &'static str, result: &'static str) {
-        self.dials.get_or_create(&DialLabels { frontend, result }).inc();
+        self.dials
+            .get_or_create(&DialLabels { frontend, result })
+            .inc();
     }
 
     /// Count one handshake outcome.

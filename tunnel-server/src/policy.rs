@@ -91,6 +91,16 @@ pub fn forbidden_kind(ip: IpAddr) -> Option<&'static str> {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return forbidden_kind(IpAddr::V4(v4));
             }
+            // The deprecated IPv4-compatible spelling (`::a.b.c.d`) is an odd way to write an
+            // IPv4 address: judge it as one so `[::127.0.0.1]` cannot slip through.
+            let s = v6.segments();
+            if s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified() {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                if let Some(kind) = forbidden_kind(IpAddr::V4(Ipv4Addr::new(a, b, c, d))) {
+                    return Some(kind);
+                }
+            }
             if v6.is_loopback() {
                 Some("loopback")
             } else if v6.is_unspecified() {
@@ -146,6 +156,9 @@ mod tests {
             "[fe80::1]:10250",
             "[fd00:ec2::254]:10250",
             "[ff02::1]:10250",
+            "[::ffff:127.0.0.1]:10250",
+            "[::127.0.0.1]:10250",
+            "[::169.254.169.254]:10250",
         ] {
             assert!(matches!(check(t), Err(Denial::Address(..))), "{t}");
         }

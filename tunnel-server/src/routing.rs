@@ -131,6 +131,7 @@ impl<S: Routable> RouteTable<S> {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
     struct Fake {
         id: u64,
         node: NodeName,

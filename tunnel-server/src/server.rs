@@ -177,7 +177,10 @@ impl RunningServer {
         self.shared.draining.store(true, Ordering::Release);
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("tasks still running after {grace:?}; exiting anyway");
         }
         if let Some(path) = &self.addrs.connect_unix {
@@ -194,12 +197,18 @@ fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
             std::fs::remove_file(path)
                 .with_context(|| format!("remove stale socket {}", path.display()))?;
         } else {
-            anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display());
+            anyhow::bail!(
+                "{} exists and is not a socket; refusing to replace it",
+                path.display()
+            );
         }
     }
     // Bind inside a fresh 0700 directory, set the mode, then move it into place: there is no
     // moment where the socket exists at `path` with wider permissions.
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let staging = tempfile::Builder::new()
         .prefix(".tether-sock")
         .tempdir_in(parent)

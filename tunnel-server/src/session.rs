@@ -117,21 +117,18 @@ impl EdgeSession {
             )
         })?;
         let dial = async {
-            let mut sender = self
-                .send_request
-                .clone()
-                .ready()
-                .await
-                .map_err(|e| OpenError::new(DialFailure::Unreachable, format!("session lost: {e}")))?;
+            let mut sender = self.send_request.clone().ready().await.map_err(|e| {
+                OpenError::new(DialFailure::Unreachable, format!("session lost: {e}"))
+            })?;
             let request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
                 .header(CLIENT_HEADER, sanitize_reason(client))
                 .body(())
                 .map_err(|e| OpenError::new(DialFailure::Internal, e.to_string()))?;
-            let (response, send) = sender
-                .send_request(request, false)
-                .map_err(|e| OpenError::new(DialFailure::Unreachable, format!("session lost: {e}")))?;
+            let (response, send) = sender.send_request(request, false).map_err(|e| {
+                OpenError::new(DialFailure::Unreachable, format!("session lost: {e}"))
+            })?;
             let response = response.await.map_err(|e| {
                 OpenError::new(DialFailure::Unreachable, format!("stream failed: {e}"))
             })?;
@@ -145,9 +142,11 @@ impl EdgeSession {
                 .and_then(|v| v.to_str().ok())
                 .map(sanitize_reason)
                 .unwrap_or_else(|| format!("edge answered {status}"));
-            let failure =
-                DialFailure::from_status(status.as_u16()).unwrap_or(DialFailure::Refused);
-            Err(OpenError::new(failure, format!("refused by edge: {reason}")))
+            let failure = DialFailure::from_status(status.as_u16()).unwrap_or(DialFailure::Refused);
+            Err(OpenError::new(
+                failure,
+                format!("refused by edge: {reason}"),
+            ))
         };
         tokio::select! {
             biased;
@@ -202,8 +201,15 @@ pub async fn serve_edges(
         };
         let span = tracing::info_span!("edge", %peer, node = tracing::field::Empty);
         tracker.spawn(
-            handle_edge(tcp, peer, acceptor.clone(), shared.clone(), cancel.clone(), permit)
-                .instrument(span),
+            handle_edge(
+                tcp,
+                peer,
+                acceptor.clone(),
+                shared.clone(),
+                cancel.clone(),
+                permit,
+            )
+            .instrument(span),
         );
     }
 }
@@ -296,7 +302,10 @@ async fn handle_edge(
         old.retired.cancel();
     }
     shared.metrics.handshake("ok");
-    shared.metrics.edges_connected.set(shared.routes.len() as i64);
+    shared
+        .metrics
+        .edges_connected
+        .set(shared.routes.len() as i64);
     info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
 
     let edge = &shared.config.edge;
@@ -313,7 +322,10 @@ async fn handle_edge(
     };
     session.closed.cancel();
     shared.routes.deregister(&session);
-    shared.metrics.edges_connected.set(shared.routes.len() as i64);
+    shared
+        .metrics
+        .edges_connected
+        .set(shared.routes.len() as i64);
     info!(target: "audit", event = "edge_disconnected", node = %session.node, %peer, reason = ended, "edge session ended");
 }
 

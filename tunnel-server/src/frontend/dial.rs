@@ -63,10 +63,13 @@ async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Di
     let timeout = shared.config.connect.dial_timeout;
     // One retry covers the instant where a node's new session replaces its old one.
     for _ in 0..2 {
-        let session = shared.routes.lookup(&target.host).ok_or_else(|| DialError {
-            failure: DialFailure::NoRoute,
-            reason: format!("no edge connected for {target}"),
-        })?;
+        let session = shared
+            .routes
+            .lookup(&target.host)
+            .ok_or_else(|| DialError {
+                failure: DialFailure::NoRoute,
+                reason: format!("no edge connected for {target}"),
+            })?;
         shared.metrics.dials_pending.inc();
         let opened = session.open(target, client, timeout).await;
         shared.metrics.dials_pending.dec();
@@ -76,7 +79,11 @@ async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Di
             Err(e) => {
                 return Err(DialError {
                     failure: e.failure,
-                    reason: format!("dial {target} via node {}: {}", session_node(&session), e.reason),
+                    reason: format!(
+                        "dial {target} via node {}: {}",
+                        session_node(&session),
+                        e.reason
+                    ),
                 })
             }
         }
