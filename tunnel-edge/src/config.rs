@@ -373,4 +373,11 @@ mod tests {
         let c = EdgeConfig::parse(text, "edge.toml", dir.path()).unwrap();
         assert!(c.validate().unwrap_err().contains("reconnect"));
     }
+
+    #[test]
+    fn shipped_example_uses_only_known_keys() {
+        let text = include_str!("../../deploy/examples/edge.toml");
+        let c = EdgeConfig::parse(text, "edge.toml", Path::new("/")).unwrap();
+        assert_eq!(c.server_host_port().unwrap().1, 9000);
+    }
 }

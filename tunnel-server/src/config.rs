@@ -479,4 +479,11 @@ mod tests {
         let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
         assert!(err.to_string().contains("edge.ping_misses"), "{err}");
     }
+
+    #[test]
+    fn shipped_example_uses_only_known_keys() {
+        let text = include_str!("../../deploy/examples/server.toml");
+        let parsed: Result<ServerConfig, _> = toml::from_str(text);
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
+    }
 }
