@@ -228,13 +228,28 @@ async fn serve_connection<S>(
             return;
         }
     };
-    let early = buf.split_off(head_len).freeze();
+    let mut early = buf.split_off(head_len);
 
-    let dialed = tokio::select! {
-        biased;
-        _ = cancel.cancelled() => return,
-        d = dial(shared, FRONTEND, &target, &client) => d,
+    // While the edge dials, keep reading: a client that leaves cancels the dial (dropping it
+    // resets the stream, and the edge closes any late socket); bytes it sends early are kept.
+    let dialing = dial(shared, FRONTEND, &target, &client);
+    tokio::pin!(dialing);
+    let dialed = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            d = &mut dialing => break d,
+            r = socket.read_buf(&mut early), if early.len() < limits.max_head_bytes => match r {
+                Ok(0) | Err(_) => {
+                    shared.metrics.dial(FRONTEND, "client_cancelled");
+                    info!(target: "audit", frontend = FRONTEND, %client, %target, result = "client_cancelled", duration_ms = started.elapsed().as_millis() as u64, "client left during dial");
+                    return;
+                }
+                Ok(_) => {}
+            },
+        }
     };
+    let early = early.freeze();
     let dialed = match dialed {
         Ok(d) => d,
         Err(error) => {

@@ -70,9 +70,10 @@ async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Di
                 failure: DialFailure::NoRoute,
                 reason: format!("no edge connected for {target}"),
             })?;
-        shared.metrics.dials_pending.inc();
-        let opened = session.open(target, client, timeout).await;
-        shared.metrics.dials_pending.dec();
+        let opened = {
+            let _pending = PendingGuard::new(&shared.metrics.dials_pending);
+            session.open(target, client, timeout).await
+        };
         match opened {
             Ok(stream) => return Ok(Dialed { stream, session }),
             Err(e) if e.retry => continue,
@@ -97,4 +98,21 @@ async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Di
 fn session_node(session: &EdgeSession) -> &str {
     use crate::routing::Routable;
     session.node().as_str()
+}
+
+/// Counts a dial as pending for as long as it lives, including when the client goes away and
+/// the dial future is dropped mid-flight.
+struct PendingGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> PendingGuard<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        PendingGuard(gauge)
+    }
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
