@@ -5,7 +5,10 @@
 //! instead of a truncated transfer.
 
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
@@ -24,6 +27,9 @@ pub struct PipeConfig {
     /// How long a write (to the socket, or waiting for h2 send window) may make no progress
     /// before the stream is reset: a stalled reader must not hold its window forever.
     pub write_timeout: Duration,
+    /// A stream with no byte moving in either direction for this long is closed (`None`:
+    /// never). Session PINGs do not count as traffic.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// How a pipe ended.
@@ -38,6 +44,9 @@ pub enum PipeError {
     /// No progress writing for longer than the write timeout.
     #[error("write stalled longer than {0:?}")]
     WriteTimeout(Duration),
+    /// No byte moved in either direction for longer than the idle timeout.
+    #[error("idle for longer than {0:?}")]
+    Idle(Duration),
     /// The other direction failed, or the owner cancelled the pipe.
     #[error("aborted")]
     Aborted,
@@ -69,6 +78,8 @@ where
 {
     let (reader, writer) = tokio::io::split(socket);
     let abort = cancel.child_token();
+    let finished = CancellationToken::new();
+    let activity = Activity::new();
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
 
@@ -76,7 +87,7 @@ where
         let result = tokio::select! {
             biased;
             _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = socket_to_stream(reader, &mut send, early, config, &mut up_bytes) => r,
+            r = socket_to_stream(reader, &mut send, early, config, &activity, &mut up_bytes) => r,
         };
         if let Err(error) = &result {
             abort.cancel();
@@ -90,17 +101,35 @@ where
         let result = tokio::select! {
             biased;
             _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = stream_to_socket(recv, writer, config, &mut down_bytes) => r,
+            r = stream_to_socket(recv, writer, config, &activity, &mut down_bytes) => r,
         };
         if result.is_err() {
             abort.cancel();
         }
         result
     };
-    let (up_result, down_result) = tokio::join!(up, down);
+    let both = async {
+        let results = tokio::join!(up, down);
+        finished.cancel();
+        results
+    };
+    let watchdog = async {
+        let Some(limit) = config.idle_timeout.filter(|d| !d.is_zero()) else {
+            return false;
+        };
+        tokio::select! {
+            _ = finished.cancelled() => false,
+            _ = activity.idle_for(limit) => {
+                abort.cancel();
+                true
+            }
+        }
+    };
+    let ((up_result, down_result), idled) = tokio::join!(both, watchdog);
     // Report the cause, not the `Aborted` it provoked in the other direction.
     let result = match (up_result, down_result) {
         (Ok(()), Ok(())) => Ok(()),
+        _ if idled => Err(PipeError::Idle(config.idle_timeout.unwrap_or_default())),
         (Err(PipeError::Aborted), Err(e)) | (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
     };
@@ -111,11 +140,45 @@ where
     }
 }
 
+/// When a byte last moved, in milliseconds since the pipe started (atomic so the pipe
+/// future stays `Send`).
+struct Activity {
+    started: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            started: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing moved for `limit`.
+    async fn idle_for(&self, limit: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.started + last + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
 async fn socket_to_stream<R: AsyncRead + Unpin>(
     mut reader: R,
     send: &mut SendStream<Bytes>,
     early: Bytes,
     config: PipeConfig,
+    activity: &Activity,
     total: &mut u64,
 ) -> Result<(), PipeError> {
     if !early.is_empty() {
@@ -140,6 +203,7 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
             chunk *= 2;
         }
         *total += n as u64;
+        activity.touch();
         send_all(send, buf.split().freeze(), config).await?;
     }
 }
@@ -174,6 +238,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
     mut recv: RecvStream,
     mut writer: W,
     config: PipeConfig,
+    activity: &Activity,
     total: &mut u64,
 ) -> Result<(), PipeError> {
     loop {
@@ -197,6 +262,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
                 .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?
                 .map_err(|e| PipeError::Socket(e.to_string()))?;
                 *total += n as u64;
+                activity.touch();
                 // Only now may the peer send more: the window tracks bytes not yet written.
                 recv.flow_control()
                     .release_capacity(n)

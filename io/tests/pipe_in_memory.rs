@@ -12,6 +12,7 @@ use tunnel_io::pipe::{pipe, PipeConfig, PipeReport};
 
 const CONFIG: PipeConfig = PipeConfig {
     write_timeout: Duration::from_secs(2),
+    idle_timeout: None,
 };
 
 /// Returns (app end, target end, the two pipe tasks: client side then server side).
@@ -184,4 +185,72 @@ async fn early_bytes_are_sent_first() {
     .await;
     assert_eq!(report.result, Ok(()));
     assert_eq!(server.await.unwrap(), b"early and the rest");
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_stream_is_closed_after_the_idle_timeout_and_traffic_resets_the_timer() {
+    // TESTPLAN 9, in memory: the server side pipe has a 10 s idle timeout.
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(async move {
+        let mut conn = h2::server::handshake(server_io).await.unwrap();
+        let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        let send = respond.send_response(Response::new(()), false).unwrap();
+        (request.into_body(), send)
+    });
+    let (sender, conn) = h2::client::handshake(client_io).await.unwrap();
+    tokio::spawn(conn);
+    let mut sender = sender.ready().await.unwrap();
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri("192.0.2.1:10250")
+        .body(())
+        .unwrap();
+    let (response, _client_send) = sender.send_request(request, false).unwrap();
+    let (recv, send) = server.await.unwrap();
+    let mut client_recv = response.await.unwrap().into_body();
+    let (mut target, socket) = tokio::io::duplex(1024);
+    let config = PipeConfig {
+        write_timeout: Duration::from_secs(60),
+        idle_timeout: Some(Duration::from_secs(10)),
+    };
+    let started = tokio::time::Instant::now();
+    let pipe_task = tokio::spawn(async move {
+        pipe(
+            socket,
+            send,
+            recv,
+            Bytes::new(),
+            config,
+            &CancellationToken::new(),
+        )
+        .await
+    });
+    // Traffic every 6 s keeps it open past 10 s.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        target.write_all(b"tick").await.unwrap();
+        let chunk = client_recv.data().await.unwrap().unwrap();
+        client_recv
+            .flow_control()
+            .release_capacity(chunk.len())
+            .unwrap();
+        assert!(!pipe_task.is_finished());
+    }
+    let report = pipe_task.await.unwrap();
+    assert_eq!(
+        report.result,
+        Err(tunnel_io::pipe::PipeError::Idle(Duration::from_secs(10)))
+    );
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_secs(28) && lived < Duration::from_secs(30),
+        "{lived:?}"
+    );
+    // The far end sees a reset, not a clean end of stream.
+    assert!(client_recv
+        .data()
+        .await
+        .map(|r| r.is_err())
+        .unwrap_or(false));
 }

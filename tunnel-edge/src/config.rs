@@ -110,6 +110,10 @@ pub struct DialSection {
     /// A stream that cannot write for this long is reset.
     #[serde(default = "default_write_timeout", with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// A stream with no byte moving either way for this long is closed (default 4h; `0s`
+    /// disables).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     /// Where targets naming this node are dialed (for example `127.0.0.1` when the kubelet
     /// listens there). Unset: node-name targets go to 127.0.0.1, node-IP targets as given.
     pub self_host: Option<IpAddr>,
@@ -163,6 +167,9 @@ fn default_dial_timeout() -> Duration {
 fn default_write_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_idle_timeout() -> Option<Duration> {
+    Some(Duration::from_secs(4 * 3600))
+}
 fn default_self_ports() -> Vec<u16> {
     vec![10250]
 }
@@ -192,6 +199,7 @@ impl Default for DialSection {
         DialSection {
             timeout: default_dial_timeout(),
             write_timeout: default_write_timeout(),
+            idle_timeout: default_idle_timeout(),
             self_host: None,
         }
     }
@@ -221,6 +229,8 @@ impl EdgeConfig {
             file: origin.to_owned(),
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
+        // `0s` means "no idle timeout".
+        config.dial.idle_timeout = config.dial.idle_timeout.filter(|d| !d.is_zero());
         for p in [
             &mut config.server.ca,
             &mut config.server.cert,

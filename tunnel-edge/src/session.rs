@@ -317,6 +317,7 @@ async fn serve_stream(
         Bytes::new(),
         PipeConfig {
             write_timeout: config.dial.write_timeout,
+            idle_timeout: config.dial.idle_timeout,
         },
         cancel,
     )

@@ -71,6 +71,9 @@ pub struct EdgeListenerConfig {
     /// Streams the server opens at once on one edge session.
     #[serde(default = "default_max_streams_per_edge")]
     pub max_streams_per_edge: usize,
+    /// Dials waiting for one edge's answer at once; beyond, new dials get 503 at once.
+    #[serde(default = "default_max_pending_dials")]
+    pub max_pending_dials: usize,
     /// Concurrent edge handshakes in progress (TLS exhaustion guard).
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
@@ -105,6 +108,10 @@ pub struct ConnectConfig {
     /// A stream that cannot write for this long is reset (stalled reader).
     #[serde(default = "default_write_timeout", with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// A tunneled connection with no byte moving either way for this long is closed
+    /// (default 4h, kubelet's own streaming idle timeout; `0s` disables).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
     /// Frontend connections served at once; beyond, new ones wait in the accept queue.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -158,6 +165,9 @@ fn default_ping_misses() -> u32 {
 fn default_max_streams_per_edge() -> usize {
     10_000
 }
+fn default_max_pending_dials() -> usize {
+    1000
+}
 fn default_max_handshakes() -> usize {
     1024
 }
@@ -175,6 +185,9 @@ fn default_dial_timeout() -> Duration {
 }
 fn default_write_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_idle_timeout() -> Option<Duration> {
+    Some(Duration::from_secs(4 * 3600))
 }
 fn default_max_connections() -> usize {
     50_000
@@ -205,6 +218,7 @@ impl Default for ConnectConfig {
             max_head_bytes: default_max_head_bytes(),
             dial_timeout: default_dial_timeout(),
             write_timeout: default_write_timeout(),
+            idle_timeout: default_idle_timeout(),
             max_connections: default_max_connections(),
         }
     }
@@ -254,6 +268,8 @@ impl ServerConfig {
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
         config.resolve_paths(base);
+        // `0s` means "no idle timeout".
+        config.connect.idle_timeout = config.connect.idle_timeout.filter(|d| !d.is_zero());
         config.validate().map_err(|message| ConfigError {
             file: origin.to_owned(),
             message,

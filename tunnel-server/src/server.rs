@@ -41,6 +41,16 @@ pub struct Shared {
     pub draining: AtomicBool,
 }
 
+/// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
+/// let in-flight streams run. `hard`: end everything now.
+#[derive(Clone, Default)]
+pub struct Stop {
+    /// Cancelled when draining starts.
+    pub drain: CancellationToken,
+    /// Cancelled when the grace period is over (or on a second signal).
+    pub hard: CancellationToken,
+}
+
 /// The addresses the server actually bound (ports resolved when configured as 0).
 #[derive(Debug, Clone, Serialize)]
 pub struct BoundAddrs {
@@ -60,8 +70,11 @@ pub struct RunningServer {
     pub addrs: BoundAddrs,
     /// Shared state (route table, metrics) for inspection.
     pub shared: Arc<Shared>,
-    cancel: CancellationToken,
+    stop: Stop,
+    /// Tunnel work: listeners, sessions, streams. Draining ends when it is empty.
     tracker: TaskTracker,
+    /// The admin endpoint, which keeps answering (`/readyz` 503) while draining.
+    admin_tracker: TaskTracker,
 }
 
 impl RunningServer {
@@ -127,14 +140,15 @@ impl RunningServer {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         });
-        let cancel = CancellationToken::new();
+        let stop = Stop::default();
         let tracker = TaskTracker::new();
+        let admin_tracker = TaskTracker::new();
 
         tracker.spawn(crate::session::serve_edges(
             edge_listener,
             TlsAcceptor::from(Arc::new(edge_tls)),
             shared.clone(),
-            cancel.clone(),
+            stop.clone(),
             tracker.clone(),
         ));
         if let Some((listener, acceptor)) = connect_tcp {
@@ -142,7 +156,7 @@ impl RunningServer {
                 listener,
                 acceptor,
                 shared.clone(),
-                cancel.clone(),
+                stop.clone(),
                 tracker.clone(),
             ));
         }
@@ -150,16 +164,16 @@ impl RunningServer {
             tracker.spawn(crate::frontend::connect::serve_unix(
                 listener,
                 shared.clone(),
-                cancel.clone(),
+                stop.clone(),
                 tracker.clone(),
             ));
         }
         if let Some(listener) = admin {
-            tracker.spawn(crate::admin::serve_admin(
+            admin_tracker.spawn(crate::admin::serve_admin(
                 listener,
                 shared.clone(),
-                cancel.clone(),
-                tracker.clone(),
+                stop.hard.clone(),
+                admin_tracker.clone(),
             ));
         }
         shared.ready.store(true, Ordering::Release);
@@ -167,22 +181,37 @@ impl RunningServer {
         Ok(RunningServer {
             addrs,
             shared,
-            cancel,
+            stop,
             tracker,
+            admin_tracker,
         })
     }
 
-    /// Stop accepting and close every session and stream; wait up to `grace` for tasks.
+    /// A handle that can start or force shutdown from elsewhere (a signal handler).
+    pub fn stop_handle(&self) -> Stop {
+        self.stop.clone()
+    }
+
+    /// Graceful drain: `/readyz` turns 503, listeners close, edge sessions take no new
+    /// streams (h2 GOAWAY once their streams end), in-flight streams run until done or until
+    /// `grace` is over; returns as soon as nothing is left. Then everything is closed.
     pub async fn shutdown(self, grace: Duration) {
         self.shared.draining.store(true, Ordering::Release);
-        self.cancel.cancel();
+        self.stop.drain.cancel();
         self.tracker.close();
-        if tokio::time::timeout(grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("tasks still running after {grace:?}; exiting anyway");
+        let open = self.shared.metrics.streams_open.get();
+        info!(streams_open = open, ?grace, "draining");
+        tokio::select! {
+            _ = self.tracker.wait() => info!("drained: no stream left"),
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!(streams_open = self.shared.metrics.streams_open.get(), "grace period over; closing remaining streams");
+            }
+            _ = self.stop.hard.cancelled() => tracing::warn!("forced shutdown"),
         }
+        self.stop.hard.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.tracker.wait()).await;
+        self.admin_tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.admin_tracker.wait()).await;
         if let Some(path) = &self.addrs.connect_unix {
             let _ = std::fs::remove_file(path);
         }

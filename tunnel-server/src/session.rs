@@ -28,8 +28,12 @@ pub struct EdgeSession {
     node: NodeName,
     ips: Vec<IpAddr>,
     peer: SocketAddr,
-    send_request: h2::client::SendRequest<Bytes>,
+    /// Taken away when the session retires (drain, replacement): with no sender left, h2
+    /// sends GOAWAY and closes the connection once the last stream ends.
+    send_request: std::sync::Mutex<Option<h2::client::SendRequest<Bytes>>>,
     slots: Arc<Semaphore>,
+    pending: Semaphore,
+    max_pending: usize,
     max_streams: usize,
     /// Cancelled when the session is gone: pending dials fail at once.
     closed: CancellationToken,
@@ -96,6 +100,16 @@ impl EdgeSession {
         self.closed.cancel();
     }
 
+    /// Take no new streams; the connection closes (GOAWAY) once the open ones end.
+    pub fn retire(&self) {
+        self.retired.cancel();
+        self.sender_slot().take();
+    }
+
+    fn sender_slot(&self) -> std::sync::MutexGuard<'_, Option<h2::client::SendRequest<Bytes>>> {
+        self.send_request.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Ask the edge to dial `target` and wait for its answer up to `dial_timeout`. Dropping
     /// the returned future (client went away) resets the stream, which cancels the edge's dial.
     pub async fn open(
@@ -110,6 +124,12 @@ impl EdgeSession {
                 ..OpenError::new(DialFailure::Unreachable, "session replaced")
             });
         }
+        let _pending = self.pending.try_acquire().map_err(|_| {
+            OpenError::new(
+                DialFailure::Overloaded,
+                format!("{} dials already pending", self.max_pending),
+            )
+        })?;
         let slot = self.slots.clone().try_acquire_owned().map_err(|_| {
             OpenError::new(
                 DialFailure::Overloaded,
@@ -117,7 +137,11 @@ impl EdgeSession {
             )
         })?;
         let dial = async {
-            let mut sender = self.send_request.clone().ready().await.map_err(|e| {
+            let sender = self.sender_slot().clone().ok_or_else(|| OpenError {
+                retry: true,
+                ..OpenError::new(DialFailure::Unreachable, "session retiring")
+            })?;
+            let mut sender = sender.ready().await.map_err(|e| {
                 OpenError::new(DialFailure::Unreachable, format!("session lost: {e}"))
             })?;
             let request = Request::builder()
@@ -165,13 +189,13 @@ impl EdgeSession {
     }
 }
 
-/// Accept edge connections until `cancel`. Per-connection failures are logged and skipped;
+/// Accept edge connections until draining starts. Per-connection failures are logged and skipped;
 /// accept errors (such as running out of file descriptors) back off and retry.
 pub async fn serve_edges(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    cancel: CancellationToken,
+    stop: crate::server::Stop,
     tracker: TaskTracker,
 ) {
     let handshakes = Arc::new(Semaphore::new(shared.config.edge.max_handshakes));
@@ -179,7 +203,7 @@ pub async fn serve_edges(
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = stop.drain.cancelled() => return,
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
@@ -206,7 +230,7 @@ pub async fn serve_edges(
                 peer,
                 acceptor.clone(),
                 shared.clone(),
-                cancel.clone(),
+                stop.clone(),
                 permit,
             )
             .instrument(span),
@@ -255,8 +279,10 @@ async fn handshake(
         node: identity.node,
         ips: identity.ips,
         peer,
-        send_request,
+        send_request: std::sync::Mutex::new(Some(send_request)),
         slots: Arc::new(Semaphore::new(max_streams)),
+        pending: Semaphore::new(shared.config.edge.max_pending_dials),
+        max_pending: shared.config.edge.max_pending_dials,
         max_streams,
         closed: CancellationToken::new(),
         retired: CancellationToken::new(),
@@ -269,7 +295,7 @@ async fn handle_edge(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    cancel: CancellationToken,
+    stop: crate::server::Stop,
     permit: OwnedSemaphorePermit,
 ) {
     let limit = shared.config.edge.handshake_timeout;
@@ -299,7 +325,7 @@ async fn handle_edge(
     };
     if let Some(old) = replaced {
         info!(old_peer = %old.peer, "new session replaces the node's previous one");
-        old.retired.cancel();
+        old.retire();
     }
     shared.metrics.handshake("ok");
     shared
@@ -309,16 +335,29 @@ async fn handle_edge(
     info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
 
     let edge = &shared.config.edge;
-    let ended = tokio::select! {
-        biased;
-        _ = cancel.cancelled() => "server shutting down".to_string(),
-        _ = session.closed.cancelled() => "session closed by the server".to_string(),
-        result = &mut connection => match result {
-            Ok(()) => "edge closed the session".to_string(),
-            Err(e) => format!("session error: {e}"),
-        },
-        reason = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses) => reason,
-        _ = retire(&session) => "replaced by a newer session; its streams are done".to_string(),
+    let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    let ended = loop {
+        tokio::select! {
+            biased;
+            _ = stop.hard.cancelled() => break "server shut down".to_string(),
+            _ = session.closed.cancelled() => break "session closed by the server".to_string(),
+            _ = stop.drain.cancelled(), if !draining => {
+                // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
+                draining = true;
+                session.retire();
+                shared.routes.deregister(&session);
+            }
+            result = &mut connection => break match result {
+                Ok(()) => "session closed after its last stream".to_string(),
+                Err(e) => format!("session error: {e}"),
+            },
+            reason = &mut keepalive => break reason,
+            _ = streams_done(&session) => {
+                break "retired; its streams are done".to_string()
+            }
+        }
     };
     session.closed.cancel();
     shared.routes.deregister(&session);
@@ -329,8 +368,8 @@ async fn handle_edge(
     info!(target: "audit", event = "edge_disconnected", node = %session.node, %peer, reason = ended, "edge session ended");
 }
 
-/// Resolves once a replaced session has no stream left, so its connection can be dropped.
-async fn retire(session: &EdgeSession) {
+/// Resolves once a retired session has no stream left, so its connection can be dropped.
+async fn streams_done(session: &EdgeSession) {
     session.retired.cancelled().await;
     while session.open_streams() > 0 {
         tokio::time::sleep(Duration::from_millis(100)).await;

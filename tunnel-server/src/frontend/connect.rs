@@ -29,7 +29,7 @@ pub async fn serve_tcp(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    cancel: CancellationToken,
+    stop: crate::server::Stop,
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
@@ -40,7 +40,7 @@ pub async fn serve_tcp(
         };
         let accepted = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = stop.drain.cancelled() => return,
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
@@ -58,7 +58,7 @@ pub async fn serve_tcp(
         tunnel_io::set_nodelay(&tcp);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
-        let cancel = cancel.clone();
+        let cancel = stop.hard.clone();
         let span = tracing::debug_span!("connect", client = %peer);
         tracker.spawn(
             async move {
@@ -95,7 +95,7 @@ pub async fn serve_tcp(
 pub async fn serve_unix(
     listener: UnixListener,
     shared: Arc<Shared>,
-    cancel: CancellationToken,
+    stop: crate::server::Stop,
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
@@ -106,7 +106,7 @@ pub async fn serve_unix(
         };
         let accepted = tokio::select! {
             biased;
-            _ = cancel.cancelled() => return,
+            _ = stop.drain.cancelled() => return,
             r = listener.accept() => r,
         };
         let stream = match accepted {
@@ -126,7 +126,7 @@ pub async fn serve_unix(
             Err(_) => "unix".to_string(),
         };
         let shared = shared.clone();
-        let cancel = cancel.clone();
+        let cancel = stop.hard.clone();
         let span = tracing::debug_span!("connect", client = %client);
         tracker.spawn(
             async move {
@@ -276,6 +276,7 @@ async fn serve_connection<S>(
         early,
         PipeConfig {
             write_timeout: config.write_timeout,
+            idle_timeout: config.idle_timeout,
         },
         cancel,
     )
