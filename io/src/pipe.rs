@@ -209,8 +209,9 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
 }
 
 /// Send `data` without exceeding the window h2 grants: `send_data` itself would queue
-/// without bound.
-async fn send_all(
+/// without bound. Waiting for window longer than `config.write_timeout` fails. Public for
+/// frontends that feed a stream from something other than a socket (Konnectivity DATA).
+pub async fn send_all(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     config: PipeConfig,

@@ -33,11 +33,15 @@ pub enum DialFailure {
     Overloaded,
     /// A bug or unexpected local error on the edge.
     Internal,
+    /// The server's classification of an edge's [`DialFailure::PolicyDenied`] answer: the
+    /// server allowed the target but the node's own allowlist did not, so the CONNECT client
+    /// gets 502 (the node refused), keeping 403 for the server's own policy.
+    EdgeDenied,
 }
 
 impl DialFailure {
     /// Every variant, for pre-registering metric labels and for tests.
-    pub const ALL: [DialFailure; 7] = [
+    pub const ALL: [DialFailure; 8] = [
         DialFailure::PolicyDenied,
         DialFailure::Refused,
         DialFailure::Timeout,
@@ -45,6 +49,7 @@ impl DialFailure {
         DialFailure::NoRoute,
         DialFailure::Overloaded,
         DialFailure::Internal,
+        DialFailure::EdgeDenied,
     ];
 
     /// HTTP status the edge answers the stream open with, and the server
@@ -58,6 +63,7 @@ impl DialFailure {
             DialFailure::NoRoute => 502,
             DialFailure::Overloaded => 503,
             DialFailure::Internal => 500,
+            DialFailure::EdgeDenied => 502,
         }
     }
 
@@ -71,6 +77,7 @@ impl DialFailure {
             DialFailure::NoRoute => "no_route",
             DialFailure::Overloaded => "overloaded",
             DialFailure::Internal => "internal",
+            DialFailure::EdgeDenied => "edge_denied",
         }
     }
 
@@ -99,6 +106,7 @@ impl fmt::Display for DialFailure {
             DialFailure::NoRoute => "no route to target",
             DialFailure::Overloaded => "edge overloaded",
             DialFailure::Internal => "internal error",
+            DialFailure::EdgeDenied => "denied by the node's allowlist",
         })
     }
 }
@@ -133,6 +141,7 @@ mod tests {
             (DialFailure::NoRoute, 502, "no_route"),
             (DialFailure::Overloaded, 503, "overloaded"),
             (DialFailure::Internal, 500, "internal"),
+            (DialFailure::EdgeDenied, 502, "edge_denied"),
         ];
         assert_eq!(table.len(), DialFailure::ALL.len());
         for (failure, status, label) in table {
@@ -219,5 +228,55 @@ mod tests {
             prop_assert!(clean.bytes().all(|b| (b' '..=b'~').contains(&b)));
             prop_assert_eq!(sanitize_reason(&clean), clean.clone());
         }
+    }
+}
+
+/// Path of the session-info request the server sends on a new edge session (and again when
+/// the replica count changes). It is the only non-CONNECT request an edge accepts.
+pub const SESSION_INFO_PATH: &str = "/tether.v1/session-info";
+/// Full URI of the session-info request (h2 needs a scheme and authority on non-CONNECT).
+pub const SESSION_INFO_URI: &str = "https://tether/tether.v1/session-info";
+/// Header of the session-info request: the replica's stable ID.
+pub const SERVER_ID_HEADER: &str = "tether-server-id";
+/// Header of the session-info request: how many replicas serve this cluster.
+pub const SERVER_COUNT_HEADER: &str = "tether-server-count";
+/// Largest replica count an edge believes (bounds the sessions it opens).
+pub const MAX_SERVER_COUNT: usize = 64;
+
+/// Parse a `tether-server-count` value: 1..=[`MAX_SERVER_COUNT`].
+pub fn parse_server_count(value: &str) -> Option<usize> {
+    let n: usize = value.parse().ok()?;
+    (1..=MAX_SERVER_COUNT).contains(&n).then_some(n)
+}
+
+/// Whether a replica ID is acceptable: 1..=64 bytes of `[A-Za-z0-9._-]`.
+pub fn valid_server_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod session_info_tests {
+    use super::*;
+
+    #[test]
+    fn server_count_is_bounded() {
+        assert_eq!(parse_server_count("3"), Some(3));
+        assert_eq!(parse_server_count("0"), None);
+        assert_eq!(parse_server_count("65"), None);
+        assert_eq!(parse_server_count("-1"), None);
+        assert_eq!(parse_server_count("99999999999999999999999"), None);
+    }
+
+    #[test]
+    fn server_ids_are_plain_tokens() {
+        assert!(valid_server_id("tether-server-7c9d5-x2x"));
+        assert!(!valid_server_id(""));
+        assert!(!valid_server_id("a b"));
+        assert!(!valid_server_id("a\r\nb"));
+        assert!(!valid_server_id(&"a".repeat(65)));
     }
 }

@@ -60,6 +60,10 @@ pub struct EdgeConfig {
 pub struct ServerSection {
     /// `host:port` of the load balancer or server (port defaults to 9000).
     pub address: Option<String>,
+    /// Several server addresses instead of (or besides) `address`: one session is kept
+    /// per address, more when the servers report more replicas.
+    #[serde(default)]
+    pub addresses: Vec<String>,
     /// Name to verify in the server certificate; defaults to the host part of `address`.
     pub server_name: Option<String>,
     /// CA bundle that issued the server certificate.
@@ -262,11 +266,12 @@ impl EdgeConfig {
     /// Check every rule; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
         let s = &self.server;
-        let address = s
-            .address
-            .as_deref()
-            .ok_or("key `server.address` is required (host:port of the load balancer)")?;
-        split_host_port(address).map_err(|e| format!("key `server.address`: {e}"))?;
+        if s.address.is_none() && s.addresses.is_empty() {
+            return Err("key `server.address` is required (host:port of the load balancer)".into());
+        }
+        for address in s.address.iter().chain(&s.addresses) {
+            split_host_port(address).map_err(|e| format!("key `server.address`: {e}"))?;
+        }
         for (key, value) in [
             ("server.ca", &s.ca),
             ("server.cert", &s.cert),
@@ -299,9 +304,22 @@ impl EdgeConfig {
         Ok(())
     }
 
-    /// The server address as `(host, port)`.
+    /// The first server address as `(host, port)`.
     pub fn server_host_port(&self) -> Result<(String, u16), String> {
-        split_host_port(self.server.address.as_deref().unwrap_or_default())
+        self.server_addresses()?
+            .into_iter()
+            .next()
+            .ok_or_else(|| "no server address".to_string())
+    }
+
+    /// Every server address as `(host, port)`, `address` first.
+    pub fn server_addresses(&self) -> Result<Vec<(String, u16)>, String> {
+        let s = &self.server;
+        s.address
+            .iter()
+            .chain(&s.addresses)
+            .map(|a| split_host_port(a))
+            .collect()
     }
 }
 

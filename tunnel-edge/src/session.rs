@@ -28,8 +28,8 @@ use crate::config::EdgeConfig;
 /// Everything a running edge needs, built once from the validated config.
 pub struct Edge {
     config: EdgeConfig,
-    host: String,
-    port: u16,
+    /// Server addresses; session worker `i` dials `targets[i % len]`.
+    targets: Vec<(String, u16)>,
     server_name: ServerName<'static>,
     connector: TlsConnector,
     allow: Arc<EdgeAllowlist>,
@@ -40,8 +40,62 @@ pub struct Edge {
 pub struct EdgeStatus {
     /// Sessions established since start.
     pub sessions: std::sync::atomic::AtomicU64,
-    /// Whether a session is up now.
+    /// Whether at least one session is up now.
     pub connected: std::sync::atomic::AtomicBool,
+    /// Sessions up now.
+    pub live_sessions: std::sync::atomic::AtomicUsize,
+    /// Sessions closed because they reached a replica another session already holds.
+    pub duplicates: std::sync::atomic::AtomicU64,
+}
+
+impl EdgeStatus {
+    fn session_up(&self) {
+        use std::sync::atomic::Ordering;
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.live_sessions.fetch_add(1, Ordering::AcqRel);
+        self.connected.store(true, Ordering::Release);
+    }
+
+    fn session_down(&self) {
+        use std::sync::atomic::Ordering;
+        let left = self.live_sessions.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.connected.store(left > 0, Ordering::Release);
+    }
+}
+
+/// Which replicas this edge holds a session with, and how many the servers say exist.
+struct Replicas {
+    wanted: tokio::sync::watch::Sender<usize>,
+    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Replicas {
+    /// Record that `worker` reached replica `id`; false if another worker holds it already.
+    fn claim(&self, id: &str, worker: usize) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.get(id) {
+            Some(w) if *w != worker => false,
+            _ => {
+                held.insert(id.to_owned(), worker);
+                true
+            }
+        }
+    }
+
+    fn release(&self, id: &str, worker: usize) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(id) == Some(&worker) {
+            held.remove(id);
+        }
+    }
+}
+
+/// What a session worker learns from the server's session-info request.
+enum Control {
+    /// Keep serving.
+    Continue,
+    /// This replica is already held by another session: close this one.
+    Duplicate(String),
 }
 
 impl Edge {
@@ -49,7 +103,11 @@ impl Edge {
     pub fn new(config: EdgeConfig) -> anyhow::Result<Edge> {
         use anyhow::Context;
         config.validate().map_err(anyhow::Error::msg)?;
-        let (host, port) = config.server_host_port().map_err(anyhow::Error::msg)?;
+        let targets = config.server_addresses().map_err(anyhow::Error::msg)?;
+        let host = targets
+            .first()
+            .map(|(h, _)| h.clone())
+            .context("no server address")?;
         let s = &config.server;
         let (ca, cert, key) = match (&s.ca, &s.cert, &s.key) {
             (Some(a), Some(b), Some(c)) => (a, b, c),
@@ -74,8 +132,7 @@ impl Edge {
             config.dial.self_host,
         );
         Ok(Edge {
-            host,
-            port,
+            targets,
             server_name,
             connector: TlsConnector::from(Arc::new(tls)),
             allow: Arc::new(allow),
@@ -88,24 +145,80 @@ impl Edge {
         self.allow.node()
     }
 
-    /// Keep a session up until `cancel`; then stop taking streams and let in-flight ones
-    /// finish for up to `shutdown_grace`.
+    /// Keep sessions up until `cancel`: one per server address, and as many as the servers
+    /// report replicas (each a distinct replica; a session that lands on a replica already
+    /// held is closed and retried). Then stop taking streams and let in-flight ones finish
+    /// for up to `shutdown_grace`.
     pub async fn run(self: Arc<Self>, status: Arc<EdgeStatus>, cancel: CancellationToken) {
-        use std::sync::atomic::Ordering;
+        let streams = TaskTracker::new();
+        let (wanted, mut wanted_rx) = tokio::sync::watch::channel(1usize);
+        let replicas = Arc::new(Replicas {
+            wanted,
+            held: Default::default(),
+        });
+        let mut workers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)> = Vec::new();
+        loop {
+            let want = (*wanted_rx.borrow_and_update())
+                .max(self.targets.len())
+                .min(protocol::stream::MAX_SERVER_COUNT);
+            while workers.len() < want {
+                let index = workers.len();
+                let token = cancel.child_token();
+                let worker = self.clone().worker(
+                    index,
+                    status.clone(),
+                    replicas.clone(),
+                    streams.clone(),
+                    token.clone(),
+                );
+                workers.push((token, tokio::spawn(worker)));
+            }
+            while workers.len() > want {
+                if let Some((token, _)) = workers.pop() {
+                    token.cancel();
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                changed = wanted_rx.changed() => if changed.is_err() { break },
+            }
+        }
+        for (_, handle) in workers {
+            let _ = handle.await;
+        }
+        streams.close();
+        if tokio::time::timeout(self.config.shutdown_grace, streams.wait())
+            .await
+            .is_err()
+        {
+            warn!("streams still open after the shutdown grace period; closing them");
+        }
+    }
+
+    /// One session slot: connect, serve, back off, reconnect, until cancelled.
+    async fn worker(
+        self: Arc<Self>,
+        index: usize,
+        status: Arc<EdgeStatus>,
+        replicas: Arc<Replicas>,
+        streams: TaskTracker,
+        cancel: CancellationToken,
+    ) {
         let r = &self.config.reconnect;
         let mut backoff = Backoff::new(r.min, r.max);
-        let streams = TaskTracker::new();
+        let (host, port) = self.targets[index % self.targets.len()].clone();
         loop {
             let started = Instant::now();
-            let span = tracing::info_span!("session", node = %self.node(), server = %self.host);
+            let span =
+                tracing::info_span!("session", node = %self.node(), server = %host, slot = index);
             let outcome = self
-                .session(&status, &streams, &cancel)
+                .session(index, &host, port, &status, &replicas, &streams, &cancel)
                 .instrument(span)
                 .await;
-            status.connected.store(false, Ordering::Release);
             match outcome {
-                Ok(reason) => info!(node = %self.node(), reason, "session ended"),
-                Err(reason) => warn!(node = %self.node(), reason, "session failed"),
+                Ok(reason) => info!(node = %self.node(), slot = index, reason, "session ended"),
+                Err(reason) => warn!(node = %self.node(), slot = index, reason, "session failed"),
             }
             if cancel.is_cancelled() {
                 break;
@@ -119,31 +232,28 @@ impl Edge {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        streams.close();
-        if tokio::time::timeout(self.config.shutdown_grace, streams.wait())
-            .await
-            .is_err()
-        {
-            warn!("streams still open after the shutdown grace period; closing them");
-        }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn session(
         &self,
+        index: usize,
+        host: &str,
+        port: u16,
         status: &EdgeStatus,
+        replicas: &Replicas,
         streams: &TaskTracker,
         cancel: &CancellationToken,
     ) -> Result<&'static str, String> {
-        use std::sync::atomic::Ordering;
         let limit = self
             .config
             .server
             .connect_timeout
             .unwrap_or(Duration::from_secs(10));
         let handshake = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            let tcp = TcpStream::connect((host, port))
                 .await
-                .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
+                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
             tunnel_io::set_nodelay(&tcp);
             let tls = self
                 .connector
@@ -166,16 +276,15 @@ impl Edge {
         let ping_pong = connection
             .ping_pong()
             .ok_or("HTTP/2 PING handle unavailable")?;
-        status.sessions.fetch_add(1, Ordering::Relaxed);
-        status.connected.store(true, Ordering::Release);
+        status.session_up();
         info!("session established");
-
+        let mut replica: Option<String> = None;
         let session_cancel = cancel.child_token();
         let live = &self.config.liveness;
         let keepalive =
             tunnel_io::liveness::keepalive(ping_pong, live.ping_interval, live.ping_misses);
         tokio::pin!(keepalive);
-        loop {
+        let outcome = loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
@@ -184,15 +293,23 @@ impl Edge {
                     let grace = self.config.shutdown_grace;
                     let drain = async { while let Some(Ok(_)) = connection.accept().await {} };
                     let _ = tokio::time::timeout(grace, drain).await;
-                    session_cancel.cancel();
-                    return Ok("shutting down");
+                    break Ok("shutting down");
                 }
-                reason = &mut keepalive => {
-                    session_cancel.cancel();
-                    return Err(reason);
-                }
+                reason = &mut keepalive => break Err(reason),
                 accepted = connection.accept() => match accepted {
                     Some(Ok((request, respond))) => {
+                        if request.method() == Method::POST
+                            && request.uri().path() == protocol::stream::SESSION_INFO_PATH
+                        {
+                            match session_info(&request, respond, index, replicas, &mut replica) {
+                                Control::Continue => continue,
+                                Control::Duplicate(id) => {
+                                    status.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                    debug!(replica = id, "already holding a session with this replica; closing");
+                                    break Ok("duplicate session to a replica already held");
+                                }
+                            }
+                        }
                         let allow = self.allow.clone();
                         let config = self.config.clone();
                         let cancel = session_cancel.clone();
@@ -200,15 +317,63 @@ impl Edge {
                             serve_stream(request, respond, &allow, &config, &cancel).await;
                         });
                     }
-                    Some(Err(e)) => {
-                        session_cancel.cancel();
-                        return Err(format!("session error: {e}"));
-                    }
-                    None => return Ok("server closed the session"),
+                    Some(Err(e)) => break Err(format!("session error: {e}")),
+                    None => break Ok("server closed the session"),
                 },
             }
+        };
+        if outcome.is_err() || cancel.is_cancelled() {
+            session_cancel.cancel();
         }
+        if let Some(id) = &replica {
+            replicas.release(id, index);
+        }
+        status.session_down();
+        outcome
     }
+}
+
+/// Handle the server's session-info request: note the replica and the replica count.
+fn session_info(
+    request: &Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    index: usize,
+    replicas: &Replicas,
+    replica: &mut Option<String>,
+) -> Control {
+    use protocol::stream::{
+        parse_server_count, valid_server_id, SERVER_COUNT_HEADER, SERVER_ID_HEADER,
+    };
+    let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+    let id = header(SERVER_ID_HEADER).filter(|id| valid_server_id(id));
+    let count = header(SERVER_COUNT_HEADER).and_then(parse_server_count);
+    let (Some(id), Some(count)) = (id, count) else {
+        refuse(respond, DialFailure::PolicyDenied, "malformed session info");
+        return Control::Continue;
+    };
+    if replica.as_deref() != Some(id) {
+        if !replicas.claim(id, index) {
+            refuse(
+                respond,
+                DialFailure::Overloaded,
+                "duplicate session to this replica",
+            );
+            return Control::Duplicate(id.to_owned());
+        }
+        if let Some(old) = replica.replace(id.to_owned()) {
+            replicas.release(&old, index);
+        }
+        info!(replica = id, replicas = count, "session belongs to replica");
+    }
+    replicas.wanted.send_if_modified(|wanted| {
+        let changed = *wanted != count;
+        *wanted = count;
+        changed
+    });
+    if let Ok(ok) = Response::builder().status(StatusCode::OK).body(()) {
+        let _ = respond.send_response(ok, true);
+    }
+    Control::Continue
 }
 
 /// Answer a stream with an error status and a one-line reason header.
@@ -261,7 +426,7 @@ async fn serve_stream(
     let address = match allow.resolve(&target) {
         Ok(a) => a,
         Err(refusal) => {
-            warn!(target: "audit", %client, %target, reason = %refusal, "edge refused dial");
+            warn!(target: "audit", %client, dest = %target, reason = %refusal, "edge refused dial");
             refuse(respond, DialFailure::PolicyDenied, &refusal.to_string());
             return;
         }
@@ -271,7 +436,7 @@ async fn serve_stream(
     let dialed = tokio::select! {
         biased;
         _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-            debug!(%target, "dial cancelled by the server");
+            debug!(dest = %target, "dial cancelled by the server");
             return;
         }
         r = tokio::time::timeout(config.dial.timeout, TcpStream::connect(address)) => r,
@@ -285,7 +450,7 @@ async fn serve_stream(
                 _ => DialFailure::Unreachable,
             };
             let reason = format!("connect {address}: {e}");
-            info!(target: "audit", %client, %target, result = failure.label(), reason, "edge dial failed");
+            info!(target: "audit", %client, dest = %target, result = failure.label(), reason, "edge dial failed");
             refuse(respond, failure, &reason);
             return;
         }
@@ -294,7 +459,7 @@ async fn serve_stream(
                 "connect {address}: timed out after {:?}",
                 config.dial.timeout
             );
-            info!(target: "audit", %client, %target, result = "timeout", reason, "edge dial failed");
+            info!(target: "audit", %client, dest = %target, result = "timeout", reason, "edge dial failed");
             refuse(respond, DialFailure::Timeout, &reason);
             return;
         }
@@ -304,7 +469,7 @@ async fn serve_stream(
         Ok(ok) => match respond.send_response(ok, false) {
             Ok(send) => send,
             Err(e) => {
-                debug!(%target, error = %e, "stream gone before the dial completed");
+                debug!(dest = %target, error = %e, "stream gone before the dial completed");
                 return;
             }
         },
@@ -329,7 +494,7 @@ async fn serve_stream(
     info!(
         target: "audit",
         %client,
-        %target,
+        dest = %target,
         dialed = %address,
         result,
         bytes_to_target = report.stream_to_socket,

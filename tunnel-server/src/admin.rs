@@ -49,6 +49,7 @@ pub async fn serve_admin(
                 async move { Ok::<_, Infallible>(respond(&shared, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(tcp), service);
             tokio::select! {

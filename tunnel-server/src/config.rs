@@ -32,12 +32,18 @@ pub struct ServerConfig {
     /// apiserver-facing HTTP CONNECT frontend.
     #[serde(default)]
     pub connect: ConnectConfig,
+    /// apiserver-facing Konnectivity gRPC frontend; absent = disabled.
+    #[serde(default)]
+    pub konnectivity: Option<crate::frontend::konnectivity::KonnectivityConfig>,
     /// Which targets the apiserver may reach.
     #[serde(default)]
     pub policy: PolicyConfig,
     /// HTTP/2 settings of edge sessions.
     #[serde(default)]
     pub h2: H2Tuning,
+    /// This replica's ID and the replica count told to edges.
+    #[serde(default)]
+    pub replica: crate::replicas::ReplicaConfig,
     /// Health, readiness and metrics.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -74,6 +80,10 @@ pub struct EdgeListenerConfig {
     /// Dials waiting for one edge's answer at once; beyond, new dials get 503 at once.
     #[serde(default = "default_max_pending_dials")]
     pub max_pending_dials: usize,
+    /// Expect a PROXY protocol v1/v2 header from the load balancer on every connection and
+    /// take the edge's address from it (connections without one are refused).
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// Concurrent edge handshakes in progress (TLS exhaustion guard).
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
@@ -297,6 +307,9 @@ impl ServerConfig {
         {
             fix(p);
         }
+        if let Some(k) = &mut self.konnectivity {
+            k.resolve_paths(base);
+        }
     }
 
     /// Check every cross-field rule; the message names the key.
@@ -326,11 +339,15 @@ impl ServerConfig {
             );
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
+        self.replica.validate()?;
 
+        if let Some(k) = &self.konnectivity {
+            k.validate()?;
+        }
         let c = &self.connect;
-        if c.unix_socket.is_none() && c.tcp_listen.is_none() {
+        if c.unix_socket.is_none() && c.tcp_listen.is_none() && self.konnectivity.is_none() {
             return Err(
-                "section `connect`: set `unix_socket` or `tcp_listen` (no frontend configured)"
+                "section `connect`: set `unix_socket` or `tcp_listen`, or configure `[konnectivity]` (no frontend configured)"
                     .into(),
             );
         }
@@ -460,6 +477,53 @@ mod tests {
         let text = MINIMAL.replace("unix_socket = \"connect.sock\"", "");
         let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
         assert!(err.to_string().contains("no frontend"), "{err}");
+    }
+
+    #[test]
+    fn konnectivity_alone_is_a_frontend() {
+        let dir = dir_with_pems();
+        let text = MINIMAL.replace("[connect]", "[konnectivity]");
+        let c = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap();
+        let k = c.konnectivity.unwrap();
+        assert_eq!(k.unix_socket.unwrap(), dir.path().join("connect.sock"));
+        assert_eq!(k.unix_socket_mode, 0o600);
+        assert!(c.connect.unix_socket.is_none());
+    }
+
+    #[test]
+    fn konnectivity_tcp_without_client_ca_fails_closed() {
+        let dir = dir_with_pems();
+        let text = format!(
+            "{MINIMAL}\n[konnectivity]\ntcp_listen = \"127.0.0.1:0\"\ntcp_cert = \"server.pem\"\ntcp_key = \"server-key.pem\"\n"
+        );
+        let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("konnectivity.tcp_client_ca"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_konnectivity_section_and_misspelled_key_are_errors() {
+        let dir = dir_with_pems();
+        let err = ServerConfig::parse(
+            &format!("{MINIMAL}\n[konnectivity]\n"),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("section `konnectivity`"), "{err}");
+        let text = format!("{MINIMAL}\n[konnectivity]\nunix_sock = \"k.sock\"\n");
+        let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        assert!(err.to_string().contains("unix_sock"), "{err}");
+        let text = format!(
+            "{MINIMAL}\n[konnectivity]\nunix_socket = \"k.sock\"\nunix_socket_mode = 0o606\n"
+        );
+        let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("konnectivity.unix_socket_mode"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod frontend;
 pub mod metrics;
 pub mod pki;
 pub mod policy;
+pub mod proxy_protocol;
+pub mod replicas;
 pub mod routing;
 pub mod server;
 pub mod session;

@@ -39,6 +39,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// Shutdown has started.
     pub draining: AtomicBool,
+    /// This replica's ID and the replica count.
+    pub replica: crate::replicas::Replica,
 }
 
 /// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
@@ -62,6 +64,10 @@ pub struct BoundAddrs {
     pub connect_unix: Option<std::path::PathBuf>,
     /// Admin endpoint, if enabled.
     pub admin: Option<SocketAddr>,
+    /// mTLS Konnectivity gRPC frontend, if enabled.
+    pub konnectivity_tcp: Option<SocketAddr>,
+    /// Konnectivity gRPC frontend Unix socket, if enabled.
+    pub konnectivity_unix: Option<std::path::PathBuf>,
 }
 
 /// A started server.
@@ -122,7 +128,13 @@ impl RunningServer {
             None => None,
         };
 
+        let konnectivity = match &config.konnectivity {
+            Some(k) => Some(crate::frontend::konnectivity::bind(k).await?),
+            None => None,
+        };
         let addrs = BoundAddrs {
+            konnectivity_tcp: konnectivity.as_ref().and_then(|k| k.tcp_addr),
+            konnectivity_unix: konnectivity.as_ref().and_then(|k| k.unix_path.clone()),
             edge: edge_listener.local_addr()?,
             connect_tcp: connect_tcp
                 .as_ref()
@@ -131,7 +143,10 @@ impl RunningServer {
             connect_unix: config.connect.unix_socket.clone(),
             admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
         };
+        let stop = Stop::default();
+        let replica = crate::replicas::Replica::new(&config.replica, stop.hard.clone());
         let shared = Arc::new(Shared {
+            replica,
             policy: DialPolicy::new(&config.policy),
             config,
             routes: RouteTable::default(),
@@ -140,7 +155,6 @@ impl RunningServer {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         });
-        let stop = Stop::default();
         let tracker = TaskTracker::new();
         let admin_tracker = TaskTracker::new();
 
@@ -168,6 +182,9 @@ impl RunningServer {
                 tracker.clone(),
             ));
         }
+        if let Some(listeners) = konnectivity {
+            crate::frontend::konnectivity::spawn(listeners, shared.clone(), stop.clone(), &tracker);
+        }
         if let Some(listener) = admin {
             admin_tracker.spawn(crate::admin::serve_admin(
                 listener,
@@ -177,7 +194,7 @@ impl RunningServer {
             ));
         }
         shared.ready.store(true, Ordering::Release);
-        info!(edge = %addrs.edge, connect_tcp = ?addrs.connect_tcp, connect_unix = ?addrs.connect_unix, admin = ?addrs.admin, "tunnel-server listening");
+        info!(replica = %shared.replica.id, replicas = shared.replica.count(), edge = %addrs.edge, connect_tcp = ?addrs.connect_tcp, connect_unix = ?addrs.connect_unix, admin = ?addrs.admin, "tunnel-server listening");
         Ok(RunningServer {
             addrs,
             shared,
@@ -215,11 +232,14 @@ impl RunningServer {
         if let Some(path) = &self.addrs.connect_unix {
             let _ = std::fs::remove_file(path);
         }
+        if let Some(path) = &self.addrs.konnectivity_unix {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
 /// Bind a Unix socket with `mode`, replacing a stale socket file but never another file.
-fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
+pub(crate) fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if meta.file_type().is_socket() {

@@ -166,7 +166,11 @@ impl EdgeSession {
                 .and_then(|v| v.to_str().ok())
                 .map(sanitize_reason)
                 .unwrap_or_else(|| format!("edge answered {status}"));
-            let failure = DialFailure::from_status(status.as_u16()).unwrap_or(DialFailure::Refused);
+            let failure = match DialFailure::from_status(status.as_u16()) {
+                Some(DialFailure::PolicyDenied) => DialFailure::EdgeDenied,
+                Some(f) => f,
+                None => DialFailure::Refused,
+            };
             Err(OpenError::new(
                 failure,
                 format!("refused by edge: {reason}"),
@@ -251,6 +255,18 @@ async fn handshake(
     shared: &Shared,
 ) -> Result<Handshaken, (&'static str, String)> {
     tunnel_io::set_nodelay(&tcp);
+    let mut tcp = tcp;
+    let mut peer = peer;
+    if shared.config.edge.proxy_protocol {
+        match crate::proxy_protocol::read_header(&mut tcp).await {
+            Ok(Some(source)) => {
+                tracing::Span::current().record("peer", tracing::field::display(source));
+                peer = source;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(("proxy_protocol", format!("{e} (from {peer})"))),
+        }
+    }
     let tls = acceptor
         .accept(tcp)
         .await
@@ -315,6 +331,22 @@ async fn handle_edge(
         }
     };
     tracing::Span::current().record("node", session.node.as_str());
+    // Behind a PROXY-protocol balancer this is the edge's own address, not the balancer's.
+    let peer = session.peer;
+    // The edge confirms before the session is routed: a duplicate session to this replica
+    // (another of the edge's sessions already holds it) is refused without disturbing it.
+    let confirm = announce_once(&session, &shared, shared.replica.count());
+    let confirmed = tokio::select! {
+        r = confirm => r,
+        r = &mut connection => Err(format!("session ended before confirming: {r:?}")),
+        _ = tokio::time::sleep(limit) => Err("edge did not confirm the session".to_string()),
+        _ = stop.drain.cancelled() => Err("server draining".to_string()),
+    };
+    if let Err(reason) = confirmed {
+        shared.metrics.handshake("unconfirmed");
+        info!(node = %session.node, %peer, reason, "edge session not established");
+        return;
+    }
     let replaced = match shared.routes.register(session.clone()) {
         Ok(replaced) => replaced,
         Err(conflict) => {
@@ -334,6 +366,8 @@ async fn handle_edge(
         .set(shared.routes.len() as i64);
     info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
 
+    let announce = announce_changes(&session, &shared);
+    tokio::pin!(announce);
     let edge = &shared.config.edge;
     let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
     tokio::pin!(keepalive);
@@ -354,6 +388,7 @@ async fn handle_edge(
                 Err(e) => format!("session error: {e}"),
             },
             reason = &mut keepalive => break reason,
+            reason = &mut announce => break reason,
             _ = streams_done(&session) => {
                 break "retired; its streams are done".to_string()
             }
@@ -373,5 +408,60 @@ async fn streams_done(session: &EdgeSession) {
     session.retired.cancelled().await;
     while session.open_streams() > 0 {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Tell the edge which replica this is and how many replicas there are. The edge answers
+/// 200, or refuses a session to a replica it already holds (through a load balancer, a
+/// second session may land on the same replica).
+async fn announce_once(session: &EdgeSession, shared: &Shared, count: usize) -> Result<(), String> {
+    use protocol::stream::{SERVER_COUNT_HEADER, SERVER_ID_HEADER, SESSION_INFO_URI};
+    let sender = session
+        .sender_slot()
+        .clone()
+        .ok_or_else(|| "session retired".to_string())?;
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(SESSION_INFO_URI)
+        .header(SERVER_ID_HEADER, shared.replica.id.as_str())
+        .header(SERVER_COUNT_HEADER, count)
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let mut sender = sender.ready().await.map_err(|e| e.to_string())?;
+    let (response, _) = sender
+        .send_request(request, true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    if response.status() != StatusCode::OK {
+        let reason = response
+            .headers()
+            .get(REASON_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(sanitize_reason)
+            .unwrap_or_default();
+        return Err(format!("edge answered {}: {reason}", response.status()));
+    }
+    Ok(())
+}
+
+/// Re-announce whenever the replica count changes. Resolves only if the edge stops
+/// acknowledging.
+async fn announce_changes(session: &EdgeSession, shared: &Shared) -> String {
+    let mut counts = shared.replica.subscribe();
+    loop {
+        if counts.changed().await.is_err() || session.retired.is_cancelled() {
+            return std::future::pending().await;
+        }
+        let count = *counts.borrow_and_update();
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            announce_once(session, shared, count),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return format!("session info refused: {e}"),
+            Err(_) => return "edge did not acknowledge session info within 10 s".into(),
+        }
     }
 }

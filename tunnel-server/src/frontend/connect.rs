@@ -242,7 +242,7 @@ async fn serve_connection<S>(
             r = socket.read_buf(&mut early), if early.len() < limits.max_head_bytes => match r {
                 Ok(0) | Err(_) => {
                     shared.metrics.dial(FRONTEND, "client_cancelled");
-                    info!(target: "audit", frontend = FRONTEND, %client, %target, result = "client_cancelled", duration_ms = started.elapsed().as_millis() as u64, "client left during dial");
+                    info!(target: "audit", frontend = FRONTEND, %client, dest = %target, result = "client_cancelled", duration_ms = started.elapsed().as_millis() as u64, "client left during dial");
                     return;
                 }
                 Ok(_) => {}
@@ -257,7 +257,7 @@ async fn serve_connection<S>(
                 .write_all(&response_head(error.status(), &error.reason))
                 .await;
             let _ = socket.shutdown().await;
-            info!(target: "audit", frontend = FRONTEND, %client, %target, result = error.failure.label(), status = error.status(), reason = error.reason, duration_ms = started.elapsed().as_millis() as u64, "connect refused");
+            info!(target: "audit", frontend = FRONTEND, %client, dest = %target, result = error.failure.label(), status = error.status(), reason = error.reason, duration_ms = started.elapsed().as_millis() as u64, "connect refused");
             return;
         }
     };
@@ -294,7 +294,7 @@ async fn serve_connection<S>(
         target: "audit",
         frontend = FRONTEND,
         %client,
-        %target,
+        dest = %target,
         %node,
         result,
         bytes_to_edge = report.socket_to_stream,

@@ -3,3 +3,4 @@
 
 pub mod connect;
 pub mod dial;
+pub mod konnectivity;

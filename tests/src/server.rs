@@ -1,0 +1,264 @@
+//! `tunnel-server run` as a child process: its config written into a temporary directory,
+//! readiness from its ready file, its audit log read for edge sessions, crash and restart on
+//! the same edge port.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::pki::Pki;
+use crate::poll_until;
+use crate::process::ChildGuard;
+
+/// How long a server may take to bind its listeners and write the ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an edge may take to establish its session.
+pub const EDGE_UP_TIMEOUT: Duration = Duration::from_secs(15);
+/// Written into the server log between two runs.
+const RESTART_MARKER: &str = "===== restarted by the test =====\n";
+/// The server's audit message for a new edge session.
+pub const EDGE_ESTABLISHED: &str = "edge session established";
+/// The server's audit message for an edge session's end.
+pub const EDGE_ENDED: &str = "edge session ended";
+
+/// Settings of a test server that differ between tests.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// `policy.allowed_ports`.
+    pub allowed_ports: Vec<u16>,
+    /// Log as JSON lines instead of text.
+    pub log_json: bool,
+    /// `connect.max_head_bytes`.
+    pub max_head_bytes: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            allowed_ports: vec![10250],
+            log_json: false,
+            max_head_bytes: 16 << 10,
+        }
+    }
+}
+
+/// Where a server listens, from its ready file.
+#[derive(Debug, Clone)]
+pub struct ServerAddrs {
+    /// Edge listener.
+    pub edge: SocketAddr,
+    /// mTLS CONNECT frontend.
+    pub connect_tcp: SocketAddr,
+    /// CONNECT frontend Unix socket.
+    pub connect_unix: PathBuf,
+    /// Admin endpoint.
+    pub admin: SocketAddr,
+}
+
+/// A `tunnel-server run` process with both CONNECT frontends and the admin endpoint.
+pub struct ServerProc {
+    /// Where it listens now.
+    pub addrs: ServerAddrs,
+    config: PathBuf,
+    ready_file: PathBuf,
+    child: ChildGuard,
+    dir: tempfile::TempDir,
+}
+
+impl ServerProc {
+    /// Write the config, start the server and wait until every listener is bound.
+    pub async fn start(pki: &Pki, options: &ServerOptions) -> ServerProc {
+        let dir = tempfile::Builder::new()
+            .prefix("tether-server-")
+            .tempdir()
+            .expect("server temporary directory");
+        let layout = &pki.layout;
+        let ports = options
+            .allowed_ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let toml = format!(
+            r#"
+[edge]
+listen = "127.0.0.1:0"
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+handshake_timeout = "5s"
+ping_interval = "500ms"
+ping_misses = 3
+
+[connect]
+unix_socket = "{socket}"
+tcp_listen = "127.0.0.1:0"
+tcp_cert = "{cert}"
+tcp_key = "{key}"
+tcp_client_ca = "{frontend_ca}"
+header_timeout = "5s"
+max_head_bytes = {max_head}
+dial_timeout = "5s"
+write_timeout = "30s"
+
+[policy]
+allowed_ports = [{ports}]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[log]
+format = "{format}"
+filter = "info"
+"#,
+            cert = layout.server_cert().display(),
+            key = layout.server_key().display(),
+            ca = layout.ca_cert().display(),
+            frontend_ca = layout.frontend_ca_cert().display(),
+            socket = dir.path().join("connect.sock").display(),
+            max_head = options.max_head_bytes,
+            format = if options.log_json { "json" } else { "text" },
+        );
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, toml).expect("write server.toml");
+        let ready_file = dir.path().join("ready.json");
+        let child = spawn_server(&config, &ready_file, None, &dir.path().join("server.log"));
+        let mut server = ServerProc {
+            addrs: ServerAddrs {
+                edge: SocketAddr::from(([127, 0, 0, 1], 0)),
+                connect_tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
+                connect_unix: PathBuf::new(),
+                admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            },
+            config,
+            ready_file,
+            child,
+            dir,
+        };
+        server.addrs = server.wait_ready().await;
+        server
+    }
+
+    async fn wait_ready(&mut self) -> ServerAddrs {
+        let ready_file = self.ready_file.clone();
+        let child = &mut self.child;
+        let addrs = poll_until(
+            "the server's ready file",
+            READY_TIMEOUT,
+            Duration::from_millis(20),
+            || {
+                if let Some(status) = child.exited() {
+                    panic!(
+                        "tunnel-server exited early ({status})\n{}",
+                        child.log_tail(40)
+                    );
+                }
+                let parsed = std::fs::read(&ready_file)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+                std::future::ready(parsed)
+            },
+        )
+        .await;
+        let addr = |key: &str| -> SocketAddr {
+            addrs[key]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("ready file: no `{key}` address in {addrs}"))
+        };
+        ServerAddrs {
+            edge: addr("edge"),
+            connect_tcp: addr("connect_tcp"),
+            connect_unix: PathBuf::from(
+                addrs["connect_unix"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("ready file: no `connect_unix` in {addrs}")),
+            ),
+            admin: addr("admin"),
+        }
+    }
+
+    /// Kill the server (SIGKILL, like a crash) and wait until it is gone.
+    pub fn kill(&mut self) {
+        self.child.kill();
+    }
+
+    /// Kill the server if it runs, then start it again with the same config and the same
+    /// edge port (the other listeners get new ports; see [`ServerProc::addrs`]).
+    pub async fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.ready_file);
+        let log = self.dir.path().join("server.log");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, RESTART_MARKER.as_bytes()))
+            .expect("mark restart in the server log");
+        let edge = self.addrs.edge;
+        self.child = spawn_server(&self.config, &self.ready_file, Some(edge), &log);
+        self.addrs = self.wait_ready().await;
+        assert_eq!(
+            self.addrs.edge, edge,
+            "restarted server must keep its edge port"
+        );
+    }
+
+    /// Everything the server logged so far (all runs).
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    /// What the server logged since it was last (re)started.
+    pub fn log_since_start(&self) -> String {
+        let log = self.child.log();
+        match log.rfind(RESTART_MARKER) {
+            Some(i) => log[i + RESTART_MARKER.len()..].to_owned(),
+            None => log,
+        }
+    }
+
+    /// Whether the running server's audit log shows a live session of `node`: its last
+    /// `edge session established` line is not followed by an `edge session ended` one.
+    pub fn has_edge_session(&self, node: &str) -> bool {
+        let mut up = false;
+        for line in self.log_since_start().lines().filter(|l| l.contains(node)) {
+            if line.contains(EDGE_ESTABLISHED) {
+                up = true;
+            } else if line.contains(EDGE_ENDED) {
+                up = false;
+            }
+        }
+        up
+    }
+
+    /// Wait until the running server holds a session of `node`'s edge.
+    pub async fn wait_for_edge_session(&self, node: &str) {
+        let what = format!("a live session of {node} on the server");
+        poll_until(&what, EDGE_UP_TIMEOUT, Duration::from_millis(20), || {
+            std::future::ready(self.has_edge_session(node).then_some(()))
+        })
+        .await
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn spawn_server(config: &Path, ready: &Path, edge: Option<SocketAddr>, log: &Path) -> ChildGuard {
+    let mut command = Command::new(crate::binary("tunnel-server"));
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .arg("--ready-file")
+        .arg(ready)
+        .arg("--shutdown-grace")
+        .arg("1s");
+    if let Some(edge) = edge {
+        command.arg("--edge-listen").arg(edge.to_string());
+    }
+    ChildGuard::spawn("tunnel-server", command, log)
+}
