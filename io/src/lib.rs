@@ -9,6 +9,8 @@ pub mod identity;
 pub mod liveness;
 pub mod logging;
 pub mod pipe;
+pub mod registration;
+pub mod secret;
 pub mod tls;
 
 /// Set TCP_NODELAY, ignoring failure (a socket that already failed will report it on first use).

@@ -11,6 +11,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 /// ALPN protocol of an edge session (TLS + HTTP/2 in reverse roles, version 1).
 pub const ALPN_EDGE_SESSION: &[u8] = b"tether-h2/1";
+/// ALPN protocol of an edge's upstream connection (edge → cloud, HTTP/2 in the usual roles).
+pub const ALPN_UPSTREAM: &[u8] = b"tether-up/1";
 
 /// Why a TLS configuration could not be built; every variant names the file involved.
 #[derive(Debug, thiserror::Error)]

@@ -8,9 +8,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tunnel_server::demo_kubelet::DemoKubelet;
 
-use crate::edge::{EdgeOptions, EdgeProc};
+use crate::data::{exchange, PeerRequest};
+use crate::edge::{EdgeOptions, EdgeProc, EdgeTuning};
 use crate::frontend::{self, metric};
 use crate::pki::{EdgeFiles, Pki};
+use crate::relay::Relay;
 use crate::server::{ServerOptions, ServerProc, EDGE_UP_TIMEOUT};
 use crate::targets::{ChecksumPeer, EchoServer};
 use crate::{poll_until, NODE, NODE_IP};
@@ -26,6 +28,12 @@ pub struct ClusterOptions {
     pub log_json: bool,
     /// `connect.max_head_bytes` (default 16 KiB).
     pub max_head_bytes: Option<usize>,
+    /// Base server settings (ports, log format and head size come from the fields above).
+    pub server: ServerOptions,
+    /// The edge's timings.
+    pub edge: EdgeTuning,
+    /// Put a fault-injecting relay between the edge and the server.
+    pub relay: bool,
 }
 
 /// A running test topology.
@@ -35,6 +43,8 @@ pub struct Cluster {
     pub edge: EdgeProc,
     /// The server process.
     pub server: ServerProc,
+    /// The relay the edge dials, when asked for.
+    pub relay: Option<Relay>,
     /// The HTTPS kubelet stand-in.
     pub kubelet: DemoKubelet,
     /// Echo target.
@@ -68,20 +78,25 @@ impl Cluster {
         let mut server_options = ServerOptions {
             allowed_ports: server_ports,
             log_json: options.log_json,
-            ..ServerOptions::default()
+            ..options.server.clone()
         };
         if let Some(max) = options.max_head_bytes {
             server_options.max_head_bytes = max;
         }
         let server = ServerProc::start(&pki, &server_options).await;
         let edge_files = pki.issue_edge(NODE, &[NODE_IP]);
-        let edge = EdgeProc::start(
+        let relay = match options.relay {
+            true => Some(Relay::start(server.addrs.edge).await),
+            false => None,
+        };
+        let edge = EdgeProc::start_tuned(
             &pki,
-            server.addrs.edge,
+            &[relay.as_ref().map_or(server.addrs.edge, |r| r.addr)],
             &EdgeOptions {
                 files: edge_files.clone(),
                 allow_ports: edge_ports,
             },
+            &options.edge,
         );
         let cluster = Cluster {
             pki,
@@ -91,6 +106,7 @@ impl Cluster {
             edge_files,
             edge,
             server,
+            relay,
         };
         cluster.server.wait_for_edge_session(NODE).await;
         cluster
@@ -110,6 +126,53 @@ impl Cluster {
             target,
         )
         .await
+    }
+
+    /// CONNECT to `target` through the mTLS frontend and return the answer, whatever its
+    /// status (the stream is dropped).
+    pub async fn connect_answer(&self, target: &str) -> frontend::Answer {
+        let mut tls = frontend::tls_to(
+            self.server.addrs.connect_tcp,
+            self.pki.frontend_client_tls(),
+        )
+        .await
+        .expect("TLS to the mTLS frontend");
+        crate::within(
+            "the CONNECT answer",
+            Duration::from_secs(30),
+            frontend::connect_answer(&mut tls, target),
+        )
+        .await
+        .expect("read the CONNECT answer")
+    }
+
+    /// One checksummed exchange with the checksum peer (`len` bytes each way, concurrently)
+    /// through the mTLS frontend; panics on any failure or difference.
+    pub async fn checked_exchange(&mut self, seed: u64, len: u64) {
+        let label = format!("exchange {seed}");
+        let tunnel = self
+            .connect(&self.target(self.peer.addr.port()))
+            .await
+            .unwrap_or_else(|e| panic!("{label}: CONNECT: {e:#}"));
+        let request = PeerRequest {
+            seed,
+            reply_len: len,
+            reply_after_eof: false,
+        };
+        let client = crate::within(
+            &label,
+            Duration::from_secs(20),
+            exchange(tunnel, request, len),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{label}: {e}"));
+        let report = crate::within(
+            "the peer's report",
+            Duration::from_secs(10),
+            self.peer.next_report(),
+        )
+        .await;
+        report.assert_matches(&label, request, len, &client);
     }
 
     /// The server's `/metrics` text.

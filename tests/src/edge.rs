@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::time::Duration;
 
 use crate::pki::{EdgeFiles, Pki};
 use crate::process::ChildGuard;
@@ -16,6 +17,40 @@ pub struct EdgeOptions {
     pub allow_ports: Vec<u16>,
 }
 
+/// Timings of a test edge that some tests change.
+#[derive(Debug, Clone)]
+pub struct EdgeTuning {
+    /// `reconnect.min`.
+    pub reconnect_min: Duration,
+    /// `reconnect.max`: the reconnect bound.
+    pub reconnect_max: Duration,
+    /// `liveness.ping_interval`.
+    pub ping_interval: Duration,
+    /// `liveness.ping_misses`.
+    pub ping_misses: u32,
+    /// `dial.timeout`.
+    pub dial_timeout: Duration,
+    /// `dial.idle_timeout` (`None`: the edge's default).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for EdgeTuning {
+    fn default() -> Self {
+        EdgeTuning {
+            reconnect_min: Duration::from_millis(50),
+            reconnect_max: Duration::from_millis(500),
+            ping_interval: Duration::from_millis(500),
+            ping_misses: 3,
+            dial_timeout: Duration::from_secs(2),
+            idle_timeout: None,
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
 /// A `tunnel-edge run` process. Whether it holds a session is observed on the server.
 pub struct EdgeProc {
     child: ChildGuard,
@@ -25,6 +60,23 @@ pub struct EdgeProc {
 impl EdgeProc {
     /// Write the config and start the edge, pointed at `server`'s edge listener.
     pub fn start(pki: &Pki, server: SocketAddr, options: &EdgeOptions) -> EdgeProc {
+        Self::start_tuned(pki, &[server], options, &EdgeTuning::default())
+    }
+
+    /// Start an edge that keeps sessions with every address in `servers` (one, usually: a
+    /// server or a load balancer), with `tuning`.
+    pub fn start_tuned(
+        pki: &Pki,
+        servers: &[SocketAddr],
+        options: &EdgeOptions,
+        tuning: &EdgeTuning,
+    ) -> EdgeProc {
+        let (server, more) = servers.split_first().expect("at least one server address");
+        let more = more
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let dir = tempfile::Builder::new()
             .prefix(&format!("tether-edge-{}-", options.files.node))
             .tempdir()
@@ -39,6 +91,7 @@ impl EdgeProc {
             r#"
 [server]
 address = "{server}"
+addresses = [{more}]
 server_name = "127.0.0.1"
 ca = "{ca}"
 cert = "{cert}"
@@ -46,18 +99,19 @@ key = "{key}"
 connect_timeout = "5s"
 
 [reconnect]
-min = "50ms"
-max = "500ms"
+min = "{reconnect_min}"
+max = "{reconnect_max}"
 stable_after = "2s"
 
 [liveness]
-ping_interval = "500ms"
-ping_misses = 3
+ping_interval = "{ping_interval}"
+ping_misses = {ping_misses}
 
 [dial]
-timeout = "2s"
+timeout = "{dial_timeout}"
 write_timeout = "30s"
 self_host = "127.0.0.1"
+{idle_timeout}
 
 [allow]
 ports = [{ports}]
@@ -68,6 +122,15 @@ filter = "info"
             ca = pki.layout.ca_cert().display(),
             cert = options.files.cert.display(),
             key = options.files.key.display(),
+            reconnect_min = ms(tuning.reconnect_min),
+            reconnect_max = ms(tuning.reconnect_max),
+            ping_interval = ms(tuning.ping_interval),
+            ping_misses = tuning.ping_misses,
+            dial_timeout = ms(tuning.dial_timeout),
+            idle_timeout = tuning
+                .idle_timeout
+                .map(|d| format!("idle_timeout = \"{}\"", ms(d)))
+                .unwrap_or_default(),
         );
         let config = dir.path().join("edge.toml");
         std::fs::write(&config, toml).expect("write edge.toml");
@@ -91,5 +154,16 @@ filter = "info"
     /// The edge's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Send `signal` (`TERM`, ...) to the edge process.
+    pub fn signal(&self, signal: &str) {
+        crate::process::send_signal(self.child.id(), signal);
+    }
+
+    /// The local ports of the edge's TCP connections to `remote`, from /proc: which source
+    /// ports a server behind a load balancer should see.
+    pub fn local_ports_to(&self, remote: SocketAddr) -> Vec<u16> {
+        crate::process::tcp_local_ports(self.child.id(), remote)
     }
 }

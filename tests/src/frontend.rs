@@ -187,3 +187,19 @@ pub fn curl_proxy_args(proxy: SocketAddr, pki: &crate::Pki) -> Vec<String> {
         path(&pki.kubelet_ca_file),
     ]
 }
+
+/// The sum of every sample of metric `name`, whatever its labels (`name 3` and
+/// `name{frontend="connect"} 2` both count); 0 when absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let value = if rest.starts_with('{') {
+                rest.split_once("} ")?.1
+            } else {
+                rest.strip_prefix(' ')?
+            };
+            value.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}

@@ -10,9 +10,14 @@
 pub mod cluster;
 pub mod data;
 pub mod edge;
+pub mod fake_edge;
 pub mod frontend;
+pub mod ha;
+pub mod haproxy;
 pub mod pki;
 pub mod process;
+pub mod registration;
+pub mod relay;
 pub mod server;
 pub mod targets;
 
@@ -22,7 +27,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 pub use cluster::{Cluster, ClusterOptions};
-pub use edge::{EdgeOptions, EdgeProc};
+pub use edge::{EdgeOptions, EdgeProc, EdgeTuning};
 pub use pki::{EdgeFiles, Pki};
 pub use server::{ServerOptions, ServerProc};
 

@@ -96,3 +96,61 @@ impl Drop for ChildGuard {
         self.kill();
     }
 }
+
+/// Send `signal` (a name such as `TERM`) to process `pid` with kill(1): the harness has no
+/// unsafe code, and this is no hot path.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill(1)");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+/// Local ports of process `pid`'s established IPv4 TCP connections to `remote`, read from
+/// `/proc/PID/fd` (socket inodes) and `/proc/net/tcp`.
+pub fn tcp_local_ports(pid: u32, remote: std::net::SocketAddr) -> Vec<u16> {
+    let inodes: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|entry| {
+                let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+                let link = link.to_str()?;
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    // `/proc/net/tcp` prints each IPv4 address as the hex of its in-memory (network order)
+    // u32 read in host order; the port is plain hex.
+    let parse = |field: &str| -> Option<std::net::SocketAddr> {
+        let (ip, port) = field.split_once(':')?;
+        let ip = u32::from_str_radix(ip, 16).ok()?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let ip = std::net::Ipv4Addr::from(ip.to_ne_bytes());
+        Some(std::net::SocketAddr::from((ip, port)))
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, rem, state, inode) = (f.get(1)?, f.get(2)?, f.get(3)?, f.get(9)?);
+            let established = *state == "01";
+            let mine = inodes.contains(&inode.parse().ok()?);
+            (established && mine && parse(rem)? == remote)
+                .then(|| parse(local).map(|a| a.port()))?
+        })
+        .collect()
+}
+
+/// How many file descriptors process `pid` has open (sockets included).
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}

@@ -31,6 +31,22 @@ pub struct ServerOptions {
     pub log_json: bool,
     /// `connect.max_head_bytes`.
     pub max_head_bytes: usize,
+    /// `[replica] id` and `count`; unset: the server's defaults (one replica).
+    pub replica: Option<(String, usize)>,
+    /// `edge.proxy_protocol`: expect a PROXY header from a load balancer.
+    pub proxy_protocol: bool,
+    /// `edge.ping_interval`.
+    pub ping_interval: Duration,
+    /// `edge.ping_misses`.
+    pub ping_misses: u32,
+    /// `connect.dial_timeout`.
+    pub dial_timeout: Duration,
+    /// `connect.idle_timeout` (`None`: the server's default).
+    pub idle_timeout: Option<Duration>,
+    /// `edge.max_pending_dials` (`None`: the server's default).
+    pub max_pending_dials: Option<usize>,
+    /// `--shutdown-grace`.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -39,8 +55,21 @@ impl Default for ServerOptions {
             allowed_ports: vec![10250],
             log_json: false,
             max_head_bytes: 16 << 10,
+            replica: None,
+            proxy_protocol: false,
+            ping_interval: Duration::from_millis(500),
+            ping_misses: 3,
+            dial_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            max_pending_dials: None,
+            shutdown_grace: Duration::from_secs(1),
         }
     }
+}
+
+/// A duration as the config files spell it (`humantime`), to the millisecond.
+fn toml_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
 }
 
 /// Where a server listens, from its ready file.
@@ -62,6 +91,7 @@ pub struct ServerProc {
     pub addrs: ServerAddrs,
     config: PathBuf,
     ready_file: PathBuf,
+    grace: Duration,
     child: ChildGuard,
     dir: tempfile::TempDir,
 }
@@ -88,8 +118,10 @@ cert = "{cert}"
 key = "{key}"
 client_ca = "{ca}"
 handshake_timeout = "5s"
-ping_interval = "500ms"
-ping_misses = 3
+ping_interval = "{ping_interval}"
+ping_misses = {ping_misses}
+proxy_protocol = {proxy_protocol}
+{max_pending}
 
 [connect]
 unix_socket = "{socket}"
@@ -99,8 +131,9 @@ tcp_key = "{key}"
 tcp_client_ca = "{frontend_ca}"
 header_timeout = "5s"
 max_head_bytes = {max_head}
-dial_timeout = "5s"
+dial_timeout = "{dial_timeout}"
 write_timeout = "30s"
+{idle_timeout}
 
 [policy]
 allowed_ports = [{ports}]
@@ -111,6 +144,7 @@ listen = "127.0.0.1:0"
 [log]
 format = "{format}"
 filter = "info"
+{replica}
 "#,
             cert = layout.server_cert().display(),
             key = layout.server_key().display(),
@@ -119,11 +153,35 @@ filter = "info"
             socket = dir.path().join("connect.sock").display(),
             max_head = options.max_head_bytes,
             format = if options.log_json { "json" } else { "text" },
+            ping_interval = toml_duration(options.ping_interval),
+            ping_misses = options.ping_misses,
+            proxy_protocol = options.proxy_protocol,
+            max_pending = options
+                .max_pending_dials
+                .map(|n| format!("max_pending_dials = {n}"))
+                .unwrap_or_default(),
+            dial_timeout = toml_duration(options.dial_timeout),
+            idle_timeout = options
+                .idle_timeout
+                .map(|d| format!("idle_timeout = \"{}\"", toml_duration(d)))
+                .unwrap_or_default(),
+            replica = options
+                .replica
+                .as_ref()
+                .map(|(id, count)| format!("[replica]\nid = \"{id}\"\ncount = {count}\n"))
+                .unwrap_or_default(),
         );
         let config = dir.path().join("server.toml");
         std::fs::write(&config, toml).expect("write server.toml");
         let ready_file = dir.path().join("ready.json");
-        let child = spawn_server(&config, &ready_file, None, &dir.path().join("server.log"));
+        let grace = options.shutdown_grace;
+        let child = spawn_server(
+            &config,
+            &ready_file,
+            None,
+            grace,
+            &dir.path().join("server.log"),
+        );
         let mut server = ServerProc {
             addrs: ServerAddrs {
                 edge: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -133,6 +191,7 @@ filter = "info"
             },
             config,
             ready_file,
+            grace,
             child,
             dir,
         };
@@ -184,8 +243,9 @@ filter = "info"
         self.child.kill();
     }
 
-    /// Kill the server if it runs, then start it again with the same config and the same
-    /// edge port (the other listeners get new ports; see [`ServerProc::addrs`]).
+    /// Kill the server if it runs, then start it again with the same config, the same edge
+    /// port and the same admin port (a load balancer's health check keeps finding it); the
+    /// frontends get new ports (see [`ServerProc::addrs`]).
     pub async fn restart(&mut self) {
         self.kill();
         let _ = std::fs::remove_file(&self.ready_file);
@@ -195,13 +255,50 @@ filter = "info"
             .open(&log)
             .and_then(|mut f| std::io::Write::write_all(&mut f, RESTART_MARKER.as_bytes()))
             .expect("mark restart in the server log");
-        let edge = self.addrs.edge;
-        self.child = spawn_server(&self.config, &self.ready_file, Some(edge), &log);
+        let (edge, admin) = (self.addrs.edge, self.addrs.admin);
+        self.child = spawn_server(
+            &self.config,
+            &self.ready_file,
+            Some((edge, admin)),
+            self.grace,
+            &log,
+        );
         self.addrs = self.wait_ready().await;
         assert_eq!(
             self.addrs.edge, edge,
             "restarted server must keep its edge port"
         );
+    }
+
+    /// Send `signal` (`TERM`, `INT`, ...) to the server process.
+    pub fn signal(&self, signal: &str) {
+        crate::process::send_signal(self.child.id(), signal);
+    }
+
+    /// How the server exited, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.exited()
+    }
+
+    /// Wait up to `timeout` for the server to exit; how long that took, or `None`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if self.child.exited().is_some() {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    /// Every `edge session established` line of the running server.
+    pub fn established_lines(&self) -> Vec<String> {
+        self.log_since_start()
+            .lines()
+            .filter(|l| l.contains(EDGE_ESTABLISHED))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Everything the server logged so far (all runs).
@@ -218,18 +315,20 @@ filter = "info"
         }
     }
 
-    /// Whether the running server's audit log shows a live session of `node`: its last
-    /// `edge session established` line is not followed by an `edge session ended` one.
+    /// Whether the running server's audit log shows a live session of `node`: a session
+    /// (told apart by its peer address) that was established and has not ended. A replaced
+    /// session may end after its successor was established.
     pub fn has_edge_session(&self, node: &str) -> bool {
-        let mut up = false;
+        let mut live = std::collections::HashSet::new();
         for line in self.log_since_start().lines().filter(|l| l.contains(node)) {
+            let peer = log_field(line, "peer").unwrap_or_default();
             if line.contains(EDGE_ESTABLISHED) {
-                up = true;
+                live.insert(peer);
             } else if line.contains(EDGE_ENDED) {
-                up = false;
+                live.remove(&peer);
             }
         }
-        up
+        !live.is_empty()
     }
 
     /// Wait until the running server holds a session of `node`'s edge.
@@ -247,7 +346,13 @@ filter = "info"
     }
 }
 
-fn spawn_server(config: &Path, ready: &Path, edge: Option<SocketAddr>, log: &Path) -> ChildGuard {
+fn spawn_server(
+    config: &Path,
+    ready: &Path,
+    keep: Option<(SocketAddr, SocketAddr)>,
+    grace: Duration,
+    log: &Path,
+) -> ChildGuard {
     let mut command = Command::new(crate::binary("tunnel-server"));
     command
         .arg("run")
@@ -256,9 +361,21 @@ fn spawn_server(config: &Path, ready: &Path, edge: Option<SocketAddr>, log: &Pat
         .arg("--ready-file")
         .arg(ready)
         .arg("--shutdown-grace")
-        .arg("1s");
-    if let Some(edge) = edge {
+        .arg(toml_duration(grace));
+    if let Some((edge, admin)) = keep {
         command.arg("--edge-listen").arg(edge.to_string());
+        command.arg("--admin-listen").arg(admin.to_string());
     }
     ChildGuard::spawn("tunnel-server", command, log)
+}
+
+/// A field of a log line, text (` key=value`, quotes removed) or JSON (`"key":"value"`).
+pub fn log_field(line: &str, key: &str) -> Option<String> {
+    if let Some(start) = line.find(&format!(" {key}=")) {
+        let value = line[start + key.len() + 2..].split_whitespace().next()?;
+        return Some(value.trim_matches('"').to_owned());
+    }
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let value = line[start..].split('"').next()?;
+    Some(value.to_owned())
 }

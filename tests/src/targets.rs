@@ -311,3 +311,48 @@ impl UnixBridge {
         }
     }
 }
+
+/// Writes `chunks` seeded pieces of `chunk` bytes (seed [`Drip::SEED`]), one every
+/// `interval`, then closes: traffic in one direction only, spread over time.
+pub struct Drip {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Bytes each connection writes in total.
+    pub total: u64,
+    _task: AcceptTask,
+}
+
+impl Drip {
+    /// Seed of the bytes written.
+    pub const SEED: u64 = 0xd1_1f;
+
+    /// Bind and serve.
+    pub async fn start(chunk: usize, chunks: usize, interval: std::time::Duration) -> Drip {
+        let listener = bind_loopback().await;
+        let addr = listener.local_addr().expect("drip address");
+        let task = tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(async move {
+                    let mut rng = data::Seeded::new(Self::SEED);
+                    let mut buf = vec![0u8; chunk];
+                    for i in 0..chunks {
+                        if i > 0 {
+                            tokio::time::sleep(interval).await;
+                        }
+                        rng.fill(&mut buf);
+                        if tcp.write_all(&buf).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tcp.shutdown().await;
+                });
+            }
+        });
+        Drip {
+            addr,
+            total: (chunk * chunks) as u64,
+            _task: AcceptTask(task),
+        }
+    }
+}

@@ -5,6 +5,10 @@
 //! In-process rather than through the binaries so the tests can read the server's gauges and
 //! run a fake edge that never answers (to cancel dials mid-flight).
 
+#[path = "konnectivity/agent.rs"]
+mod agent;
+#[path = "konnectivity/agent_tests.rs"]
+mod agent_tests;
 #[path = "konnectivity/client.rs"]
 mod client;
 #[path = "konnectivity/setup.rs"]
@@ -401,10 +405,11 @@ async fn stalled_reader_does_not_block_other_streams() {
     let mut stalled = conn.open().await.unwrap();
     let stalled_id = stalled.dial(&echo, 1).await.unwrap().unwrap();
     let (mut stalled_tx, _stalled_rx_never_read) = stalled.split();
-    // 64 MiB that will never be read back: the echo blocks once the windows are full.
+    // 256 MiB that will never be read back, far more than every window and socket buffer on
+    // the path together: the echo blocks once they are full, so the flood cannot finish.
     let flood = tokio::spawn(async move {
         let chunk = Bytes::from(vec![0x5a; 256 << 10]);
-        for _ in 0..256 {
+        for _ in 0..1024 {
             let packet = Packet::Data {
                 connect_id: stalled_id,
                 data: chunk.clone(),

@@ -43,6 +43,9 @@ pub struct EdgeConfig {
     /// What the edge may dial.
     #[serde(default)]
     pub allow: AllowSection,
+    /// Loopback listeners carried to upstreams the server names (edge → cloud).
+    #[serde(default)]
+    pub forward: Vec<crate::forward::ForwardRule>,
     /// HTTP/2 settings (this end receives apiserver → kubelet data).
     #[serde(default)]
     pub h2: H2Tuning,
@@ -301,6 +304,7 @@ impl EdgeConfig {
             return Err("key `allow.ports`: port 0 is not a port".into());
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
+        crate::forward::validate(&self.forward)?;
         Ok(())
     }
 

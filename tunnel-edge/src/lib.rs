@@ -6,6 +6,9 @@
 pub mod allow;
 pub mod backoff;
 pub mod config;
+pub mod forward;
+pub mod join;
+pub mod renew;
 pub mod session;
 
 pub use config::EdgeConfig;

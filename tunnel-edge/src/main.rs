@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Run the edge. Settings come from --config and/or the flags (flags win).
     Run(Overrides),
+    /// Join the cluster: exchange a bootstrap token for this node's certificate and write it,
+    /// the CA and the node pool's labels and taints into the state directory.
+    Join(JoinArgs),
     /// Validate a config file and exit.
     CheckConfig {
         /// The config file.
@@ -31,7 +34,48 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+struct JoinArgs {
+    /// Registration API of the load balancer, `https://host[:443]`.
+    #[arg(long, env = "TETHER_JOIN_SERVER")]
+    server: String,
+    /// Name to verify in its certificate (default: the host of --server).
+    #[arg(long, env = "TETHER_SERVER_NAME")]
+    server_name: Option<String>,
+    /// CA bundle to verify the registration API with.
+    #[arg(long, env = "TETHER_CA")]
+    ca: PathBuf,
+    /// Bootstrap token `<id>.<secret>` (prefer --token-file or the env var: argv is visible
+    /// to other users).
+    #[arg(
+        long,
+        env = "TETHER_JOIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    token: Option<String>,
+    /// File holding the bootstrap token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// This node's Kubernetes name.
+    #[arg(long)]
+    node_name: String,
+    /// This node's IP (what kube-apiserver dials); repeatable.
+    #[arg(long = "node-ip")]
+    node_ips: Vec<IpAddr>,
+    /// Where to keep the key, certificate, CA and pool settings.
+    #[arg(long, default_value = tunnel_edge::join::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Join again even if the state directory holds a valid certificate for this identity.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
 struct Overrides {
+    /// State directory written by `tunnel-edge join`: supplies the CA, certificate and key
+    /// (unless given), the pool's extra ports, and enables certificate renewal.
+    #[arg(long, env = "TETHER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Config file (TOML).
     #[arg(long, short, env = "TETHER_EDGE_CONFIG")]
     config: Option<PathBuf>,
@@ -66,6 +110,9 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
         Some(path) => EdgeConfig::load(path)?,
         None => EdgeConfig::default(),
     };
+    if let Some(dir) = &o.state_dir {
+        tunnel_edge::join::apply_state(&mut config, &tunnel_edge::join::StateDir::new(dir))?;
+    }
     let s = &mut config.server;
     s.address = o.server.or(s.address.take());
     s.server_name = o.server_name.or(s.server_name.take());
@@ -95,6 +142,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::CheckConfig { file } => {
             let config = load(Overrides {
+                state_dir: None,
                 config: Some(file.clone()),
                 server: None,
                 server_name: None,
@@ -109,7 +157,9 @@ fn main() -> anyhow::Result<()> {
             println!("{}: ok (node {})", file.display(), edge.node());
             Ok(())
         }
+        Command::Join(args) => join(args),
         Command::Run(overrides) => {
+            let state_dir = overrides.state_dir.clone();
             let config = load(overrides)?;
             tunnel_io::logging::init(config.log.format, &config.log.filter);
             let edge = Arc::new(Edge::new(config)?);
@@ -122,6 +172,20 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async move {
                 let cancel = CancellationToken::new();
                 let status = Arc::new(EdgeStatus::default());
+                if let Some(dir) = state_dir {
+                    let state = tunnel_edge::join::StateDir::new(dir);
+                    tokio::spawn(tunnel_edge::renew::renew_loop(
+                        edge.clone(),
+                        state,
+                        Arc::default(),
+                        cancel.clone(),
+                    ));
+                }
+                let forwards = tokio_util::task::TaskTracker::new();
+                let rules = edge.config().forward.clone();
+                tunnel_edge::forward::Forwarder::new(edge.clone())
+                    .start(&rules, &forwards, cancel.clone())
+                    .await?;
                 let run = tokio::spawn(edge.run(status, cancel.clone()));
                 wait_for_signal().await?;
                 tracing::info!(
@@ -136,6 +200,45 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn join(args: JoinArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    tunnel_io::logging::init(LogFormat::Text, "warn");
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .with_context(|| format!("read {}", f.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => anyhow::bail!("give --token, --token-file or TETHER_JOIN_TOKEN"),
+    };
+    let options = tunnel_edge::join::JoinOptions {
+        server: args.server,
+        server_name: args.server_name,
+        ca: args.ca,
+        token: tunnel_io::secret::Secret::new(token),
+        node_name: args.node_name,
+        node_ips: args.node_ips,
+        state: tunnel_edge::join::StateDir::new(&args.state_dir),
+        force: args.force,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match runtime.block_on(tunnel_edge::join::join(&options))? {
+        tunnel_edge::join::Joined::Joined => println!(
+            "joined as {}; credentials in {}",
+            options.node_name,
+            args.state_dir.display()
+        ),
+        tunnel_edge::join::Joined::AlreadyJoined => println!(
+            "already joined as {} ({} holds a valid certificate); --force joins again",
+            options.node_name,
+            args.state_dir.display()
+        ),
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

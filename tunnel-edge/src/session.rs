@@ -31,7 +31,11 @@ pub struct Edge {
     /// Server addresses; session worker `i` dials `targets[i % len]`.
     targets: Vec<(String, u16)>,
     server_name: ServerName<'static>,
-    connector: TlsConnector,
+    /// Replaced when the certificate is renewed: new sessions use the new one, live sessions
+    /// keep theirs.
+    connector: std::sync::RwLock<TlsConnector>,
+    /// Same credentials, ALPN `tether-up/1`: the edge → cloud upstream connection.
+    upstream_connector: std::sync::RwLock<TlsConnector>,
     allow: Arc<EdgeAllowlist>,
 }
 
@@ -134,10 +138,73 @@ impl Edge {
         Ok(Edge {
             targets,
             server_name,
-            connector: TlsConnector::from(Arc::new(tls)),
+            upstream_connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(with_alpn(
+                &tls,
+                tunnel_io::tls::ALPN_UPSTREAM,
+            )))),
+            connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(tls))),
             allow: Arc::new(allow),
             config,
         })
+    }
+
+    /// Re-read the certificate and key files (after a renewal wrote new ones in place): the
+    /// next session handshake uses them; sessions already up are not touched.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        let s = &self.config.server;
+        let (Some(ca), Some(cert), Some(key)) = (&s.ca, &s.cert, &s.key) else {
+            anyhow::bail!("server.ca, server.cert and server.key are required");
+        };
+        let tls = tunnel_io::tls::client_config_mtls(
+            ca,
+            cert,
+            key,
+            &[tunnel_io::tls::ALPN_EDGE_SESSION],
+        )?;
+        *self
+            .upstream_connector
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) =
+            TlsConnector::from(Arc::new(with_alpn(&tls, tunnel_io::tls::ALPN_UPSTREAM)));
+        *self.connector.write().unwrap_or_else(|p| p.into_inner()) =
+            TlsConnector::from(Arc::new(tls));
+        Ok(())
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &EdgeConfig {
+        &self.config
+    }
+
+    /// Open the TLS connection that carries edge → cloud upstream streams (to the first
+    /// server address, through the load balancer like the sessions).
+    pub async fn connect_upstream(
+        &self,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let (host, port) = self.targets[0].clone();
+        let limit = self
+            .config
+            .server
+            .connect_timeout
+            .unwrap_or(Duration::from_secs(10));
+        let connector = self
+            .upstream_connector
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let connect = async {
+            let tcp = TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+            tunnel_io::set_nodelay(&tcp);
+            connector
+                .connect(self.server_name.clone(), tcp)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))
+        };
+        tokio::time::timeout(limit, connect)
+            .await
+            .map_err(|_| format!("upstream connection timed out after {limit:?}"))?
     }
 
     /// This edge's node name.
@@ -255,8 +322,12 @@ impl Edge {
                 .await
                 .map_err(|e| format!("connect {host}:{port}: {e}"))?;
             tunnel_io::set_nodelay(&tcp);
-            let tls = self
+            let connector = self
                 .connector
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let tls = connector
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| format!("TLS handshake: {e}"))?;
@@ -376,6 +447,13 @@ fn session_info(
     Control::Continue
 }
 
+/// A copy of `config` offering only `alpn`.
+fn with_alpn(config: &rustls::ClientConfig, alpn: &[u8]) -> rustls::ClientConfig {
+    let mut config = config.clone();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    config
+}
+
 /// Answer a stream with an error status and a one-line reason header.
 fn refuse(mut respond: SendResponse<Bytes>, failure: DialFailure, reason: &str) {
     let mut builder = Response::builder().status(failure.status());
@@ -475,8 +553,9 @@ async fn serve_stream(
         },
         Err(_) => return,
     };
+    let mut tcp = tcp;
     let report = pipe(
-        tcp,
+        &mut tcp,
         send,
         request.into_body(),
         Bytes::new(),
@@ -487,6 +566,11 @@ async fn serve_stream(
         cancel,
     )
     .await;
+    if report.result.is_err() {
+        // A failed stream must look like a failure to the target as well: a RST, not the FIN
+        // of a clean half-close that would pass a truncated request off as complete.
+        let _ = tcp.set_zero_linger();
+    }
     let result = match &report.result {
         Ok(()) => "ok".to_string(),
         Err(e) => e.to_string(),

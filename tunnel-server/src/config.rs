@@ -38,6 +38,12 @@ pub struct ServerConfig {
     /// Which targets the apiserver may reach.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Registration API (join, renewal, revocation); absent = disabled.
+    #[serde(default)]
+    pub registration: Option<crate::registration::RegistrationConfig>,
+    /// Upstreams edges may reach (edge → cloud), by name: `kube-apiserver = "10.0.0.1:6443"`.
+    #[serde(default)]
+    pub upstreams: crate::upstream::UpstreamMap,
     /// HTTP/2 settings of edge sessions.
     #[serde(default)]
     pub h2: H2Tuning,
@@ -310,6 +316,9 @@ impl ServerConfig {
         if let Some(k) = &mut self.konnectivity {
             k.resolve_paths(base);
         }
+        if let Some(r) = &mut self.registration {
+            r.resolve_paths(base);
+        }
     }
 
     /// Check every cross-field rule; the message names the key.
@@ -340,12 +349,20 @@ impl ServerConfig {
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
         self.replica.validate()?;
+        crate::upstream::validate(&self.upstreams)?;
 
         if let Some(k) = &self.konnectivity {
             k.validate()?;
         }
+        if let Some(r) = &self.registration {
+            r.validate()?;
+        }
         let c = &self.connect;
-        if c.unix_socket.is_none() && c.tcp_listen.is_none() && self.konnectivity.is_none() {
+        let konnectivity_frontend = self
+            .konnectivity
+            .as_ref()
+            .is_some_and(|k| k.serves_frontend());
+        if c.unix_socket.is_none() && c.tcp_listen.is_none() && !konnectivity_frontend {
             return Err(
                 "section `connect`: set `unix_socket` or `tcp_listen`, or configure `[konnectivity]` (no frontend configured)"
                     .into(),
@@ -524,6 +541,20 @@ mod tests {
             err.to_string().contains("konnectivity.unix_socket_mode"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn konnectivity_agents_alone_are_not_a_frontend() {
+        let dir = dir_with_pems();
+        let text = MINIMAL.replace(
+            "[connect]\n        unix_socket = \"connect.sock\"",
+            "[konnectivity]\nagent_listen = \"127.0.0.1:0\"",
+        );
+        let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no frontend"), "{err}");
+        let both = format!("{MINIMAL}\n[konnectivity]\nagent_listen = \"127.0.0.1:0\"\n");
+        let c = ServerConfig::parse(&both, "t.toml", dir.path()).unwrap();
+        assert!(c.konnectivity.unwrap().agent_listen.is_some());
     }
 
     #[test]

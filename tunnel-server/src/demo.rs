@@ -36,15 +36,6 @@ pub async fn run(dir: Option<PathBuf>, once: bool) -> anyhow::Result<()> {
     };
     let layout = pki::init_ca_dir(&dir, &[], &[], pki::SERVER_VALIDITY, true)?;
     let node = NodeName::parse(DEMO_NODE).map_err(anyhow::Error::msg)?;
-    let ca = Ca::load(&layout.ca_cert(), &layout.ca_key())?;
-    let edge_cert = ca.issue_edge(&node, &[DEMO_NODE_IP], pki::EDGE_VALIDITY)?;
-    pki::write_pem(&dir.join("demo-node.pem"), &edge_cert.cert_pem, false, true)?;
-    pki::write_pem(
-        &dir.join("demo-node-key.pem"),
-        &edge_cert.key_pem,
-        true,
-        true,
-    )?;
 
     // The kubelet's serving certificate comes from its own CA, as in a cluster: the tunnel
     // never sees a key that could terminate this TLS.
@@ -98,6 +89,11 @@ tcp_client_ca = "frontend-ca.pem"
 allowed_ports = [{port}]
 [admin]
 listen = "127.0.0.1:0"
+[registration]
+listen = "127.0.0.1:0"
+token_file = "tokens.json"
+ca_cert = "ca.pem"
+ca_key = "ca-key.pem"
 "#,
         socket = socket.display()
     );
@@ -106,14 +102,38 @@ listen = "127.0.0.1:0"
     let server = RunningServer::start(config).await?;
     let addrs = server.addrs.clone();
 
+    // The node joins as a real one would: a one-use bootstrap token from the operator,
+    // exchanged over the registration API for a certificate whose key never left the node.
+    let (token, _) = crate::tokens::create(
+        &dir.join("tokens.json"),
+        crate::tokens::NodePool {
+            name: "demo".into(),
+            labels: [("tether.io/pool".to_string(), "demo".to_string())].into(),
+            ..Default::default()
+        },
+        crate::tokens::DEFAULT_TOKEN_TTL,
+        Some(1),
+        None,
+        "demo".into(),
+    )?;
+    let state = tunnel_edge::join::StateDir::new(dir.join("demo-node-state"));
+    let registration = addrs.registration.context("no registration listener")?;
+    tunnel_edge::join::join(&tunnel_edge::join::JoinOptions {
+        server: format!("https://{registration}"),
+        server_name: Some("127.0.0.1".into()),
+        ca: layout.ca_cert(),
+        token: tunnel_io::secret::Secret::new(token.expose()),
+        node_name: DEMO_NODE.into(),
+        node_ips: vec![DEMO_NODE_IP],
+        state: state.clone(),
+        force: true,
+    })
+    .await?;
     let edge_toml = format!(
         r#"
 [server]
 address = "{edge}"
 server_name = "127.0.0.1"
-ca = "ca.pem"
-cert = "demo-node.pem"
-key = "demo-node-key.pem"
 [dial]
 self_host = "127.0.0.1"
 [allow]
@@ -122,7 +142,8 @@ ports = [{port}]
         edge = addrs.edge
     );
     std::fs::write(dir.join("edge.toml"), &edge_toml)?;
-    let edge_config = EdgeConfig::load(&dir.join("edge.toml"))?;
+    let mut edge_config = EdgeConfig::load(&dir.join("edge.toml"))?;
+    tunnel_edge::join::apply_state(&mut edge_config, &state)?;
     let edge = Arc::new(Edge::new(edge_config)?);
     let status = Arc::new(EdgeStatus::default());
     let cancel = CancellationToken::new();
@@ -166,6 +187,8 @@ ports = [{port}]
     );
     println!(
         r#"
+Joined: {DEMO_NODE} with a one-use bootstrap token via the registration API at {registration}
+        (key, certificate, CA, pool labels in {state})
 Server: edge listener {edge}, CONNECT mTLS {connect_tcp}, CONNECT unix {sock}, admin http://{admin}
 Edge:   {DEMO_NODE} ({DEMO_NODE_IP}) -> demo kubelet on 127.0.0.1:{port}
 
@@ -182,6 +205,7 @@ Metrics: curl http://{admin}/metrics
 Press Ctrl-C to stop."#,
         edge = addrs.edge,
         sock = socket.display(),
+        state = state.dir.display(),
         admin = addrs.admin.context("no admin listener")?,
     );
     if !once {

@@ -3,18 +3,24 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod agent;
 pub mod client;
 pub mod config;
 pub mod demo;
 pub mod demo_kubelet;
 pub mod frontend;
 pub mod metrics;
+pub mod node_session;
 pub mod pki;
 pub mod policy;
 pub mod proxy_protocol;
+pub mod registration;
 pub mod replicas;
+pub mod revocation;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod tokens;
+pub mod upstream;
 
 pub use server::{BoundAddrs, RunningServer, Shared};

@@ -32,6 +32,12 @@ enum Command {
     /// Certificate authority tasks (until the join flow replaces manual issuance).
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Bootstrap tokens for joining nodes (the `[registration]` token file).
+    #[command(subcommand)]
+    Token(tunnel_server::registration::cli::TokenCommand),
+    /// Node removal (the `[registration]` revocation file).
+    #[command(subcommand)]
+    Node(tunnel_server::registration::cli::NodeCommand),
     /// Start a server, an edge named `demo-node` and a demo kubelet on loopback, make one
     /// request through the tunnel, print ready-to-paste curl commands, run until Ctrl-C.
     Demo {
@@ -148,6 +154,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Ca(ca) => run_ca(ca),
+        Command::Token(t) => tunnel_server::registration::cli::run_token(t),
+        Command::Node(n) => tunnel_server::registration::cli::run_node(n),
         Command::Demo { dir, once } => {
             tunnel_io::logging::init(LogFormat::Text, "warn");
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -31,6 +31,16 @@ pub struct HandshakeLabels {
     pub result: &'static str,
 }
 
+/// Label of a per-frontend gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrontendLabels {
+    /// `connect` or `konnectivity`.
+    pub frontend: &'static str,
+}
+
+/// The frontends, pre-registered so their gauges show 0 before first use.
+const FRONTENDS: [&str; 2] = ["connect", "konnectivity"];
+
 /// Every server metric.
 pub struct Metrics {
     registry: Registry,
@@ -48,6 +58,18 @@ pub struct Metrics {
     pub dial_duration: Histogram,
     /// Edge session handshakes by result.
     pub edge_handshakes: Family<HandshakeLabels, Counter>,
+    /// Dials waiting for the node's answer, by frontend (the sum is `dials_pending`).
+    pub frontend_dials_pending: Family<FrontendLabels, Gauge>,
+    /// Tunneled streams open now, by frontend (the sum is `streams_open`).
+    pub frontend_streams_open: Family<FrontendLabels, Gauge>,
+    /// Konnectivity agents attached now (routed, or draining their last connections).
+    pub agents_connected: Gauge,
+    /// Konnectivity agent session attempts by result (`ok`, `identity`, `identifiers`,
+    /// `metadata`, `conflict`, `draining`).
+    pub agent_sessions: Family<HandshakeLabels, Counter>,
+    /// Agent connections reset because their frontend read too slowly (per-connection
+    /// buffer bound exceeded).
+    pub agent_overflow_resets: Counter,
 }
 
 impl Default for Metrics {
@@ -92,8 +114,47 @@ impl Default for Metrics {
             "Edge session handshakes by result",
             edge_handshakes.clone(),
         );
+        let frontend_dials_pending = Family::<FrontendLabels, Gauge>::default();
+        registry.register(
+            "frontend_dials_pending",
+            "Dials waiting for the node's answer, by frontend",
+            frontend_dials_pending.clone(),
+        );
+        let frontend_streams_open = Family::<FrontendLabels, Gauge>::default();
+        registry.register(
+            "frontend_streams_open",
+            "Tunneled streams open now, by frontend",
+            frontend_streams_open.clone(),
+        );
+        for frontend in FRONTENDS {
+            let _ = frontend_dials_pending.get_or_create(&FrontendLabels { frontend });
+            let _ = frontend_streams_open.get_or_create(&FrontendLabels { frontend });
+        }
+        let agents_connected = Gauge::default();
+        registry.register(
+            "agents_connected",
+            "Konnectivity agents attached now",
+            agents_connected.clone(),
+        );
+        let agent_sessions = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "agent_sessions",
+            "Konnectivity agent session attempts by result",
+            agent_sessions.clone(),
+        );
+        let agent_overflow_resets = Counter::default();
+        registry.register(
+            "agent_overflow_resets",
+            "Agent connections reset because their frontend read too slowly",
+            agent_overflow_resets.clone(),
+        );
         Metrics {
             registry,
+            frontend_dials_pending,
+            frontend_streams_open,
+            agents_connected,
+            agent_sessions,
+            agent_overflow_resets,
             edges_connected,
             streams_open,
             dials,
@@ -121,6 +182,34 @@ impl Metrics {
             .inc();
     }
 
+    /// Count a dial of `frontend` as pending until the guard is dropped (also when the dial
+    /// future is dropped mid-flight because the client went away).
+    pub fn dial_pending(&self, frontend: &'static str) -> GaugeGuard {
+        GaugeGuard::new([
+            self.dials_pending.clone(),
+            self.frontend_dials_pending
+                .get_or_create(&FrontendLabels { frontend })
+                .clone(),
+        ])
+    }
+
+    /// Count a tunneled stream of `frontend` as open until the guard is dropped.
+    pub fn stream_open(&self, frontend: &'static str) -> GaugeGuard {
+        GaugeGuard::new([
+            self.streams_open.clone(),
+            self.frontend_streams_open
+                .get_or_create(&FrontendLabels { frontend })
+                .clone(),
+        ])
+    }
+
+    /// Count one Konnectivity agent session attempt.
+    pub fn agent_session(&self, result: &'static str) {
+        self.agent_sessions
+            .get_or_create(&HandshakeLabels { result })
+            .inc();
+    }
+
     /// Count one handshake outcome.
     pub fn handshake(&self, result: &'static str) {
         self.edge_handshakes
@@ -140,5 +229,25 @@ impl Metrics {
                 direction: "from_edge",
             })
             .inc_by(from_edge);
+    }
+}
+
+/// Keeps gauges incremented for as long as it lives.
+pub struct GaugeGuard([Gauge; 2]);
+
+impl GaugeGuard {
+    fn new(gauges: [Gauge; 2]) -> GaugeGuard {
+        for gauge in &gauges {
+            gauge.inc();
+        }
+        GaugeGuard(gauges)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        for gauge in &self.0 {
+            gauge.dec();
+        }
     }
 }

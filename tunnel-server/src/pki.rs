@@ -316,6 +316,31 @@ impl Ca {
         self.issue(params, validity)
     }
 
+    /// Issue an edge client certificate for a key the node keeps: the public key comes from
+    /// its CSR (already parsed and signature-checked), the identity only from `node` and
+    /// `ips`, never from the CSR's own subject or SANs. Returns the certificate, PEM.
+    pub fn issue_edge_for_key(
+        &self,
+        public_key: rcgen::PublicKey,
+        node: &NodeName,
+        ips: &[IpAddr],
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name_dn(node.as_str());
+        params.subject_alt_names = subject_alt_names(&[node.as_str().to_owned()], ips)?;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let (not_before, not_after) = validity_window(validity, Some(self.not_after))?;
+        params.not_before = not_before;
+        params.not_after = not_after;
+        params.serial_number = Some(random_serial());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let csr = rcgen::CertificateSigningRequestParams { params, public_key };
+        Ok(csr.signed_by(&self.issuer, &self.key)?.pem())
+    }
+
     /// Issue a frontend client certificate (EKU clientAuth, no SANs) with common name
     /// `common_name`, for kube-apiserver calling the mTLS CONNECT frontend.
     pub fn issue_client(
@@ -351,6 +376,14 @@ impl Ca {
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// When a certificate was issued, Unix seconds: its `notBefore` plus the backdating every
+/// certificate issued here gets. Revocation compares it with the node's revocation time.
+pub fn issued_unix(der: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let issued = cert.validity().not_before.to_datetime() + CLOCK_SKEW_ALLOWANCE;
+    u64::try_from(issued.unix_timestamp()).ok()
 }
 
 /// Write a PEM file atomically (temporary file in the same directory, then rename): mode 0600

@@ -15,20 +15,20 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
-use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION};
+use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION, ALPN_UPSTREAM};
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
+use crate::node_session::NodeSession;
 use crate::policy::DialPolicy;
 use crate::routing::RouteTable;
-use crate::session::EdgeSession;
 
 /// State every task of one server shares.
 pub struct Shared {
     /// The validated configuration.
     pub config: ServerConfig,
     /// Node → live session.
-    pub routes: RouteTable<EdgeSession>,
+    pub routes: RouteTable<NodeSession>,
     /// The server's destination policy.
     pub policy: DialPolicy,
     /// Metrics registry.
@@ -41,6 +41,8 @@ pub struct Shared {
     pub draining: AtomicBool,
     /// This replica's ID and the replica count.
     pub replica: crate::replicas::Replica,
+    /// Revoked nodes (with `[registration]`): checked on every edge handshake.
+    pub revocations: Option<Arc<crate::revocation::RevocationList>>,
 }
 
 /// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
@@ -68,6 +70,10 @@ pub struct BoundAddrs {
     pub konnectivity_tcp: Option<SocketAddr>,
     /// Konnectivity gRPC frontend Unix socket, if enabled.
     pub konnectivity_unix: Option<std::path::PathBuf>,
+    /// Konnectivity agent listener (`/AgentService/Connect`), if enabled.
+    pub konnectivity_agent: Option<SocketAddr>,
+    /// Registration API, if enabled.
+    pub registration: Option<SocketAddr>,
 }
 
 /// A started server.
@@ -90,7 +96,7 @@ impl RunningServer {
             &config.edge.cert,
             &config.edge.key,
             &config.edge.client_ca,
-            &[ALPN_EDGE_SESSION],
+            &[ALPN_EDGE_SESSION, ALPN_UPSTREAM],
         )
         .context("edge listener TLS")?;
         let edge_listener = TcpListener::bind(config.edge.listen)
@@ -129,12 +135,18 @@ impl RunningServer {
         };
 
         let konnectivity = match &config.konnectivity {
-            Some(k) => Some(crate::frontend::konnectivity::bind(k).await?),
+            Some(k) if k.serves_frontend() => Some(crate::frontend::konnectivity::bind(k).await?),
+            _ => None,
+        };
+        let agents = crate::agent::bind(&config).await?;
+        let registration = match &config.registration {
+            Some(r) => Some(crate::registration::bind(r, &config.edge).await?),
             None => None,
         };
         let addrs = BoundAddrs {
             konnectivity_tcp: konnectivity.as_ref().and_then(|k| k.tcp_addr),
             konnectivity_unix: konnectivity.as_ref().and_then(|k| k.unix_path.clone()),
+            konnectivity_agent: agents.as_ref().map(|a| a.addr),
             edge: edge_listener.local_addr()?,
             connect_tcp: connect_tcp
                 .as_ref()
@@ -142,6 +154,7 @@ impl RunningServer {
                 .transpose()?,
             connect_unix: config.connect.unix_socket.clone(),
             admin: admin.as_ref().map(|l| l.local_addr()).transpose()?,
+            registration: registration.as_ref().map(|r| r.addr),
         };
         let stop = Stop::default();
         let replica = crate::replicas::Replica::new(&config.replica, stop.hard.clone());
@@ -154,6 +167,7 @@ impl RunningServer {
             next_session_id: AtomicU64::new(1),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            revocations: registration.as_ref().map(|r| r.revocations.clone()),
         });
         let tracker = TaskTracker::new();
         let admin_tracker = TaskTracker::new();
@@ -184,6 +198,12 @@ impl RunningServer {
         }
         if let Some(listeners) = konnectivity {
             crate::frontend::konnectivity::spawn(listeners, shared.clone(), stop.clone(), &tracker);
+        }
+        if let Some(registration) = registration {
+            crate::registration::spawn(registration, shared.clone(), stop.clone(), &tracker);
+        }
+        if let Some(listener) = agents {
+            crate::agent::spawn(listener, shared.clone(), stop.clone(), &tracker);
         }
         if let Some(listener) = admin {
             admin_tracker.spawn(crate::admin::serve_admin(

@@ -39,6 +39,8 @@ pub struct EdgeSession {
     closed: CancellationToken,
     /// Cancelled when a newer session of the same node took over: no new streams here.
     retired: CancellationToken,
+    /// When the peer's certificate was issued (Unix seconds), for per-stream revocation checks.
+    certificate_issued: std::sync::OnceLock<u64>,
 }
 
 /// A stream the edge accepted: its target is dialed and bytes may flow.
@@ -85,6 +87,43 @@ impl Routable for EdgeSession {
 }
 
 impl EdgeSession {
+    /// A session over an HTTP/2 client connection whose peer the caller has already
+    /// authenticated as `node` with `ips` (the edge listener here; the in-memory connection
+    /// of a Konnectivity agent in `crate::agent`). Limits come from `[edge]`.
+    pub(crate) fn new(
+        shared: &Shared,
+        node: NodeName,
+        ips: Vec<IpAddr>,
+        peer: SocketAddr,
+        send_request: h2::client::SendRequest<Bytes>,
+    ) -> EdgeSession {
+        let max_streams = shared.config.edge.max_streams_per_edge;
+        EdgeSession {
+            id: shared.next_session_id.fetch_add(1, Ordering::Relaxed),
+            node,
+            ips,
+            peer,
+            send_request: std::sync::Mutex::new(Some(send_request)),
+            slots: Arc::new(Semaphore::new(max_streams)),
+            pending: Semaphore::new(shared.config.edge.max_pending_dials),
+            max_pending: shared.config.edge.max_pending_dials,
+            max_streams,
+            closed: CancellationToken::new(),
+            retired: CancellationToken::new(),
+            certificate_issued: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Resolves once the session is closed ([`EdgeSession::close`]).
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Resolves once the session is retired and its last stream has ended.
+    pub(crate) async fn retired_and_idle(&self) {
+        streams_done(self).await
+    }
+
     /// The edge's address as the server saw it.
     pub fn peer(&self) -> SocketAddr {
         self.peer
@@ -93,6 +132,16 @@ impl EdgeSession {
     /// Streams open on this session now.
     pub fn open_streams(&self) -> usize {
         self.max_streams - self.slots.available_permits()
+    }
+
+    /// Record when the peer's certificate was issued (set once, at the handshake).
+    pub(crate) fn set_certificate_issued(&self, unix: u64) {
+        let _ = self.certificate_issued.set(unix);
+    }
+
+    /// When the peer's certificate was issued, if known.
+    pub fn certificate_issued(&self) -> Option<u64> {
+        self.certificate_issued.get().copied()
     }
 
     /// Close the session now (revocation, shutdown): its streams fail.
@@ -248,12 +297,25 @@ type Handshaken = (
     PingPong,
 );
 
+/// What an authenticated connection on the edge listener turned out to be (by ALPN).
+enum Accepted {
+    /// A tunnel session (`tether-h2/1`).
+    Session(Box<Handshaken>),
+    /// An edge → cloud upstream connection (`tether-up/1`).
+    Upstream {
+        tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        node: NodeName,
+        cert_der: Vec<u8>,
+        peer: SocketAddr,
+    },
+}
+
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: &Shared,
-) -> Result<Handshaken, (&'static str, String)> {
+) -> Result<Accepted, (&'static str, String)> {
     tunnel_io::set_nodelay(&tcp);
     let mut tcp = tcp;
     let mut peer = peer;
@@ -279,6 +341,17 @@ async fn handshake(
         .ok_or(("identity", "no client certificate".to_string()))?;
     let identity = crate::pki::edge_identity_from_der(der.as_ref())
         .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
+    crate::revocation::check_handshake(shared, &identity.node, der.as_ref())?;
+    let issued = crate::pki::issued_unix(der.as_ref());
+    if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
+        let cert_der = der.as_ref().to_vec();
+        return Ok(Accepted::Upstream {
+            tls: Box::new(tls),
+            node: identity.node,
+            cert_der,
+            peer,
+        });
+    }
     let (send_request, mut connection) = shared
         .config
         .h2
@@ -289,21 +362,19 @@ async fn handshake(
     let ping_pong = connection
         .ping_pong()
         .ok_or(("h2", "PING handle unavailable".to_string()))?;
-    let max_streams = shared.config.edge.max_streams_per_edge;
-    let session = Arc::new(EdgeSession {
-        id: shared.next_session_id.fetch_add(1, Ordering::Relaxed),
-        node: identity.node,
-        ips: identity.ips,
+    let session = Arc::new(EdgeSession::new(
+        shared,
+        identity.node,
+        identity.ips,
         peer,
-        send_request: std::sync::Mutex::new(Some(send_request)),
-        slots: Arc::new(Semaphore::new(max_streams)),
-        pending: Semaphore::new(shared.config.edge.max_pending_dials),
-        max_pending: shared.config.edge.max_pending_dials,
-        max_streams,
-        closed: CancellationToken::new(),
-        retired: CancellationToken::new(),
-    });
-    Ok((session, connection, ping_pong))
+        send_request,
+    ));
+    if let Some(issued) = issued {
+        session.set_certificate_issued(issued);
+    }
+    Ok(Accepted::Session(Box::new((
+        session, connection, ping_pong,
+    ))))
 }
 
 async fn handle_edge(
@@ -318,7 +389,17 @@ async fn handle_edge(
     let handshaken = tokio::time::timeout(limit, handshake(tcp, peer, acceptor, &shared)).await;
     drop(permit);
     let (session, mut connection, ping_pong) = match handshaken {
-        Ok(Ok(h)) => h,
+        Ok(Ok(Accepted::Session(h))) => *h,
+        Ok(Ok(Accepted::Upstream {
+            tls,
+            node,
+            cert_der,
+            peer,
+        })) => {
+            tracing::Span::current().record("node", node.as_str());
+            crate::upstream::serve(tls, node, cert_der, peer, shared, stop).await;
+            return;
+        }
         Ok(Err((kind, reason))) => {
             shared.metrics.handshake(kind);
             warn!(target: "audit", event = "edge_refused", %peer, reason, "edge session refused");
@@ -347,7 +428,8 @@ async fn handle_edge(
         info!(node = %session.node, %peer, reason, "edge session not established");
         return;
     }
-    let replaced = match shared.routes.register(session.clone()) {
+    let routed = Arc::new(crate::node_session::NodeSession::Tether(session.clone()));
+    let replaced = match shared.routes.register(routed.clone()) {
         Ok(replaced) => replaced,
         Err(conflict) => {
             shared.metrics.handshake("conflict");
@@ -356,7 +438,7 @@ async fn handle_edge(
         }
     };
     if let Some(old) = replaced {
-        info!(old_peer = %old.peer, "new session replaces the node's previous one");
+        info!(old_peer = %old.peer(), old_kind = old.kind(), "new session replaces the node's previous one");
         old.retire();
     }
     shared.metrics.handshake("ok");
@@ -381,7 +463,7 @@ async fn handle_edge(
                 // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
                 draining = true;
                 session.retire();
-                shared.routes.deregister(&session);
+                shared.routes.deregister(&routed);
             }
             result = &mut connection => break match result {
                 Ok(()) => "session closed after its last stream".to_string(),
@@ -395,7 +477,7 @@ async fn handle_edge(
         }
     };
     session.closed.cancel();
-    shared.routes.deregister(&session);
+    shared.routes.deregister(&routed);
     shared
         .metrics
         .edges_connected

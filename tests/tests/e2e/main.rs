@@ -8,6 +8,9 @@
 mod admin;
 mod backpressure;
 mod frontends;
+mod idle;
 mod integrity;
+mod liveness;
+mod pending;
 mod refusals;
 mod restart;

@@ -42,18 +42,28 @@ impl GrpcConn {
 
     /// Open a `Proxy` stream (no packet sent yet).
     pub async fn open(&self) -> anyhow::Result<ProxyStream> {
+        self.call("/ProxyService/Proxy", &[]).await
+    }
+
+    /// Open a bidirectional call of `path` with extra request `metadata` (no packet sent
+    /// yet); `/AgentService/Connect` for a stock agent.
+    pub async fn call(&self, path: &str, metadata: &[(&str, &str)]) -> anyhow::Result<ProxyStream> {
         let mut sender = self.send_request.clone().ready().await?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method("POST")
-            .uri("http://konnectivity/ProxyService/Proxy")
+            .uri(format!("http://konnectivity{path}"))
             .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())?;
+            .header("te", "trailers");
+        for (name, value) in metadata {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(())?;
         let (response, send) = sender.send_request(request, false)?;
         Ok(ProxyStream {
             sender: Sender { send },
             receiver: Receiver {
                 response: Some(response),
+                headers: None,
                 recv: None,
                 buf: BytesMut::new(),
             },
@@ -81,6 +91,7 @@ pub struct ProxyStream {
 /// The receiving half of a `Proxy` stream.
 pub struct Receiver {
     response: Option<h2::client::ResponseFuture>,
+    headers: Option<HeaderMap>,
     recv: Option<RecvStream>,
     buf: BytesMut,
 }
@@ -122,6 +133,7 @@ impl Receiver {
                 .await
                 .context("no response headers")??;
             anyhow::ensure!(response.status() == 200, "HTTP {}", response.status());
+            self.headers = Some(response.headers().clone());
             if let Some(status) = grpc_status(response.headers()) {
                 // Trailers-only response: the stream is over.
                 if status.code != 0 {
@@ -131,6 +143,13 @@ impl Receiver {
             self.recv = Some(response.into_body());
         }
         self.recv.as_mut().context("stream already ended")
+    }
+
+    /// The response headers, waiting for them; a call refused at once fails with its
+    /// [`StreamFailed`] status.
+    pub async fn headers(&mut self) -> anyhow::Result<HeaderMap> {
+        self.body().await?;
+        Ok(self.headers.clone().unwrap_or_default())
     }
 
     /// The next packet; `Ok(None)` when the server ended the stream with status OK; an error

@@ -1,7 +1,9 @@
 //! The Konnectivity test topology, in this process: a server with only the `[konnectivity]`
-//! frontend (Unix socket and mTLS TCP, `[connect]` left out on purpose), a real edge for
-//! node `edge-k` (192.0.2.10, dialed at 127.0.0.1), an HTTPS demo kubelet, an echo target
-//! and a target that says goodbye and closes. Everything on 127.0.0.1 with kernel ports.
+//! frontend (Unix socket and mTLS TCP, `[connect]` left out on purpose unless
+//! [`RigOptions::connect_socket`]), optionally the agent listener for stock Konnectivity
+//! agents, a real edge for node `edge-k` (192.0.2.10, dialed at 127.0.0.1), an HTTPS demo
+//! kubelet, an echo target and a target that says goodbye and closes. Everything on
+//! 127.0.0.1 with kernel ports.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -24,6 +26,17 @@ pub const NODE: &str = "edge-k";
 pub const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 /// What the target that closes first writes before closing.
 pub const GOODBYE: &[u8] = b"bye from the target\n";
+
+/// What a test needs beyond the default topology.
+#[derive(Debug, Clone, Default)]
+pub struct RigOptions {
+    /// Also run the CONNECT frontend on a Unix socket (`connect.sock`).
+    pub connect_socket: bool,
+    /// Run the agent listener (`konnectivity.agent_listen`).
+    pub agents: bool,
+    /// More ports the server policy allows (targets a test starts itself).
+    pub extra_ports: Vec<u16>,
+}
 
 /// A running topology. Dropping it stops the edge; call [`Rig::shutdown`] to stop the server.
 pub struct Rig {
@@ -55,6 +68,11 @@ impl Drop for Rig {
 impl Rig {
     /// Start everything and wait until the edge's session is routed.
     pub async fn start() -> Rig {
+        Rig::start_with(RigOptions::default()).await
+    }
+
+    /// [`Rig::start`] with `options`.
+    pub async fn start_with(options: RigOptions) -> Rig {
         let dir = tempfile::tempdir().expect("temp dir");
         let d = dir.path().to_owned();
         let layout = pki::init_ca_dir(&d, &[], &[], pki::SERVER_VALIDITY, true).expect("pki");
@@ -81,12 +99,25 @@ impl Rig {
             Arc::new(tunnel_server::client::trust_only(kubelet_ca.cert_pem()).unwrap());
         let echo = start_echo().await;
         let closer = start_closer().await;
-        let ports = format!(
+        let mut ports = format!(
             "{}, {}, {}",
             kubelet.addr.port(),
             echo.port(),
             closer.port()
         );
+        for port in &options.extra_ports {
+            ports.push_str(&format!(", {port}"));
+        }
+        let connect_socket = if options.connect_socket {
+            "unix_socket = \"connect.sock\""
+        } else {
+            ""
+        };
+        let agent_listen = if options.agents {
+            "agent_listen = \"127.0.0.1:0\""
+        } else {
+            ""
+        };
 
         let dial_timeout = Duration::from_secs(10);
         std::fs::write(
@@ -101,9 +132,11 @@ client_ca = "ca.pem"
 ping_interval = "1s"
 ping_misses = 3
 [connect]
+{connect_socket}
 dial_timeout = "{}s"
 write_timeout = "10s"
 [konnectivity]
+{agent_listen}
 unix_socket = "konnectivity.sock"
 tcp_listen = "127.0.0.1:0"
 tcp_cert = "server.pem"
@@ -172,6 +205,48 @@ listen = "127.0.0.1:0"
             .konnectivity_unix
             .clone()
             .expect("konnectivity unix socket")
+    }
+
+    /// The CONNECT frontend's Unix socket ([`RigOptions::connect_socket`]).
+    pub fn connect_socket(&self) -> PathBuf {
+        self.server
+            .addrs
+            .connect_unix
+            .clone()
+            .expect("connect unix socket")
+    }
+
+    /// The agent listener ([`RigOptions::agents`]).
+    pub fn agent_addr(&self) -> SocketAddr {
+        self.server
+            .addrs
+            .konnectivity_agent
+            .expect("konnectivity agent listener")
+    }
+
+    /// TLS client configuration of an agent whose certificate (from the tunnel CA, like an
+    /// edge's) names `node` and `ips`; ALPN `h2`, as gRPC clients offer.
+    pub fn agent_tls(&self, node: &str, ips: &[IpAddr]) -> Arc<rustls::ClientConfig> {
+        let ca = Ca::load(&self.layout.ca_cert(), &self.layout.ca_key()).unwrap();
+        let cert = ca
+            .issue_edge(&NodeName::parse(node).unwrap(), ips, pki::EDGE_VALIDITY)
+            .unwrap();
+        let d = self.dir.path();
+        let (cert_path, key_path) = (
+            d.join(format!("agent-{node}.pem")),
+            d.join(format!("agent-{node}-key.pem")),
+        );
+        pki::write_pem(&cert_path, &cert.cert_pem, false, true).unwrap();
+        pki::write_pem(&key_path, &cert.key_pem, true, true).unwrap();
+        Arc::new(
+            tunnel_io::tls::client_config_mtls(
+                &self.layout.ca_cert(),
+                &cert_path,
+                &key_path,
+                &[b"h2"],
+            )
+            .unwrap(),
+        )
     }
 
     /// A gRPC connection over the Unix socket (kube-apiserver's `GRPC` egress form).

@@ -267,7 +267,7 @@ async fn serve_connection<S>(
         debug!(%error, "client left before the tunnel was established");
         return;
     }
-    shared.metrics.streams_open.inc();
+    let open = shared.metrics.stream_open(FRONTEND);
     let OpenStream { send, recv, slot } = dialed.stream;
     let report = pipe(
         socket,
@@ -281,7 +281,7 @@ async fn serve_connection<S>(
         cancel,
     )
     .await;
-    shared.metrics.streams_open.dec();
+    drop(open);
     drop(slot);
     shared
         .metrics

@@ -7,7 +7,8 @@ use std::time::Instant;
 use protocol::stream::DialFailure;
 use protocol::Target;
 
-use crate::session::{EdgeSession, OpenStream};
+use crate::node_session::NodeSession;
+use crate::session::OpenStream;
 use crate::Shared;
 
 /// A refused or failed dial, ready to be answered.
@@ -30,8 +31,8 @@ impl DialError {
 pub struct Dialed {
     /// The stream.
     pub stream: OpenStream,
-    /// The session it runs on.
-    pub session: Arc<EdgeSession>,
+    /// The session it runs on (a Tether edge or a Konnectivity agent).
+    pub session: Arc<NodeSession>,
 }
 
 /// Check, route and open. `frontend` labels metrics; `client` goes to the edge's audit log.
@@ -42,7 +43,7 @@ pub async fn dial(
     client: &str,
 ) -> Result<Dialed, DialError> {
     let started = Instant::now();
-    let result = dial_inner(shared, target, client).await;
+    let result = dial_inner(shared, frontend, target, client).await;
     let label = match &result {
         Ok(_) => "ok",
         Err(e) => e.failure.label(),
@@ -55,7 +56,12 @@ pub async fn dial(
     result
 }
 
-async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Dialed, DialError> {
+async fn dial_inner(
+    shared: &Shared,
+    frontend: &'static str,
+    target: &Target,
+    client: &str,
+) -> Result<Dialed, DialError> {
     shared.policy.check(target).map_err(|denial| DialError {
         failure: DialFailure::PolicyDenied,
         reason: format!("target {target} refused: {denial}"),
@@ -70,8 +76,22 @@ async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Di
                 failure: DialFailure::NoRoute,
                 reason: format!("no edge connected for {target}"),
             })?;
+        // TESTPLAN 17: every stream open is authorized, not only the handshake. A session
+        // whose certificate predates its node's revocation is closed and refused here, even
+        // before the revocation watcher gets to it.
+        if let (Some(list), Some(issued)) = (&shared.revocations, session.certificate_issued()) {
+            list.refresh();
+            use crate::routing::Routable;
+            if list.certificate_revoked(session.node(), issued) {
+                session.close();
+                return Err(DialError {
+                    failure: DialFailure::NoRoute,
+                    reason: format!("node {} for {target} is revoked", session.node()),
+                });
+            }
+        }
         let opened = {
-            let _pending = PendingGuard::new(&shared.metrics.dials_pending);
+            let _pending = shared.metrics.dial_pending(frontend);
             session.open(target, client, timeout).await
         };
         match opened {
@@ -95,24 +115,7 @@ async fn dial_inner(shared: &Shared, target: &Target, client: &str) -> Result<Di
     })
 }
 
-fn session_node(session: &EdgeSession) -> &str {
+fn session_node(session: &NodeSession) -> &str {
     use crate::routing::Routable;
     session.node().as_str()
-}
-
-/// Counts a dial as pending for as long as it lives, including when the client goes away and
-/// the dial future is dropped mid-flight.
-struct PendingGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
-
-impl<'a> PendingGuard<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
-        gauge.inc();
-        PendingGuard(gauge)
-    }
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }

@@ -6,10 +6,11 @@
 pub mod codec;
 mod config;
 mod proxy;
-// Generated code (tests/konnectivity_codegen.rs keeps it in step with the .proto).
+// Generated code (tests/konnectivity_codegen.rs keeps it in step with the .proto). The
+// agent endpoint (`crate::agent`) serves its `AgentService` half.
 #[allow(missing_docs, clippy::all)]
 #[rustfmt::skip]
-mod service;
+pub(crate) mod service;
 
 use std::io;
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ use tonic::transport::server::Connected;
 use tracing::{info, warn, Instrument};
 
 pub use config::KonnectivityConfig;
-pub use proxy::{ProxyFrontend, FRONTEND};
+pub use proxy::{PacketStream, ProxyFrontend, FRONTEND};
 
 use crate::server::Stop;
 use crate::Shared;
@@ -44,12 +45,23 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 /// Largest HTTP/2 frame the server accepts: 1 MiB (larger frames gave nothing on TLS).
 const MAX_FRAME: u32 = 1 << 20;
 /// Finished connections waiting for tonic to pick them up.
-const HANDOFF_QUEUE: usize = 64;
+pub(crate) const HANDOFF_QUEUE: usize = 64;
 
 /// Who is on the other end of a gRPC connection (`CN@addr` or `unix:uid=..`), for logs and
-/// the edge's audit line. Inserted into every request's extensions.
+/// the edge's audit line.
 #[derive(Clone, Debug)]
 pub struct ClientName(pub Arc<str>);
+
+/// What tonic inserts into the extensions of every request of one connection.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    /// For logs and audit lines.
+    pub client: ClientName,
+    /// The TCP peer (TLS forms only).
+    pub peer_addr: Option<std::net::SocketAddr>,
+    /// The client's leaf certificate (DER), already verified by rustls (TLS forms only).
+    pub peer_cert: Option<rustls::pki_types::CertificateDer<'static>>,
+}
 
 /// The frontend's bound listeners.
 pub struct Listeners {
@@ -185,7 +197,11 @@ async fn accept_unix(
         };
         let conn = FrontendConn {
             io: Io::Unix(stream),
-            client: ClientName(client.into()),
+            info: ConnInfo {
+                client: ClientName(client.into()),
+                peer_addr: None,
+                peer_cert: None,
+            },
             _slot: slot,
         };
         if handoff.send(Ok(conn)).await.is_err() {
@@ -194,7 +210,10 @@ async fn accept_unix(
     }
 }
 
-async fn accept_tls(
+/// Accept TLS connections (handshakes on their own tasks, each within `handshake_timeout`)
+/// and hand them to tonic through `handoff` until `stop.drain`. Shared with the agent
+/// endpoint.
+pub(crate) async fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
@@ -246,16 +265,23 @@ async fn accept_tls(
                     }
                 },
             };
-            let subject = tls
+            let peer_cert = tls
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|c| c.first())
+                .map(|der| der.clone().into_owned());
+            let subject = peer_cert
+                .as_ref()
                 .and_then(|der| tunnel_io::identity::common_name(der.as_ref()))
                 .unwrap_or_else(|| "?".into());
             let conn = FrontendConn {
                 io: Io::Tls(Box::new(tls)),
-                client: ClientName(format!("{subject}@{peer}").into()),
+                info: ConnInfo {
+                    client: ClientName(format!("{subject}@{peer}").into()),
+                    peer_addr: Some(peer),
+                    peer_cert,
+                },
                 _slot: slot,
             };
             let _ = handoff.send(Ok(conn)).await;
@@ -265,9 +291,9 @@ async fn accept_tls(
 
 /// One accepted frontend connection as tonic sees it; holds a connection slot until tonic
 /// drops it.
-struct FrontendConn {
+pub(crate) struct FrontendConn {
     io: Io,
-    client: ClientName,
+    info: ConnInfo,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -277,10 +303,10 @@ enum Io {
 }
 
 impl Connected for FrontendConn {
-    type ConnectInfo = ClientName;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> ClientName {
-        self.client.clone()
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
     }
 }
 

@@ -1,7 +1,9 @@
-//! The `[konnectivity]` section: where the gRPC frontend listens and its limits. Same
-//! fail-closed rules as `[connect]`: the TCP form needs a server certificate *and* a client
-//! CA, and the Unix socket is never accessible to other users. Dial, write and idle timeouts
-//! are shared with the CONNECT frontend (`connect.dial_timeout`, `connect.write_timeout`).
+//! The `[konnectivity]` section: where the gRPC frontend listens and its limits, and where
+//! stock Konnectivity agents attach (`agent_*`). Same fail-closed rules as `[connect]`: the
+//! TCP forms need a server certificate *and* a client CA (the agent listener defaults to the
+//! edge listener's, so it is never without one), and the Unix socket is never accessible to
+//! other users. Dial, write and idle timeouts are shared with the CONNECT frontend
+//! (`connect.dial_timeout`, `connect.write_timeout`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,7 +41,26 @@ pub struct KonnectivityConfig {
     /// Concurrent `Proxy` streams on one gRPC connection (HTTP/2 `MAX_CONCURRENT_STREAMS`).
     #[serde(default = "default_max_streams_per_connection")]
     pub max_streams_per_connection: u32,
+    /// TCP address where stock Konnectivity `proxy-agent`s connect
+    /// (`/AgentService/Connect`, TLS with a mandatory client certificate); absent = disabled.
+    pub agent_listen: Option<SocketAddr>,
+    /// Server certificate of the agent listener (default: `edge.cert`).
+    pub agent_cert: Option<PathBuf>,
+    /// Server key of the agent listener (default: `edge.key`).
+    pub agent_key: Option<PathBuf>,
+    /// CA of the agents' client certificates (default: `edge.client_ca`, the tunnel CA that
+    /// issues edge certificates). The certificate is the agent's identity.
+    pub agent_client_ca: Option<PathBuf>,
+    /// Bytes an agent may have sent for one connection that its frontend has not taken yet;
+    /// beyond, that connection alone is reset (the agent's stream is never paused).
+    #[serde(default = "default_agent_connection_buffer")]
+    pub agent_connection_buffer: usize,
 }
+
+/// Smallest `agent_connection_buffer`: 64 KiB, two of a stock agent's 32 KiB reads.
+pub const MIN_AGENT_CONNECTION_BUFFER: usize = 64 << 10;
+/// Largest `agent_connection_buffer`: 64 MiB.
+pub const MAX_AGENT_CONNECTION_BUFFER: usize = 64 << 20;
 
 fn default_socket_mode() -> u32 {
     0o600
@@ -52,6 +73,11 @@ fn default_first_packet_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     1024
+}
+fn default_agent_connection_buffer() -> usize {
+    // A slow reader may lag this far behind before its connection is reset: plenty for
+    // bursts, small enough that a few thousand connections of one agent stay bounded.
+    4 << 20
 }
 fn default_max_streams_per_connection() -> u32 {
     // Above what a busy kube-apiserver keeps open on its one connection (TESTPLAN 13: 500
@@ -67,6 +93,9 @@ impl KonnectivityConfig {
             &mut self.tcp_cert,
             &mut self.tcp_key,
             &mut self.tcp_client_ca,
+            &mut self.agent_cert,
+            &mut self.agent_key,
+            &mut self.agent_client_ca,
         ]
         .into_iter()
         .flatten()
@@ -79,9 +108,9 @@ impl KonnectivityConfig {
 
     /// Check the section's rules; the message names the key.
     pub fn validate(&self) -> Result<(), String> {
-        if self.unix_socket.is_none() && self.tcp_listen.is_none() {
+        if !self.serves_frontend() && self.agent_listen.is_none() {
             return Err(
-                "section `konnectivity`: set `unix_socket` or `tcp_listen` (or remove the section)"
+                "section `konnectivity`: set `unix_socket`, `tcp_listen` or `agent_listen` (or remove the section)"
                     .into(),
             );
         }
@@ -111,6 +140,7 @@ impl KonnectivityConfig {
                 }
             }
         }
+        self.validate_agent()?;
         for (key, d) in [
             ("konnectivity.handshake_timeout", self.handshake_timeout),
             (
@@ -129,5 +159,104 @@ impl KonnectivityConfig {
             );
         }
         Ok(())
+    }
+
+    /// Whether the `/ProxyService` frontend is enabled (Unix socket or mTLS TCP).
+    pub fn serves_frontend(&self) -> bool {
+        self.unix_socket.is_some() || self.tcp_listen.is_some()
+    }
+
+    fn validate_agent(&self) -> Result<(), String> {
+        let keys_without_listener = [
+            ("konnectivity.agent_cert", self.agent_cert.is_some()),
+            ("konnectivity.agent_key", self.agent_key.is_some()),
+            (
+                "konnectivity.agent_client_ca",
+                self.agent_client_ca.is_some(),
+            ),
+        ];
+        if self.agent_listen.is_none() {
+            if let Some((key, _)) = keys_without_listener.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "key `{key}` is set but `konnectivity.agent_listen` is not"
+                ));
+            }
+        }
+        if self.agent_cert.is_some() != self.agent_key.is_some() {
+            return Err(
+                "keys `konnectivity.agent_cert` and `konnectivity.agent_key` go together".into(),
+            );
+        }
+        for (key, value) in [
+            ("konnectivity.agent_cert", &self.agent_cert),
+            ("konnectivity.agent_key", &self.agent_key),
+            ("konnectivity.agent_client_ca", &self.agent_client_ca),
+        ] {
+            if let Some(p) = value {
+                if !p.is_file() {
+                    return Err(format!("key `{key}`: file {} not found", p.display()));
+                }
+            }
+        }
+        let buffer = self.agent_connection_buffer;
+        if !(MIN_AGENT_CONNECTION_BUFFER..=MAX_AGENT_CONNECTION_BUFFER).contains(&buffer) {
+            return Err(format!(
+                "key `konnectivity.agent_connection_buffer` must be {MIN_AGENT_CONNECTION_BUFFER}..={MAX_AGENT_CONNECTION_BUFFER} bytes"
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<KonnectivityConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["agent.pem", "agent-key.pem", "agent-ca.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let mut config: KonnectivityConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.resolve_paths(dir.path());
+        config.validate().map(|()| config)
+    }
+
+    #[test]
+    fn agent_listener_alone_is_valid_and_serves_no_frontend() {
+        let c = parse("agent_listen = \"127.0.0.1:0\"").unwrap();
+        assert!(!c.serves_frontend());
+        assert_eq!(c.agent_connection_buffer, 4 << 20);
+        let c = parse(
+            "agent_listen = \"127.0.0.1:0\"\nagent_cert = \"agent.pem\"\nagent_key = \"agent-key.pem\"\nagent_client_ca = \"agent-ca.pem\"",
+        )
+        .unwrap();
+        assert!(c.agent_client_ca.unwrap().is_absolute());
+    }
+
+    #[test]
+    fn agent_keys_fail_closed() {
+        for (text, key) in [
+            (
+                "unix_socket = \"k.sock\"\nagent_client_ca = \"agent-ca.pem\"",
+                "konnectivity.agent_client_ca",
+            ),
+            (
+                "agent_listen = \"127.0.0.1:0\"\nagent_cert = \"agent.pem\"",
+                "agent_key",
+            ),
+            (
+                "agent_listen = \"127.0.0.1:0\"\nagent_client_ca = \"missing.pem\"",
+                "konnectivity.agent_client_ca",
+            ),
+            (
+                "agent_listen = \"127.0.0.1:0\"\nagent_connection_buffer = 1024",
+                "konnectivity.agent_connection_buffer",
+            ),
+            ("agent_lisen = \"127.0.0.1:0\"", "agent_lisen"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 }

@@ -28,7 +28,7 @@ use tracing::{info, Instrument};
 use tunnel_io::pipe::{send_all, PipeConfig, PipeError};
 
 use super::service::proxy_service_server::ProxyService;
-use super::ClientName;
+use super::ConnInfo;
 use crate::frontend::dial::dial;
 use crate::routing::Routable;
 use crate::session::OpenStream;
@@ -77,8 +77,8 @@ impl ProxyService for ProxyFrontend {
     ) -> Result<Response<PacketStream>, Status> {
         let client = request
             .extensions()
-            .get::<ClientName>()
-            .map(|c| c.0.to_string())
+            .get::<ConnInfo>()
+            .map(|c| c.client.0.to_string())
             .unwrap_or_else(|| "konnectivity".into());
         let incoming = request.into_inner();
         let (outbox, stream) = outbox();
@@ -275,7 +275,7 @@ async fn serve_stream(
         return;
     }
 
-    shared.metrics.streams_open.inc();
+    let open = shared.metrics.stream_open(FRONTEND);
     let OpenStream { send, recv, slot } = dialed.stream;
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
@@ -289,7 +289,7 @@ async fn serve_stream(
         (&mut up_bytes, &mut down_bytes),
     )
     .await;
-    shared.metrics.streams_open.dec();
+    drop(open);
     drop(slot);
     shared.metrics.add_bytes(up_bytes, down_bytes);
     let result = match &ended {

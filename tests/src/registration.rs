@@ -1,0 +1,351 @@
+//! A server with the registration API enabled, and edges that join it: `tunnel-server run`
+//! with a `[registration]` section, `tunnel-server token create` / `node revoke` as the
+//! operator runs them, `tunnel-edge join` and `tunnel-edge run --state-dir` as a node runs
+//! them. Everything on 127.0.0.1 with kernel-chosen ports.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::pki::Pki;
+use crate::poll_until;
+use crate::process::ChildGuard;
+
+/// How long a server may take to write its ready file.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What differs between registration tests.
+#[derive(Debug, Clone)]
+pub struct RegistrationOptions {
+    /// `registration.cert_lifetime`.
+    pub cert_lifetime: &'static str,
+    /// `registration.rate.lockout_after`.
+    pub lockout_after: u32,
+    /// `policy.allowed_ports`.
+    pub allowed_ports: Vec<u16>,
+    /// `log.filter`.
+    pub log_filter: &'static str,
+}
+
+impl Default for RegistrationOptions {
+    fn default() -> Self {
+        RegistrationOptions {
+            cert_lifetime: "1h",
+            lockout_after: 100,
+            allowed_ports: vec![10250],
+            log_filter: "info",
+        }
+    }
+}
+
+/// A `tunnel-server run` process with the registration API.
+pub struct RegistrationServer {
+    /// Edge listener.
+    pub edge: SocketAddr,
+    /// mTLS CONNECT frontend.
+    pub connect_tcp: SocketAddr,
+    /// Registration API.
+    pub registration: SocketAddr,
+    /// The config file (for `token`/`node` commands).
+    pub config: PathBuf,
+    child: ChildGuard,
+    dir: tempfile::TempDir,
+}
+
+impl RegistrationServer {
+    /// Write the config, start the server, wait for its listeners.
+    pub async fn start(pki: &Pki, options: &RegistrationOptions) -> RegistrationServer {
+        let dir = tempfile::Builder::new()
+            .prefix("tether-reg-")
+            .tempdir()
+            .expect("server directory");
+        let l = &pki.layout;
+        let ports = options
+            .allowed_ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let toml = format!(
+            r#"
+[edge]
+listen = "127.0.0.1:0"
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+handshake_timeout = "5s"
+ping_interval = "500ms"
+ping_misses = 3
+
+[connect]
+tcp_listen = "127.0.0.1:0"
+tcp_cert = "{cert}"
+tcp_key = "{key}"
+tcp_client_ca = "{frontend_ca}"
+
+[policy]
+allowed_ports = [{ports}]
+
+[admin]
+listen = "127.0.0.1:0"
+
+[registration]
+listen = "127.0.0.1:0"
+token_file = "tokens.json"
+ca_cert = "{ca}"
+ca_key = "{ca_key}"
+cert_lifetime = "{lifetime}"
+
+[registration.rate]
+per_source_per_minute = 600
+per_token_per_minute = 600
+burst = 100
+lockout_after = {lockout_after}
+lockout = "5m"
+
+[log]
+filter = "{filter}"
+"#,
+            cert = l.server_cert().display(),
+            key = l.server_key().display(),
+            ca = l.ca_cert().display(),
+            ca_key = l.ca_key().display(),
+            frontend_ca = l.frontend_ca_cert().display(),
+            lifetime = options.cert_lifetime,
+            lockout_after = options.lockout_after,
+            filter = options.log_filter,
+        );
+        let config = dir.path().join("server.toml");
+        std::fs::write(&config, toml).expect("write server.toml");
+        let ready = dir.path().join("ready.json");
+        let mut command = Command::new(crate::binary("tunnel-server"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
+            .arg("--shutdown-grace")
+            .arg("1s");
+        let mut child = ChildGuard::spawn(
+            "tunnel-server (registration)",
+            command,
+            &dir.path().join("server.log"),
+        );
+        let addrs = poll_until(
+            "the server's ready file",
+            READY_TIMEOUT,
+            Duration::from_millis(20),
+            || {
+                if let Some(status) = child.exited() {
+                    panic!(
+                        "tunnel-server exited early ({status})\n{}",
+                        child.log_tail(40)
+                    );
+                }
+                let parsed = std::fs::read(&ready)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+                std::future::ready(parsed)
+            },
+        )
+        .await;
+        let addr = |key: &str| -> SocketAddr {
+            addrs[key]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("ready file: no `{key}` in {addrs}"))
+        };
+        RegistrationServer {
+            edge: addr("edge"),
+            connect_tcp: addr("connect_tcp"),
+            registration: addr("registration"),
+            config,
+            child,
+            dir,
+        }
+    }
+
+    /// The server's directory (token and revocation files live here).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the server logged.
+    pub fn log(&self) -> String {
+        self.child.log()
+    }
+
+    /// Run `tunnel-server ARGS --config <config>` as the operator; returns stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let output = Command::new(crate::binary("tunnel-server"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run tunnel-server");
+        assert!(
+            output.status.success(),
+            "tunnel-server {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    /// `tunnel-server token create` with `extra` arguments; returns the token.
+    pub fn create_token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["token", "create"];
+        args.extend_from_slice(extra);
+        self.admin(&args).trim().to_owned()
+    }
+
+    /// Count of lines in the log containing all of `needles`.
+    pub fn log_lines_with(&self, needles: &[&str]) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
+    /// Wait until the log has at least `n` lines containing all of `needles`.
+    pub async fn wait_log(&self, needles: &[&str], n: usize, timeout: Duration) {
+        let what = format!("{n} server log lines with {needles:?}");
+        poll_until(&what, timeout, Duration::from_millis(25), || {
+            std::future::ready((self.log_lines_with(needles) >= n).then_some(()))
+        })
+        .await
+    }
+}
+
+/// A node's state directory and its `tunnel-edge run` process.
+pub struct JoinedEdge {
+    /// The state directory.
+    pub state: PathBuf,
+    child: Option<ChildGuard>,
+    dir: tempfile::TempDir,
+}
+
+impl JoinedEdge {
+    /// A fresh (empty) state directory for a node.
+    pub fn new() -> JoinedEdge {
+        let dir = tempfile::Builder::new()
+            .prefix("tether-node-")
+            .tempdir()
+            .expect("node directory");
+        JoinedEdge {
+            state: dir.path().join("state"),
+            child: None,
+            dir,
+        }
+    }
+
+    /// `tunnel-edge join` with the token in a file; returns (success, stdout + stderr).
+    pub fn join(
+        &self,
+        pki: &Pki,
+        server: &RegistrationServer,
+        token: &str,
+        node: &str,
+        ips: &[&str],
+        extra: &[&str],
+    ) -> (bool, String) {
+        let token_file = self.dir.path().join("token");
+        std::fs::write(&token_file, token).expect("write token file");
+        let mut command = Command::new(crate::binary("tunnel-edge"));
+        command
+            .arg("join")
+            .arg("--server")
+            .arg(format!("https://{}", server.registration))
+            .arg("--server-name")
+            .arg("127.0.0.1")
+            .arg("--ca")
+            .arg(pki.layout.ca_cert())
+            .arg("--token-file")
+            .arg(&token_file)
+            .arg("--node-name")
+            .arg(node)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .env("RUST_BACKTRACE", "0");
+        for ip in ips {
+            command.arg("--node-ip").arg(ip);
+        }
+        let output = command.output().expect("run tunnel-edge join");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status.success(), text)
+    }
+
+    /// Start `tunnel-edge run --state-dir` against `server`'s edge listener, allowing `ports`
+    /// on itself, logging at `filter`.
+    pub fn run(&mut self, server: &RegistrationServer, ports: &[u16], filter: &str) {
+        let ports = ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let config = self.dir.path().join("edge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[server]
+address = "{edge}"
+connect_timeout = "5s"
+[reconnect]
+min = "50ms"
+max = "300ms"
+stable_after = "2s"
+[liveness]
+ping_interval = "500ms"
+ping_misses = 3
+[dial]
+self_host = "127.0.0.1"
+[allow]
+ports = [{ports}]
+[log]
+filter = "{filter}"
+"#,
+                edge = server.edge
+            ),
+        )
+        .expect("write edge.toml");
+        let mut command = Command::new(crate::binary("tunnel-edge"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(&self.state);
+        self.child = Some(ChildGuard::spawn(
+            "tunnel-edge (joined)",
+            command,
+            &self.dir.path().join("edge.log"),
+        ));
+    }
+
+    /// Everything the running edge logged.
+    pub fn log(&self) -> String {
+        self.child.as_ref().map(ChildGuard::log).unwrap_or_default()
+    }
+
+    /// Stop the edge process.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill();
+        }
+    }
+}
+
+impl Default for JoinedEdge {
+    fn default() -> Self {
+        JoinedEdge::new()
+    }
+}

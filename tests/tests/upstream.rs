@@ -1,0 +1,181 @@
+//! Edge → cloud upstreams, in process with real TLS on 127.0.0.1: a client on the edge's
+//! loopback forward port reaches an HTTPS "apiserver" that only the *server* names, with a
+//! checksummed transfer inside end-to-end TLS; an upstream the server does not list is
+//! refused.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use protocol::NodeName;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tunnel_server::demo_kubelet::DemoKubelet;
+use tunnel_server::pki::{self, Ca};
+
+const NODE: &str = "edge-up";
+const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+
+struct Rig {
+    _dir: tempfile::TempDir,
+    server: tunnel_server::RunningServer,
+    apiserver: DemoKubelet,
+    apiserver_tls: Arc<rustls::ClientConfig>,
+    forwards: Vec<SocketAddr>,
+    cancel: CancellationToken,
+}
+
+async fn start() -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let layout = pki::init_ca_dir(d, &[], &[], pki::SERVER_VALIDITY, true).unwrap();
+    let ca = Ca::load(&layout.ca_cert(), &layout.ca_key()).unwrap();
+    let node = NodeName::parse(NODE).unwrap();
+    let edge_cert = ca
+        .issue_edge(&node, &[NODE_IP], pki::EDGE_VALIDITY)
+        .unwrap();
+    pki::write_pem(&d.join("edge.pem"), &edge_cert.cert_pem, false, true).unwrap();
+    pki::write_pem(&d.join("edge-key.pem"), &edge_cert.key_pem, true, true).unwrap();
+    // The "apiserver": HTTPS with its own CA, so the tunnel provably does not terminate TLS.
+    let api_ca = Ca::generate("test apiserver CA", pki::CA_VALIDITY).unwrap();
+    let api_cert = api_ca
+        .issue_server(&["localhost".into()], &[], pki::SERVER_VALIDITY)
+        .unwrap();
+    let apiserver = DemoKubelet::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &api_cert.cert_pem,
+        &api_cert.key_pem,
+    )
+    .await
+    .unwrap();
+    let apiserver_tls = Arc::new(tunnel_server::client::trust_only(api_ca.cert_pem()).unwrap());
+
+    std::fs::write(
+        d.join("server.toml"),
+        format!(
+            "[edge]\nlisten = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
+             [connect]\nunix_socket = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [upstreams]\nkube-apiserver = \"{}\"\n",
+            d.join("connect.sock").display(),
+            apiserver.addr
+        ),
+    )
+    .unwrap();
+    let config = tunnel_server::config::ServerConfig::load(&d.join("server.toml")).unwrap();
+    let server = tunnel_server::RunningServer::start(config).await.unwrap();
+    std::fs::write(
+        d.join("edge.toml"),
+        format!(
+            "[server]\naddress = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"kube-apiserver\"\n\
+             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"etcd\"\n",
+            server.addrs.edge
+        ),
+    )
+    .unwrap();
+    let edge_config = tunnel_edge::EdgeConfig::load(&d.join("edge.toml")).unwrap();
+    let rules = edge_config.forward.clone();
+    let edge = Arc::new(tunnel_edge::Edge::new(edge_config).unwrap());
+    let cancel = CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let forwards = tunnel_edge::forward::Forwarder::new(edge.clone())
+        .start(&rules, &tracker, cancel.clone())
+        .await
+        .unwrap();
+    tokio::spawn(edge.run(Arc::default(), cancel.clone()));
+    Rig {
+        _dir: dir,
+        server,
+        apiserver,
+        apiserver_tls,
+        forwards,
+        cancel,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_forward_reaches_the_https_apiserver_with_a_checksummed_transfer() {
+    let rig = start().await;
+    // Plain request first: TLS to the apiserver end to end through the forward port.
+    let tunnel = TcpStream::connect(rig.forwards[0]).await.unwrap();
+    let (status, body) = tunnel_server::client::https_get(
+        tunnel,
+        rig.apiserver_tls.clone(),
+        "localhost",
+        "/healthz",
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, body.trim()), (200, "ok"));
+
+    // Then 4 MiB echoed over an upgraded connection, SHA-256 on both sides of the exchange.
+    let tcp = TcpStream::connect(rig.forwards[0]).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(rig.apiserver_tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /exec/x HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: tether-echo\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tls.read_u8().await.unwrap());
+        assert!(head.len() < 4096);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let payload: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let sent = Sha256::digest(&payload);
+    let (mut r, mut w) = tokio::io::split(tls);
+    let writer = tokio::spawn(async move {
+        w.write_all(&payload).await.unwrap();
+        w
+    });
+    let mut echoed = vec![0u8; 4 << 20];
+    tokio::time::timeout(Duration::from_secs(30), r.read_exact(&mut echoed))
+        .await
+        .expect("echo within 30 s")
+        .unwrap();
+    assert_eq!(Sha256::digest(&echoed), sent, "echo differs");
+    drop(writer.await.unwrap());
+    rig.cancel.cancel();
+    rig.server.shutdown(Duration::from_secs(2)).await;
+    rig.apiserver.shutdown();
+}
+
+#[tokio::test]
+async fn an_upstream_the_server_does_not_list_is_refused() {
+    let rig = start().await;
+    let mut socket = TcpStream::connect(rig.forwards[1]).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read(&mut buf))
+        .await
+        .expect("the refused forward closes promptly");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "no byte may come from an unlisted upstream: {read:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The listed upstream still works on the same upstream connection afterwards.
+    let tunnel = TcpStream::connect(rig.forwards[0]).await.unwrap();
+    let (status, _) = tunnel_server::client::https_get(
+        tunnel,
+        rig.apiserver_tls.clone(),
+        "localhost",
+        "/healthz",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    rig.cancel.cancel();
+    rig.server.shutdown(Duration::from_secs(2)).await;
+}

@@ -1,0 +1,474 @@
+//! Joining and renewing: the node's side of the registration API. `join` generates a key on
+//! the node (it never leaves), sends a CSR with the bootstrap token, and writes what comes back
+//! into the state directory; `renew` does the same authenticated by the current certificate.
+//! The state directory is what `tunnel-edge run --state-dir` reads.
+//!
+//! State directory (0700): `key.pem` (0600), `cert.pem`, `ca.pem`, `node.json` (node name,
+//! IPs, pool, labels, taints, extra ports, endpoints, registration server) and `kubelet.env`
+//! (`KUBELET_EXTRA_ARGS` with the pool's `--node-labels` and `--register-with-taints`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rustls::pki_types::ServerName;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tunnel_io::registration::pb::registration_client::RegistrationClient;
+use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
+use tunnel_io::registration::ALPN_REGISTRATION;
+use tunnel_io::secret::Secret;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
+/// The registration API's default port (the load balancer's HTTPS port).
+pub const DEFAULT_REGISTRATION_PORT: u16 = 443;
+/// Deadline of one registration call, connection included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the node learned when it joined, kept in `node.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeState {
+    /// The node name (the certificate's identity).
+    pub node_name: String,
+    /// The node IPs in the certificate.
+    pub node_ips: Vec<IpAddr>,
+    /// Node pool.
+    pub pool: String,
+    /// Kubelet labels of the pool.
+    pub labels: BTreeMap<String, String>,
+    /// Kubelet taints of the pool.
+    pub taints: Vec<String>,
+    /// Extra local ports the pool allows this edge to dial.
+    pub extra_ports: Vec<u16>,
+    /// Tunnel endpoints the server advertised.
+    pub tunnel_endpoints: Vec<String>,
+    /// The registration API (`host:port`), for renewal.
+    pub registration_server: String,
+    /// Name verified in the server certificate.
+    pub server_name: String,
+}
+
+/// Files of a state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    /// The directory.
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    /// The state directory at `dir`.
+    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
+        StateDir { dir: dir.into() }
+    }
+    /// The node's private key.
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("key.pem")
+    }
+    /// The node's certificate.
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("cert.pem")
+    }
+    /// The tunnel CA bundle.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    /// `node.json`.
+    pub fn node(&self) -> PathBuf {
+        self.dir.join("node.json")
+    }
+    /// `kubelet.env`.
+    pub fn kubelet_env(&self) -> PathBuf {
+        self.dir.join("kubelet.env")
+    }
+
+    /// Read `node.json`.
+    pub fn load(&self) -> anyhow::Result<NodeState> {
+        let path = self.node();
+        let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
+    }
+}
+
+/// What `tunnel-edge join` was asked.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// Registration API, `https://host[:port]` or `host[:port]`.
+    pub server: String,
+    /// Name to verify in its certificate (default: the host).
+    pub server_name: Option<String>,
+    /// CA bundle to verify it with.
+    pub ca: PathBuf,
+    /// The bootstrap token.
+    pub token: Secret,
+    /// This node's name.
+    pub node_name: String,
+    /// This node's IPs.
+    pub node_ips: Vec<IpAddr>,
+    /// Where to write the results.
+    pub state: StateDir,
+    /// Join again even if the state directory already holds a valid identity.
+    pub force: bool,
+}
+
+/// Result of a join.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Joined {
+    /// New credentials written.
+    Joined,
+    /// The state directory already holds a valid certificate for this identity.
+    AlreadyJoined,
+}
+
+/// Split `https://host[:port]` or `host[:port]` (port 443 by default).
+pub fn parse_registration_server(server: &str) -> anyhow::Result<(String, u16)> {
+    let rest = server
+        .strip_prefix("https://")
+        .unwrap_or(server)
+        .trim_end_matches('/');
+    anyhow::ensure!(
+        !rest.contains("://"),
+        "--server {server:?}: only https:// is supported"
+    );
+    let with_port = if rest.starts_with('[') && !rest.contains("]:")
+        || !rest.starts_with('[') && !rest.contains(':')
+    {
+        format!("{rest}:{DEFAULT_REGISTRATION_PORT}")
+    } else {
+        rest.to_owned()
+    };
+    crate::config::split_host_port(&with_port).map_err(anyhow::Error::msg)
+}
+
+/// A fresh ECDSA P-256 key and a CSR naming `node` and `ips` (the server ignores nothing but
+/// also trusts nothing in it: it refuses a CSR that names anyone else).
+fn key_and_csr(node: &str, ips: &[IpAddr]) -> anyhow::Result<(rcgen::KeyPair, Vec<u8>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![node.to_owned()])?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, node);
+    for ip in ips {
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(*ip));
+    }
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+/// A gRPC client of the registration API over our own TLS (TLS 1.3, ALPN h2), optionally
+/// presenting a client certificate.
+async fn client(
+    host: &str,
+    port: u16,
+    server_name: &str,
+    tls: rustls::ClientConfig,
+) -> anyhow::Result<RegistrationClient<tonic::transport::Channel>> {
+    let name: ServerName<'static> =
+        tunnel_io::tls::server_name(server_name).map_err(anyhow::Error::msg)?;
+    let connector = TlsConnector::from(Arc::new(tls));
+    let address = format!("{host}:{port}");
+    let connect = tower::service_fn(move |_: http::Uri| {
+        let (connector, name, address) = (connector.clone(), name.clone(), address.clone());
+        async move {
+            let tcp = TcpStream::connect(&address).await?;
+            tunnel_io::set_nodelay(&tcp);
+            let tls = connector.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    // The URI only names the authority for HTTP/2; the connector above does the dialing.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{server_name}:{port}"))?
+        .connect_timeout(CALL_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .connect_with_connector(connect)
+        .await
+        .with_context(|| format!("connect to the registration API at {host}:{port}"))?;
+    Ok(RegistrationClient::new(channel)
+        .max_decoding_message_size(tunnel_io::registration::MAX_MESSAGE))
+}
+
+fn tls_config(ca: &Path, identity: Option<(&Path, &Path)>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut config = match identity {
+        Some((cert, key)) => tunnel_io::tls::client_config_mtls(ca, cert, key, &[])?,
+        None => rustls::ClientConfig::builder_with_provider(tunnel_io::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(tunnel_io::tls::load_roots(ca)?)
+            .with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_REGISTRATION.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+/// Whether the state directory holds a currently valid certificate for exactly this identity.
+fn already_joined(state: &StateDir, node: &str, ips: &[IpAddr]) -> bool {
+    let Ok(s) = state.load() else {
+        return false;
+    };
+    let mut want = ips.to_vec();
+    want.sort();
+    let mut have = s.node_ips.clone();
+    have.sort();
+    if s.node_name != node || have != want || !state.key().is_file() {
+        return false;
+    }
+    match certificate_window(&state.cert()) {
+        Ok((_, not_after)) => unix_now() < not_after,
+        Err(_) => false,
+    }
+}
+
+/// Join (or confirm an existing join). Errors say only what the node can know: a refused
+/// join is "registration refused", whatever the server's reason was.
+pub async fn join(options: &JoinOptions) -> anyhow::Result<Joined> {
+    protocol::NodeName::parse(&options.node_name)
+        .map_err(|e| anyhow::anyhow!("--node-name {:?}: {e}", options.node_name))?;
+    if !options.force && already_joined(&options.state, &options.node_name, &options.node_ips) {
+        return Ok(Joined::AlreadyJoined);
+    }
+    let (host, port) = parse_registration_server(&options.server)?;
+    let server_name = options.server_name.clone().unwrap_or_else(|| host.clone());
+    let (key, csr_der) = key_and_csr(&options.node_name, &options.node_ips)?;
+    let mut client = client(&host, port, &server_name, tls_config(&options.ca, None)?).await?;
+    let request = JoinRequest {
+        token: options.token.expose().to_owned(),
+        node_name: options.node_name.clone(),
+        node_ips: options.node_ips.iter().map(IpAddr::to_string).collect(),
+        csr_der,
+    };
+    let credentials = client
+        .join(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("join refused: {}", status.message()))?
+        .into_inner();
+    let state = NodeState {
+        node_name: options.node_name.clone(),
+        node_ips: options.node_ips.clone(),
+        pool: credentials.pool.clone(),
+        labels: credentials.labels.clone().into_iter().collect(),
+        taints: credentials.taints.clone(),
+        extra_ports: credentials
+            .extra_ports
+            .iter()
+            .filter_map(|p| u16::try_from(*p).ok().filter(|p| *p != 0))
+            .collect(),
+        tunnel_endpoints: credentials.tunnel_endpoints.clone(),
+        registration_server: format!("{host}:{port}"),
+        server_name,
+    };
+    write_state(&options.state, &key, &credentials, Some(&state))?;
+    Ok(Joined::Joined)
+}
+
+/// One raw `Join` call (tests and tools): `server` is `host:port`, `ca` verifies it.
+pub async fn call_join(
+    server: &str,
+    server_name: &str,
+    ca: &Path,
+    request: JoinRequest,
+) -> anyhow::Result<Result<Credentials, tonic::Status>> {
+    let (host, port) = parse_registration_server(server)?;
+    let mut client = client(&host, port, server_name, tls_config(ca, None)?).await?;
+    Ok(client.join(request).await.map(tonic::Response::into_inner))
+}
+
+/// One raw `Renew` call presenting `cert`/`key` (tests and tools).
+pub async fn call_renew(
+    server: &str,
+    server_name: &str,
+    ca: &Path,
+    identity: (&Path, &Path),
+    request: RenewRequest,
+) -> anyhow::Result<Result<Credentials, tonic::Status>> {
+    let (host, port) = parse_registration_server(server)?;
+    let mut client = client(&host, port, server_name, tls_config(ca, Some(identity))?).await?;
+    Ok(client.renew(request).await.map(tonic::Response::into_inner))
+}
+
+/// A fresh key and a CSR for `node` and `ips`, DER (tests and tools).
+pub fn new_csr(node: &str, ips: &[IpAddr]) -> anyhow::Result<(rcgen::KeyPair, Vec<u8>)> {
+    key_and_csr(node, ips)
+}
+
+/// Renew with the current certificate; writes the new key and certificate in place.
+pub async fn renew(state_dir: &StateDir) -> anyhow::Result<()> {
+    let state = state_dir.load()?;
+    let (host, port) =
+        crate::config::split_host_port(&state.registration_server).map_err(anyhow::Error::msg)?;
+    let tls = tls_config(&state_dir.ca(), Some((&state_dir.cert(), &state_dir.key())))?;
+    let (key, csr_der) = key_and_csr(&state.node_name, &state.node_ips)?;
+    let mut client = client(&host, port, &state.server_name, tls).await?;
+    let credentials = client
+        .renew(RenewRequest { csr_der })
+        .await
+        .map_err(|status| anyhow::anyhow!("renewal refused: {}", status.message()))?
+        .into_inner();
+    write_state(state_dir, &key, &credentials, None)
+}
+
+fn write_state(
+    state: &StateDir,
+    key: &rcgen::KeyPair,
+    credentials: &Credentials,
+    node: Option<&NodeState>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&state.dir)
+        .with_context(|| format!("create {}", state.dir.display()))?;
+    std::fs::set_permissions(&state.dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("chmod 0700 {}", state.dir.display()))?;
+    anyhow::ensure!(
+        !tunnel_io::tls::certs_from_pem(credentials.certificate_pem.as_bytes()).is_empty()
+            && !tunnel_io::tls::certs_from_pem(credentials.ca_bundle_pem.as_bytes()).is_empty(),
+        "the server's answer holds no certificate"
+    );
+    write_file(&state.ca(), credentials.ca_bundle_pem.as_bytes(), 0o644)?;
+    // Key first, then certificate: a reader between the two renames sees a new key with the
+    // old certificate and fails the TLS setup, then retries; never a silent mix-up.
+    write_file(&state.key(), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&state.cert(), credentials.certificate_pem.as_bytes(), 0o644)?;
+    if let Some(node) = node {
+        write_file(&state.node(), &serde_json::to_vec_pretty(node)?, 0o644)?;
+        let labels: Vec<String> = node
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut args = Vec::new();
+        if !labels.is_empty() {
+            args.push(format!("--node-labels={}", labels.join(",")));
+        }
+        if !node.taints.is_empty() {
+            args.push(format!("--register-with-taints={}", node.taints.join(",")));
+        }
+        let env = format!("KUBELET_EXTRA_ARGS=\"{}\"\n", args.join(" "));
+        write_file(&state.kubelet_env(), env.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// Write a file atomically with `mode` (set before it appears at its path).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
+    ));
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tmp);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .with_context(|| format!("create {}", tmp.display()))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
+
+/// Fill `config` from a state directory: CA, certificate and key (where not set), the server
+/// address (first advertised endpoint, where not set) and the pool's extra ports.
+pub fn apply_state(config: &mut crate::EdgeConfig, state: &StateDir) -> anyhow::Result<()> {
+    let node = state.load()?;
+    let s = &mut config.server;
+    s.ca.get_or_insert_with(|| state.ca());
+    s.cert.get_or_insert_with(|| state.cert());
+    s.key.get_or_insert_with(|| state.key());
+    if s.address.is_none() && s.addresses.is_empty() {
+        s.address = node.tunnel_endpoints.first().cloned();
+    }
+    if s.server_name.is_none() {
+        s.server_name = Some(node.server_name.clone());
+    }
+    for port in node.extra_ports {
+        if !config.allow.ports.contains(&port) {
+            config.allow.ports.push(port);
+        }
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// `(issued, not_after)` of the first certificate in a PEM file, Unix seconds. `issued` is
+/// `notBefore` plus the server's 5-minute backdating (see tunnel-server's pki).
+pub fn certificate_window(path: &Path) -> anyhow::Result<(i64, i64)> {
+    let certs = tunnel_io::tls::load_certs(path)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(certs[0].as_ref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let validity = cert.validity();
+    Ok((
+        validity.not_before.timestamp() + 300,
+        validity.not_after.timestamp(),
+    ))
+}
+
+/// When to renew a certificate valid over `(issued, not_after)`: at two thirds of its lifetime,
+/// moved by up to ±`jitter` (a fraction of the lifetime) so a fleet joined together does not
+/// renew together.
+pub fn renewal_due(issued: i64, not_after: i64, jitter: f64, unit: f64) -> i64 {
+    let lifetime = (not_after - issued).max(1) as f64;
+    let offset = lifetime * (2.0 / 3.0 + jitter * (2.0 * unit - 1.0));
+    issued + offset.round() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_server_forms() {
+        assert_eq!(
+            parse_registration_server("https://lb.example").unwrap(),
+            ("lb.example".into(), 443)
+        );
+        assert_eq!(
+            parse_registration_server("https://lb.example:8443/").unwrap(),
+            ("lb.example".into(), 8443)
+        );
+        assert_eq!(
+            parse_registration_server("127.0.0.1:9443").unwrap(),
+            ("127.0.0.1".into(), 9443)
+        );
+        assert_eq!(
+            parse_registration_server("https://[::1]").unwrap(),
+            ("::1".into(), 443)
+        );
+        assert!(parse_registration_server("http://lb").is_err());
+    }
+
+    #[test]
+    fn renewal_at_two_thirds_with_bounded_jitter() {
+        assert_eq!(renewal_due(0, 300, 0.0, 0.5), 200);
+        assert_eq!(renewal_due(0, 300, 0.1, 0.0), 170);
+        assert_eq!(renewal_due(0, 300, 0.1, 1.0), 230);
+    }
+
+    #[test]
+    fn csr_names_only_this_node() {
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        let (_, der) = key_and_csr("node-a", &[ip]).unwrap();
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&der.into()).unwrap();
+        assert_eq!(csr.params.subject_alt_names.len(), 2);
+    }
+}

@@ -1,0 +1,224 @@
+//! `tunnel-server token create|list|revoke` and `tunnel-server node revoke`: the operator's
+//! side of the token and revocation files. The files are found through the server config's
+//! `[registration]` section (`--config`) or named directly (`--file`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::config::ServerConfig;
+use crate::tokens::{self, NodePool, DEFAULT_TOKEN_TTL};
+
+/// Which file to work on.
+#[derive(Args, Debug)]
+pub struct FileArgs {
+    /// The server config; its `[registration]` section names the file.
+    #[arg(long, short, env = "TETHER_CONFIG", conflicts_with = "file")]
+    pub config: Option<PathBuf>,
+    /// The file itself.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+}
+
+/// Bootstrap tokens.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token and print it (the only time the secret is shown).
+    Create {
+        #[command(flatten)]
+        files: FileArgs,
+        /// Node pool name.
+        #[arg(long, default_value = "default")]
+        pool: String,
+        /// Kubelet label for nodes of the pool, `key=value`; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Kubelet taint for nodes of the pool, `key=value:Effect`; repeatable.
+        #[arg(long = "taint")]
+        taints: Vec<String>,
+        /// Extra local port the pool's edges may dial on themselves; repeatable.
+        #[arg(long = "extra-port")]
+        extra_ports: Vec<u16>,
+        /// Lifetime of the token.
+        #[arg(long, value_parser = humantime, default_value = "24h")]
+        ttl: Duration,
+        /// Joins allowed (default: unlimited until expiry).
+        #[arg(long)]
+        usage_limit: Option<u32>,
+        /// Node names allowed, glob with `*` (default: any).
+        #[arg(long)]
+        node_name_pattern: Option<String>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List tokens (IDs, pools, expiry, uses; never secrets).
+    List {
+        #[command(flatten)]
+        files: FileArgs,
+    },
+    /// Revoke a token by ID.
+    Revoke {
+        #[command(flatten)]
+        files: FileArgs,
+        /// The token ID (the part before the dot).
+        id: String,
+    },
+}
+
+/// Nodes.
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// Remove a node: close its sessions, refuse its certificates and its re-joins until it
+    /// is re-admitted with a token created after now.
+    Revoke {
+        #[command(flatten)]
+        files: FileArgs,
+        /// The node name.
+        name: String,
+    },
+}
+
+fn humantime(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn registration(files: &FileArgs) -> anyhow::Result<crate::registration::RegistrationConfig> {
+    let config = files
+        .config
+        .as_ref()
+        .context("give --config SERVER.toml or --file FILE")?;
+    let config = ServerConfig::load(config)?;
+    config
+        .registration
+        .context("the server config has no [registration] section")
+}
+
+fn token_file(files: &FileArgs) -> anyhow::Result<PathBuf> {
+    match &files.file {
+        Some(f) => Ok(f.clone()),
+        None => Ok(registration(files)?.token_file),
+    }
+}
+
+fn revocation_file(files: &FileArgs) -> anyhow::Result<PathBuf> {
+    match &files.file {
+        Some(f) => Ok(f.clone()),
+        None => Ok(registration(files)?.revocation_path()),
+    }
+}
+
+/// Run a `token` command.
+pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create {
+            files,
+            pool,
+            labels,
+            taints,
+            extra_ports,
+            ttl,
+            usage_limit,
+            node_name_pattern,
+            description,
+        } => {
+            let path = token_file(&files)?;
+            let mut label_map = BTreeMap::new();
+            for label in labels {
+                let (k, v) = label
+                    .split_once('=')
+                    .with_context(|| format!("--label {label:?}: want key=value"))?;
+                label_map.insert(k.to_owned(), v.to_owned());
+            }
+            if let Some(port) = extra_ports.iter().find(|p| **p == 0) {
+                anyhow::bail!("--extra-port {port}: not a port");
+            }
+            let pool = NodePool {
+                name: pool,
+                labels: label_map,
+                taints,
+                extra_ports,
+            };
+            let ttl = if ttl.is_zero() {
+                DEFAULT_TOKEN_TTL
+            } else {
+                ttl
+            };
+            let (token, record) = tokens::create(
+                &path,
+                pool,
+                ttl,
+                usage_limit,
+                node_name_pattern,
+                description,
+            )?;
+            eprintln!(
+                "token {} for pool {:?} in {} (expires at Unix time {})",
+                record.id,
+                record.pool.name,
+                path.display(),
+                record.expires_unix
+            );
+            // The one place a secret is printed: stdout, for the operator to hand to the node.
+            println!("{}", token.expose());
+            Ok(())
+        }
+        TokenCommand::List { files } => {
+            let path = token_file(&files)?;
+            let now = tokens::unix_now();
+            println!("ID      POOL            USES  LIMIT  EXPIRES_IN  STATE    PATTERN");
+            for (r, uses) in tokens::list(&path)? {
+                let state = if r.revoked {
+                    "revoked"
+                } else if now >= r.expires_unix {
+                    "expired"
+                } else if r.usage_limit.is_some_and(|l| uses >= l) {
+                    "used-up"
+                } else {
+                    "active"
+                };
+                let left = r.expires_unix.saturating_sub(now);
+                println!(
+                    "{:<7} {:<15} {:<5} {:<6} {:<11} {:<8} {}",
+                    r.id,
+                    r.pool.name,
+                    uses,
+                    r.usage_limit
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    format!("{}s", left),
+                    state,
+                    r.node_name_pattern.as_deref().unwrap_or("*"),
+                );
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { files, id } => {
+            let path = token_file(&files)?;
+            tokens::revoke(&path, &id)?;
+            println!("token {id} revoked");
+            Ok(())
+        }
+    }
+}
+
+/// Run a `node` command.
+pub fn run_node(command: NodeCommand) -> anyhow::Result<()> {
+    match command {
+        NodeCommand::Revoke { files, name } => {
+            let node = protocol::NodeName::parse(&name)
+                .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?;
+            let path = revocation_file(&files)?;
+            let at = crate::revocation::revoke_node(&path, &node)?;
+            println!(
+                "node {node} revoked at Unix time {at} ({}); servers close its sessions within {:?}",
+                path.display(),
+                crate::revocation::POLL_INTERVAL * 2
+            );
+            Ok(())
+        }
+    }
+}

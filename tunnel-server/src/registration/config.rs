@@ -1,0 +1,173 @@
+//! The `[registration]` section: where the registration API listens, the files it reads
+//! (token store, tunnel CA, revocation list), certificate lifetime and join rate limits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The registration API's default port: the load balancer's HTTPS port.
+pub const DEFAULT_REGISTRATION_PORT: u16 = 443;
+
+/// `[registration]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrationConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Server certificate (PEM); defaults to `edge.cert`.
+    pub cert: Option<PathBuf>,
+    /// Server key (PEM); defaults to `edge.key`.
+    pub key: Option<PathBuf>,
+    /// The token file managed with `tunnel-server token create|list|revoke`.
+    pub token_file: PathBuf,
+    /// The tunnel CA certificate (`ca init`'s `ca.pem`): signs node certificates.
+    pub ca_cert: PathBuf,
+    /// The tunnel CA key (`ca-key.pem`), for example from a Kubernetes Secret shared by
+    /// every replica.
+    pub ca_key: PathBuf,
+    /// The revocation file written by `tunnel-server node revoke`; absent = `revoked.json`
+    /// beside the token file.
+    pub revocation_file: Option<PathBuf>,
+    /// Lifetime of node certificates; edges renew at about two thirds of it.
+    #[serde(default = "default_cert_lifetime", with = "humantime_serde")]
+    pub cert_lifetime: Duration,
+    /// Tunnel endpoints told to joining nodes (`host:port`, the load balancer's port 9000).
+    #[serde(default)]
+    pub tunnel_endpoints: Vec<String>,
+    /// Time allowed for a TLS handshake.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections served at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Join throttling.
+    #[serde(default)]
+    pub rate: RateConfig,
+}
+
+/// `[registration.rate]`: join attempts allowed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    /// Attempts per minute from one source address.
+    #[serde(default = "default_per_source")]
+    pub per_source_per_minute: u32,
+    /// Attempts per minute at one token ID, from anywhere.
+    #[serde(default = "default_per_token")]
+    pub per_token_per_minute: u32,
+    /// Attempts allowed at once before the per-minute rates apply.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+    /// Failed attempts from one source (within `lockout`) after which it is locked out.
+    #[serde(default = "default_lockout_after")]
+    pub lockout_after: u32,
+    /// How long a lockout lasts.
+    #[serde(default = "default_lockout", with = "humantime_serde")]
+    pub lockout: Duration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], DEFAULT_REGISTRATION_PORT))
+}
+fn default_cert_lifetime() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_per_source() -> u32 {
+    30
+}
+fn default_per_token() -> u32 {
+    30
+}
+fn default_burst() -> u32 {
+    10
+}
+fn default_lockout_after() -> u32 {
+    5
+}
+fn default_lockout() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        RateConfig {
+            per_source_per_minute: default_per_source(),
+            per_token_per_minute: default_per_token(),
+            burst: default_burst(),
+            lockout_after: default_lockout_after(),
+            lockout: default_lockout(),
+        }
+    }
+}
+
+impl RegistrationConfig {
+    /// Anchor relative paths at `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.token_file);
+        fix(&mut self.ca_cert);
+        fix(&mut self.ca_key);
+        for p in [&mut self.cert, &mut self.key, &mut self.revocation_file]
+            .into_iter()
+            .flatten()
+        {
+            fix(p);
+        }
+    }
+
+    /// The revocation file in effect.
+    pub fn revocation_path(&self) -> PathBuf {
+        self.revocation_file.clone().unwrap_or_else(|| {
+            self.token_file
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("revoked.json")
+        })
+    }
+
+    /// Check the section; messages name the key.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, path) in [
+            ("registration.ca_cert", &self.ca_cert),
+            ("registration.ca_key", &self.ca_key),
+        ] {
+            if !path.is_file() {
+                return Err(format!("key `{key}`: file {} not found", path.display()));
+            }
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("keys `registration.cert` and `registration.key` go together".into());
+        }
+        if self.cert_lifetime < Duration::from_secs(2) {
+            return Err("key `registration.cert_lifetime` must be at least 2s".into());
+        }
+        if self.handshake_timeout.is_zero() || self.max_connections == 0 {
+            return Err(
+                "keys `registration.handshake_timeout` and `registration.max_connections` must be > 0"
+                    .into(),
+            );
+        }
+        let r = &self.rate;
+        if r.per_source_per_minute == 0
+            || r.per_token_per_minute == 0
+            || r.burst == 0
+            || r.lockout_after == 0
+        {
+            return Err("keys in `registration.rate` must be > 0".into());
+        }
+        Ok(())
+    }
+}

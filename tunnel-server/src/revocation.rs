@@ -1,0 +1,211 @@
+//! Node removal: the revocation file (`tunnel-server node revoke NAME` writes it; every
+//! replica watches it), and the checks that follow from it. A node revoked at time T has every
+//! certificate issued at or before T refused (session handshakes, renewals) and its live
+//! sessions closed; a join for it is refused unless the token was created after T, so only
+//! an operator's new token re-admits it.
+//!
+//! Time-based rather than serial-based: replicas issue certificates without talking to each
+//! other, so there is no shared list of serials to revoke, but they share the clock.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use protocol::NodeName;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::tokens::{stamp, unix_now, write_json, FileStamp, StoreError};
+
+/// How often replicas look at the revocation file: revocation takes effect within this.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The revocation file: node name → revocation time (Unix seconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationFile {
+    /// Revoked nodes.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, u64>,
+}
+
+fn read(path: &Path) -> Result<RevocationFile, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RevocationFile::default()),
+        Err(source) => Err(StoreError::Io {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Operator command: revoke `node` now. Returns the revocation time.
+pub fn revoke_node(path: &Path, node: &NodeName) -> Result<u64, StoreError> {
+    let mut file = read(path)?;
+    let now = unix_now();
+    file.nodes.insert(node.as_str().to_owned(), now);
+    write_json(path, &file)?;
+    Ok(now)
+}
+
+/// The revoked nodes, as the running server sees them.
+pub struct RevocationList {
+    path: PathBuf,
+    state: RwLock<(Option<FileStamp>, RevocationFile)>,
+}
+
+impl RevocationList {
+    /// Load the file (missing = nobody revoked).
+    pub fn open(path: &Path) -> Result<RevocationList, StoreError> {
+        let file = read(path)?;
+        Ok(RevocationList {
+            path: path.to_owned(),
+            state: RwLock::new((stamp(path), file)),
+        })
+    }
+
+    /// Re-read the file if it changed; returns the nodes whose revocation is new or newer.
+    /// An unreadable file is logged and the last good version kept.
+    pub fn refresh(&self) -> Vec<String> {
+        let now = stamp(&self.path);
+        if self.state.read().unwrap_or_else(|p| p.into_inner()).0 == now {
+            return Vec::new();
+        }
+        let fresh = match read(&self.path) {
+            Ok(f) => f,
+            Err(error) => {
+                warn!(%error, "revocation file unreadable; keeping the previous version");
+                return Vec::new();
+            }
+        };
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let changed = fresh
+            .nodes
+            .iter()
+            .filter(|(node, at)| state.1.nodes.get(*node) != Some(at))
+            .map(|(node, _)| node.clone())
+            .collect();
+        *state = (now, fresh);
+        changed
+    }
+
+    /// Every revoked node and when, as last read.
+    pub fn snapshot(&self) -> std::collections::BTreeMap<String, u64> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.1.nodes.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// When `node` was revoked, if it was.
+    pub fn revoked_at(&self, node: &NodeName) -> Option<u64> {
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        state.1.nodes.get(node.as_str()).copied()
+    }
+
+    /// Whether a certificate of `node` issued at `issued_unix` is refused.
+    pub fn certificate_revoked(&self, node: &NodeName, issued_unix: u64) -> bool {
+        self.revoked_at(node).is_some_and(|at| issued_unix <= at)
+    }
+
+    /// Whether a certificate (DER) of `node` is refused; an unreadable issue time counts as
+    /// revoked when the node is.
+    pub fn der_revoked(&self, node: &NodeName, der: &[u8]) -> bool {
+        match crate::pki::issued_unix(der) {
+            Some(issued) => self.certificate_revoked(node, issued),
+            None => self.revoked_at(node).is_some(),
+        }
+    }
+
+    /// Whether a join of `node` with a token created at `token_created_unix` is refused.
+    pub fn join_refused(&self, node: &NodeName, token_created_unix: u64) -> bool {
+        self.revoked_at(node)
+            .is_some_and(|at| token_created_unix <= at)
+    }
+}
+
+/// The edge listener's check: refuse a session whose certificate was issued before the
+/// node's revocation. Re-reads the file if it changed, so a revocation is in force for the
+/// very next handshake.
+pub fn check_handshake(
+    shared: &crate::Shared,
+    node: &NodeName,
+    der: &[u8],
+) -> Result<(), (&'static str, String)> {
+    let Some(list) = &shared.revocations else {
+        return Ok(());
+    };
+    list.refresh();
+    if list.der_revoked(node, der) {
+        return Err(("revoked", format!("node {node} is revoked")));
+    }
+    Ok(())
+}
+
+/// Poll the file until `cancel`; close the live sessions of every newly revoked node.
+pub async fn watch(
+    list: Arc<RevocationList>,
+    shared: Arc<crate::Shared>,
+    cancel: CancellationToken,
+) {
+    let mut seen = list.snapshot();
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+        // Diff against what this watcher saw last, not `refresh()`'s answer: a handshake may
+        // have refreshed the list first, and its news must still close live sessions.
+        list.refresh();
+        let now = list.snapshot();
+        let newly: Vec<String> = now
+            .iter()
+            .filter(|(node, at)| seen.get(*node) != Some(*at))
+            .map(|(node, _)| node.clone())
+            .collect();
+        seen = now;
+        for name in newly {
+            let Ok(node) = NodeName::parse(&name) else {
+                continue;
+            };
+            match shared.routes.get(&node) {
+                Some(session) => {
+                    session.close();
+                    info!(target: "audit", event = "node_revoked", node = %node, peer = %session.peer(), "node revoked: session closed");
+                }
+                None => {
+                    info!(target: "audit", event = "node_revoked", node = %node, "node revoked")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_refuses_old_certificates_and_old_tokens_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.json");
+        let list = RevocationList::open(&path).unwrap();
+        let node = NodeName::parse("node-a").unwrap();
+        let other = NodeName::parse("node-b").unwrap();
+        assert!(!list.certificate_revoked(&node, 0));
+        let at = revoke_node(&path, &node).unwrap();
+        assert_eq!(list.refresh(), vec!["node-a".to_string()]);
+        assert!(list.refresh().is_empty(), "no change, nothing new");
+        assert!(list.certificate_revoked(&node, at));
+        assert!(list.certificate_revoked(&node, at - 100));
+        assert!(!list.certificate_revoked(&node, at + 1));
+        assert!(!list.certificate_revoked(&other, at));
+        assert!(list.join_refused(&node, at));
+        assert!(!list.join_refused(&node, at + 1));
+    }
+}

@@ -1,0 +1,232 @@
+//! Edge → cloud upstreams: the node's own calls to the control plane (kubelet TLS bootstrap,
+//! registration, status, watches) travel through the tunnel to upstreams the *server's*
+//! config names. An edge opens a second TLS connection with ALPN `tether-up/1` on demand,
+//! with the usual roles (edge = HTTP/2 client); each stream is a CONNECT whose authority is
+//! an upstream name. Names not in the config are refused; the edge never picks an address.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use protocol::stream::{sanitize_reason, DialFailure, REASON_HEADER};
+use protocol::NodeName;
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+use tunnel_io::pipe::{pipe, PipeConfig};
+
+use crate::server::Stop;
+use crate::Shared;
+
+/// `[upstreams]`: name → address the server dials for edges.
+pub type UpstreamMap = BTreeMap<String, String>;
+
+/// Check upstream names and addresses; the message names the key.
+pub fn validate(upstreams: &UpstreamMap) -> Result<(), String> {
+    for (name, address) in upstreams {
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !name_ok {
+            return Err(format!(
+                "key `upstreams.{name}`: names are 1-63 characters of [a-z0-9-]"
+            ));
+        }
+        let port_ok = address
+            .rsplit_once(':')
+            .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+            .and_then(|p| p.parse::<u16>().ok())
+            .is_some_and(|p| p != 0);
+        if !port_ok {
+            return Err(format!(
+                "key `upstreams.{name}`: {address:?} is not host:port"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Serve one upstream connection from an authenticated edge until it closes or the server
+/// stops.
+pub async fn serve<T>(
+    io: T,
+    node: NodeName,
+    cert_der: Vec<u8>,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Stop,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut connection = match shared
+        .config
+        .h2
+        .server_builder()
+        .handshake::<_, Bytes>(io)
+        .await
+    {
+        Ok(c) => c,
+        Err(error) => {
+            warn!(%node, %peer, %error, "upstream connection: HTTP/2 handshake failed");
+            return;
+        }
+    };
+    info!(%node, %peer, "upstream connection established");
+    let streams = tokio_util::task::TaskTracker::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.hard.cancelled() => break,
+            _ = stop.drain.cancelled() => {
+                connection.graceful_shutdown();
+                while let Some(Ok(_)) = connection.accept().await {}
+                break;
+            }
+            accepted = connection.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    let shared = shared.clone();
+                    let node = node.clone();
+                    let hard = stop.hard.clone();
+                    let der = cert_der.clone();
+                    streams.spawn(async move {
+                        forward(request, respond, &node, &der, &shared, &hard).await;
+                    });
+                }
+                Some(Err(error)) => {
+                    debug!(%node, %error, "upstream connection ended");
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    streams.close();
+    streams.wait().await;
+}
+
+fn refuse(mut respond: SendResponse<Bytes>, failure: DialFailure, reason: &str) {
+    let response = Response::builder()
+        .status(failure.status())
+        .header(REASON_HEADER, sanitize_reason(reason))
+        .body(());
+    if let Ok(response) = response {
+        let _ = respond.send_response(response, true);
+    }
+}
+
+async fn forward(
+    request: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    node: &NodeName,
+    cert_der: &[u8],
+    shared: &Shared,
+    cancel: &tokio_util::sync::CancellationToken,
+) {
+    let started = Instant::now();
+    let name = request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .unwrap_or_default();
+    if request.method() != Method::CONNECT {
+        refuse(
+            respond,
+            DialFailure::PolicyDenied,
+            "only CONNECT to an upstream name",
+        );
+        return;
+    }
+    // Every stream is authorized, not only the handshake: a revoked node loses its upstreams
+    // at once, even on a connection opened before the revocation.
+    if shared.revocations.as_ref().is_some_and(|r| {
+        r.refresh();
+        r.der_revoked(node, cert_der)
+    }) {
+        warn!(target: "audit", %node, upstream = name, "upstream refused: node revoked");
+        refuse(respond, DialFailure::PolicyDenied, "node revoked");
+        return;
+    }
+    let Some(address) = shared.config.upstreams.get(&name) else {
+        warn!(target: "audit", %node, upstream = name, "upstream refused: not configured");
+        refuse(
+            respond,
+            DialFailure::PolicyDenied,
+            &format!("upstream {name:?} is not configured on the server"),
+        );
+        return;
+    };
+    let timeout = shared.config.connect.dial_timeout;
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            let reason = format!("connect upstream {name} ({address}): {e}");
+            info!(target: "audit", %node, upstream = name, result = "refused", reason, "upstream dial failed");
+            refuse(respond, DialFailure::Refused, &reason);
+            return;
+        }
+        Err(_) => {
+            let reason = format!("connect upstream {name} ({address}): timed out");
+            info!(target: "audit", %node, upstream = name, result = "timeout", reason, "upstream dial failed");
+            refuse(respond, DialFailure::Timeout, &reason);
+            return;
+        }
+    };
+    tunnel_io::set_nodelay(&tcp);
+    let mut respond = respond;
+    let send = match Response::builder().status(StatusCode::OK).body(()) {
+        Ok(ok) => match respond.send_response(ok, false) {
+            Ok(send) => send,
+            Err(_) => return,
+        },
+        Err(_) => return,
+    };
+    let report = pipe(
+        tcp,
+        send,
+        request.into_body(),
+        Bytes::new(),
+        PipeConfig {
+            write_timeout: shared.config.connect.write_timeout,
+            idle_timeout: shared.config.connect.idle_timeout,
+        },
+        cancel,
+    )
+    .await;
+    let result = match &report.result {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    info!(
+        target: "audit",
+        %node,
+        upstream = name,
+        result,
+        bytes_to_upstream = report.stream_to_socket,
+        bytes_from_upstream = report.socket_to_stream,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "upstream stream closed"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_names_and_addresses_are_checked() {
+        let mut m = UpstreamMap::new();
+        m.insert("kube-apiserver".into(), "10.0.0.1:6443".into());
+        assert!(validate(&m).is_ok());
+        m.insert("Bad_Name".into(), "10.0.0.1:6443".into());
+        assert!(validate(&m).unwrap_err().contains("Bad_Name"));
+        m.remove("Bad_Name");
+        m.insert("x".into(), "no-port".into());
+        assert!(validate(&m).unwrap_err().contains("upstreams.x"));
+    }
+}
