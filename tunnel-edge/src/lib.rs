@@ -9,7 +9,9 @@ pub mod config;
 pub mod forward;
 pub mod join;
 pub mod renew;
+mod replicas;
 pub mod session;
+mod stream;
 
 pub use config::EdgeConfig;
 pub use session::{Edge, EdgeStatus};

@@ -1,29 +1,25 @@
-//! The edge's session with tunnel-server: dial out (TCP, TLS 1.3 with this node's
-//! certificate), run HTTP/2 as the *server* over it, accept one stream per tunneled
-//! connection, dial the target locally if the allowlist agrees, and pipe bytes. Reconnects
-//! with jittered exponential backoff until cancelled.
+//! The edge's sessions with tunnel-server: dial out (TCP, TLS 1.3 with this node's
+//! certificate), run HTTP/2 as the *server* over it, and hand each tunneled stream to
+//! [`crate::stream`]. One worker per wanted session (see [`crate::replicas`]), each
+//! reconnecting with jittered exponential backoff until cancelled.
 
-use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use h2::server::SendResponse;
-use h2::RecvStream;
-use http::{Method, Request, Response, StatusCode};
-use protocol::stream::{sanitize_reason, DialFailure, CLIENT_HEADER, REASON_HEADER};
-use protocol::Target;
+use http::Method;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
-use tunnel_io::pipe::{pipe, PipeConfig};
 
 use crate::allow::EdgeAllowlist;
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
+use crate::replicas::{session_info, Control, Replicas};
+use crate::stream::serve_stream;
 
 /// Everything a running edge needs, built once from the validated config.
 pub struct Edge {
@@ -65,41 +61,6 @@ impl EdgeStatus {
         let left = self.live_sessions.fetch_sub(1, Ordering::AcqRel) - 1;
         self.connected.store(left > 0, Ordering::Release);
     }
-}
-
-/// Which replicas this edge holds a session with, and how many the servers say exist.
-struct Replicas {
-    wanted: tokio::sync::watch::Sender<usize>,
-    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-}
-
-impl Replicas {
-    /// Record that `worker` reached replica `id`; false if another worker holds it already.
-    fn claim(&self, id: &str, worker: usize) -> bool {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        match held.get(id) {
-            Some(w) if *w != worker => false,
-            _ => {
-                held.insert(id.to_owned(), worker);
-                true
-            }
-        }
-    }
-
-    fn release(&self, id: &str, worker: usize) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.get(id) == Some(&worker) {
-            held.remove(id);
-        }
-    }
-}
-
-/// What a session worker learns from the server's session-info request.
-enum Control {
-    /// Keep serving.
-    Continue,
-    /// This replica is already held by another session: close this one.
-    Duplicate(String),
 }
 
 impl Edge {
@@ -404,186 +365,9 @@ impl Edge {
     }
 }
 
-/// Handle the server's session-info request: note the replica and the replica count.
-fn session_info(
-    request: &Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    index: usize,
-    replicas: &Replicas,
-    replica: &mut Option<String>,
-) -> Control {
-    use protocol::stream::{
-        parse_server_count, valid_server_id, SERVER_COUNT_HEADER, SERVER_ID_HEADER,
-    };
-    let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
-    let id = header(SERVER_ID_HEADER).filter(|id| valid_server_id(id));
-    let count = header(SERVER_COUNT_HEADER).and_then(parse_server_count);
-    let (Some(id), Some(count)) = (id, count) else {
-        refuse(respond, DialFailure::PolicyDenied, "malformed session info");
-        return Control::Continue;
-    };
-    if replica.as_deref() != Some(id) {
-        if !replicas.claim(id, index) {
-            refuse(
-                respond,
-                DialFailure::Overloaded,
-                "duplicate session to this replica",
-            );
-            return Control::Duplicate(id.to_owned());
-        }
-        if let Some(old) = replica.replace(id.to_owned()) {
-            replicas.release(&old, index);
-        }
-        info!(replica = id, replicas = count, "session belongs to replica");
-    }
-    replicas.wanted.send_if_modified(|wanted| {
-        let changed = *wanted != count;
-        *wanted = count;
-        changed
-    });
-    if let Ok(ok) = Response::builder().status(StatusCode::OK).body(()) {
-        let _ = respond.send_response(ok, true);
-    }
-    Control::Continue
-}
-
 /// A copy of `config` offering only `alpn`.
 fn with_alpn(config: &rustls::ClientConfig, alpn: &[u8]) -> rustls::ClientConfig {
     let mut config = config.clone();
     config.alpn_protocols = vec![alpn.to_vec()];
     config
-}
-
-/// Answer a stream with an error status and a one-line reason header.
-fn refuse(mut respond: SendResponse<Bytes>, failure: DialFailure, reason: &str) {
-    let mut builder = Response::builder().status(failure.status());
-    builder = builder.header(REASON_HEADER, sanitize_reason(reason));
-    if let Ok(response) = builder.body(()) {
-        let _ = respond.send_response(response, true);
-    }
-}
-
-async fn serve_stream(
-    request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    allow: &EdgeAllowlist,
-    config: &EdgeConfig,
-    cancel: &CancellationToken,
-) {
-    let started = Instant::now();
-    let client = request
-        .headers()
-        .get(CLIENT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(sanitize_reason)
-        .unwrap_or_default();
-    if request.method() != Method::CONNECT {
-        refuse(
-            respond,
-            DialFailure::PolicyDenied,
-            "only CONNECT streams are served",
-        );
-        return;
-    }
-    let authority = request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .unwrap_or_default();
-    let target = match Target::parse(&authority) {
-        Ok(t) => t,
-        Err(e) => {
-            refuse(
-                respond,
-                DialFailure::PolicyDenied,
-                &format!("bad target: {e}"),
-            );
-            return;
-        }
-    };
-    let address = match allow.resolve(&target) {
-        Ok(a) => a,
-        Err(refusal) => {
-            warn!(target: "audit", %client, dest = %target, reason = %refusal, "edge refused dial");
-            refuse(respond, DialFailure::PolicyDenied, &refusal.to_string());
-            return;
-        }
-    };
-    // Race the dial against the server cancelling the stream (client gone, dial timeout):
-    // a socket that connects after the cancel is dropped at once, never used.
-    let dialed = tokio::select! {
-        biased;
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
-            debug!(dest = %target, "dial cancelled by the server");
-            return;
-        }
-        r = tokio::time::timeout(config.dial.timeout, TcpStream::connect(address)) => r,
-    };
-    let tcp = match dialed {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => {
-            let failure = match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => DialFailure::Refused,
-                std::io::ErrorKind::TimedOut => DialFailure::Timeout,
-                _ => DialFailure::Unreachable,
-            };
-            let reason = format!("connect {address}: {e}");
-            info!(target: "audit", %client, dest = %target, result = failure.label(), reason, "edge dial failed");
-            refuse(respond, failure, &reason);
-            return;
-        }
-        Err(_) => {
-            let reason = format!(
-                "connect {address}: timed out after {:?}",
-                config.dial.timeout
-            );
-            info!(target: "audit", %client, dest = %target, result = "timeout", reason, "edge dial failed");
-            refuse(respond, DialFailure::Timeout, &reason);
-            return;
-        }
-    };
-    tunnel_io::set_nodelay(&tcp);
-    let send = match Response::builder().status(StatusCode::OK).body(()) {
-        Ok(ok) => match respond.send_response(ok, false) {
-            Ok(send) => send,
-            Err(e) => {
-                debug!(dest = %target, error = %e, "stream gone before the dial completed");
-                return;
-            }
-        },
-        Err(_) => return,
-    };
-    let mut tcp = tcp;
-    let report = pipe(
-        &mut tcp,
-        send,
-        request.into_body(),
-        Bytes::new(),
-        PipeConfig {
-            write_timeout: config.dial.write_timeout,
-            idle_timeout: config.dial.idle_timeout,
-        },
-        cancel,
-    )
-    .await;
-    if report.result.is_err() {
-        // A failed stream must look like a failure to the target as well: a RST, not the FIN
-        // of a clean half-close that would pass a truncated request off as complete.
-        let _ = tcp.set_zero_linger();
-    }
-    let result = match &report.result {
-        Ok(()) => "ok".to_string(),
-        Err(e) => e.to_string(),
-    };
-    info!(
-        target: "audit",
-        %client,
-        dest = %target,
-        dialed = %address,
-        result,
-        bytes_to_target = report.stream_to_socket,
-        bytes_from_target = report.socket_to_stream,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "edge stream closed"
-    );
 }

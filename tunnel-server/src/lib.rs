@@ -20,6 +20,7 @@ pub mod revocation;
 pub mod routing;
 pub mod server;
 pub mod session;
+mod session_info;
 pub mod tokens;
 pub mod upstream;
 

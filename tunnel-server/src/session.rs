@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::routing::Routable;
+use crate::session_info::{announce_changes, announce_once};
 use crate::Shared;
 
 /// One live edge session, as the route table and the frontends see it.
@@ -38,7 +39,7 @@ pub struct EdgeSession {
     /// Cancelled when the session is gone: pending dials fail at once.
     closed: CancellationToken,
     /// Cancelled when a newer session of the same node took over: no new streams here.
-    retired: CancellationToken,
+    pub(crate) retired: CancellationToken,
     /// When the peer's certificate was issued (Unix seconds), for per-stream revocation checks.
     certificate_issued: std::sync::OnceLock<u64>,
 }
@@ -155,7 +156,9 @@ impl EdgeSession {
         self.sender_slot().take();
     }
 
-    fn sender_slot(&self) -> std::sync::MutexGuard<'_, Option<h2::client::SendRequest<Bytes>>> {
+    pub(crate) fn sender_slot(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Option<h2::client::SendRequest<Bytes>>> {
         self.send_request.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -490,60 +493,5 @@ async fn streams_done(session: &EdgeSession) {
     session.retired.cancelled().await;
     while session.open_streams() > 0 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Tell the edge which replica this is and how many replicas there are. The edge answers
-/// 200, or refuses a session to a replica it already holds (through a load balancer, a
-/// second session may land on the same replica).
-async fn announce_once(session: &EdgeSession, shared: &Shared, count: usize) -> Result<(), String> {
-    use protocol::stream::{SERVER_COUNT_HEADER, SERVER_ID_HEADER, SESSION_INFO_URI};
-    let sender = session
-        .sender_slot()
-        .clone()
-        .ok_or_else(|| "session retired".to_string())?;
-    let request = Request::builder()
-        .method(Method::POST)
-        .uri(SESSION_INFO_URI)
-        .header(SERVER_ID_HEADER, shared.replica.id.as_str())
-        .header(SERVER_COUNT_HEADER, count)
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let mut sender = sender.ready().await.map_err(|e| e.to_string())?;
-    let (response, _) = sender
-        .send_request(request, true)
-        .map_err(|e| e.to_string())?;
-    let response = response.await.map_err(|e| e.to_string())?;
-    if response.status() != StatusCode::OK {
-        let reason = response
-            .headers()
-            .get(REASON_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(sanitize_reason)
-            .unwrap_or_default();
-        return Err(format!("edge answered {}: {reason}", response.status()));
-    }
-    Ok(())
-}
-
-/// Re-announce whenever the replica count changes. Resolves only if the edge stops
-/// acknowledging.
-async fn announce_changes(session: &EdgeSession, shared: &Shared) -> String {
-    let mut counts = shared.replica.subscribe();
-    loop {
-        if counts.changed().await.is_err() || session.retired.is_cancelled() {
-            return std::future::pending().await;
-        }
-        let count = *counts.borrow_and_update();
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            announce_once(session, shared, count),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return format!("session info refused: {e}"),
-            Err(_) => return "edge did not acknowledge session info within 10 s".into(),
-        }
     }
 }
