@@ -125,3 +125,58 @@ async fn discover(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dns_discovery_counts_distinct_addresses_and_keeps_watchers_informed() {
+        // A headless Service resolves to one address per replica; `localhost` stands in.
+        let expected = {
+            let mut ips: Vec<_> = tokio::net::lookup_host("localhost:9000")
+                .await
+                .unwrap()
+                .map(|a| a.ip())
+                .collect();
+            ips.sort();
+            ips.dedup();
+            ips.len()
+        };
+        let config = ReplicaConfig {
+            id: Some("r1".into()),
+            count: Some(7),
+            dns: Some("localhost:9000".into()),
+            dns_interval: Some(Duration::from_millis(50)),
+        };
+        let cancel = CancellationToken::new();
+        let replica = Replica::new(&config, cancel.clone());
+        assert_eq!(replica.id, "r1");
+        let mut watch = replica.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while *watch.borrow_and_update() != expected {
+                watch.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the discovered count replaces the configured one");
+        assert_eq!(replica.count(), expected);
+        cancel.cancel();
+    }
+
+    #[test]
+    fn ids_and_counts_are_validated() {
+        let bad_id = ReplicaConfig {
+            id: Some("a b".into()),
+            ..ReplicaConfig::default()
+        };
+        assert!(bad_id.validate().unwrap_err().contains("replica.id"));
+        let bad_count = ReplicaConfig {
+            count: Some(0),
+            ..ReplicaConfig::default()
+        };
+        assert!(bad_count.validate().unwrap_err().contains("replica.count"));
+        let from_env = ReplicaConfig::default().resolve_id();
+        assert!(protocol::stream::valid_server_id(&from_env), "{from_env}");
+    }
+}

@@ -174,4 +174,20 @@ mod tests {
         assert_eq!(limits.check_token("aaaaaa"), Err(Throttled::TokenRate));
         assert!(limits.check_token("bbbbbb").is_ok());
     }
+
+    #[test]
+    fn brute_force_from_many_sources_is_throttled_per_token() {
+        // TESTPLAN 19: spreading guesses over many source addresses does not buy attempts on
+        // one token: every source is fresh, yet only the token's burst gets through.
+        let limits = JoinLimits::new(&config());
+        let t0 = Instant::now();
+        let mut checked = 0;
+        for i in 0..50u8 {
+            let source = IpAddr::from([198, 51, 100, i]);
+            if limits.check_source(source, t0).is_ok() && limits.check_token("abcdef").is_ok() {
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2);
+    }
 }
