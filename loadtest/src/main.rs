@@ -1,49 +1,94 @@
-//! `tunnel-loadtest`: starts Tether on loopback (server and edge each on its own
-//! single-threaded runtime, like two processes), then drives a workload through the CONNECT
-//! frontend and prints figures. Benchmarks report numbers; tests assert behaviour.
+//! `tunnel-loadtest`: runs a target in-process, then drives a workload at it along one path
+//! (straight, through a TCP relay, through a CONNECT proxy, or through Tether started
+//! in-process: server and edge each on its own single-threaded runtime, like two processes)
+//! and prints figures. Benchmarks report numbers; tests assert behaviour.
 
+#![forbid(unsafe_code)]
+
+mod report;
+mod scenario;
 mod setup;
+mod target;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use hdrhistogram::Histogram;
-use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
 
-/// Drive traffic through Tether and report throughput and latency.
+use scenario::Opts;
+use setup::Path;
+
+/// Drive traffic through Tether (or a baseline) and report throughput and latency.
 #[derive(Parser)]
 #[command(name = "tunnel-loadtest", version, about)]
 struct Cli {
     /// Workload.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// bulk: MiB each way through one stream.
-    #[arg(long, default_value_t = 256)]
-    mib: u64,
-    /// connect: tunneled connections to open (one 1 KiB request/response each).
-    #[arg(long, default_value_t = 1000)]
-    requests: u64,
-    /// connect: connections in flight at once.
-    #[arg(long, default_value_t = 1)]
-    concurrency: u64,
-    /// Which CONNECT frontend to use.
+    /// Seconds the measured phase runs (hol: half idle, half busy).
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Which Tether CONNECT frontend to use.
     #[arg(long, value_enum, default_value_t = Frontend::Unix)]
     frontend: Frontend,
+    /// No tunnel: connect straight to the target.
+    #[arg(long, conflicts_with_all = ["proxy", "relay"])]
+    direct: bool,
+    /// An external plain-HTTP CONNECT proxy to go through instead of Tether.
+    #[arg(long, value_name = "ADDR", conflicts_with = "relay")]
+    proxy: Option<SocketAddr>,
+    /// The target to ask the `--proxy` for (default: the in-process target).
+    #[arg(long, value_name = "HOST:PORT", requires = "proxy")]
+    proxy_target: Option<String>,
+    /// A plain TCP relay in front of the target (haproxy, rathole): connect here instead.
+    #[arg(long, value_name = "ADDR")]
+    relay: Option<SocketAddr>,
+    /// Port of the in-process target on 127.0.0.1 (0: any; relays need a fixed one).
+    #[arg(long, default_value_t = 0)]
+    target_port: u16,
+    /// Name of the path in the output (default: derived from the options).
+    #[arg(long)]
+    label: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// bulk: streams at once.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// rr/hol: kept-alive connections.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// rr/hol/connect: request (and reply) size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// connect: connections in flight at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// connect: upper bound on connections opened.
+    #[arg(long, default_value_t = 10_000_000)]
+    requests: u64,
+    /// hold: idle connections to open (each uses 2-4 descriptors in this process).
+    #[arg(long, default_value_t = 2000)]
+    hold: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Scenario {
-    /// One stream, N MiB each way at once, SHA-256 checked.
+    /// Streams moving a checked pattern both ways at once: MB/s.
     Bulk,
-    /// A new tunneled connection per request.
+    /// Request/response over kept-alive connections: rps, p50..p999.
+    Rr,
+    /// Small requests idle vs during a bulk stream on the same edge: the ratio.
+    Hol,
+    /// A new connection per request: conn/s and latency.
     Connect,
+    /// N idle connections: RSS growth per connection.
+    Hold,
 }
 
-/// The frontend the load goes through.
+/// The Tether frontend the load goes through.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Frontend {
     /// HTTP CONNECT on the Unix socket.
@@ -54,191 +99,55 @@ pub enum Frontend {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    anyhow::ensure!(
+        cli.duration > 0.0 && cli.duration <= 3600.0,
+        "--duration must be in (0, 3600] seconds"
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let target = TcpListener::bind("127.0.0.1:0").await?;
-        let port = target.local_addr()?.port();
-        let tether = setup::Tether::start(port, cli.frontend).context("start Tether")?;
-        match cli.scenario {
-            Scenario::Bulk => {
-                spawn_target(target.into_std()?, move |l| {
-                    serve_bulk_target(l, cli.mib << 20)
-                });
-                bulk(&tether, cli.mib << 20).await
-            }
-            Scenario::Connect => {
-                spawn_target(target.into_std()?, serve_echo_target);
-                connect(Arc::new(tether), cli.requests, cli.concurrency).await
-            }
-        }
-    })
+    runtime.block_on(run(cli))
 }
 
-/// Run a target on its own thread and single-threaded runtime, like a separate process.
-fn spawn_target<F, Fut>(listener: std::net::TcpListener, serve: F)
-where
-    F: FnOnce(TcpListener) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()>,
-{
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("target runtime");
-        runtime.block_on(async move {
-            match TcpListener::from_std(listener) {
-                Ok(listener) => serve(listener).await,
-                Err(e) => eprintln!("target listener: {e}"),
-            }
-        });
-    });
-}
-
-/// Deterministic payload: the same seed gives the same bytes at both ends.
-fn payload(seed: u64, len: usize) -> Vec<u8> {
-    let mut data = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut data[..]);
-    data
-}
-
-async fn serve_bulk_target(listener: TcpListener, bytes: u64) {
-    while let Ok((tcp, _)) = listener.accept().await {
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let (r, w) = tcp.into_split();
-            let _ = tokio::join!(drain_hash(r), send_seeded(w, 2, bytes));
-        });
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let target = target::spawn(cli.target_port).context("start the target")?;
+    let (path, label) = if cli.direct {
+        (Path::Tcp(target), "direct".to_owned())
+    } else if let Some(relay) = cli.relay {
+        (Path::Tcp(relay), format!("relay {relay}"))
+    } else if let Some(proxy) = cli.proxy {
+        let target = cli.proxy_target.unwrap_or_else(|| target.to_string());
+        (Path::Proxy { proxy, target }, format!("proxy {proxy}"))
+    } else {
+        let tether = setup::Tether::start(target.port(), cli.frontend).context("start Tether")?;
+        let name = match cli.frontend {
+            Frontend::Unix => "tether-unix",
+            Frontend::Tls => "tether-tls",
+        };
+        (Path::Tether(Box::new(tether)), name.to_owned())
+    };
+    let label = cli.label.unwrap_or(label);
+    let path = Arc::new(path);
+    let opts = Opts {
+        duration: Duration::from_secs_f64(cli.duration),
+        streams: cli.streams,
+        connections: cli.connections,
+        size: cli.size.max(1),
+        concurrency: cli.concurrency,
+        requests: cli.requests,
+        hold: cli.hold,
+    };
+    let report = match cli.scenario {
+        Scenario::Bulk => scenario::bulk::run(path, opts, &label).await?,
+        Scenario::Rr => scenario::rr::run(path, opts, &label).await?,
+        Scenario::Hol => scenario::rr::hol(path, opts, &label).await?,
+        Scenario::Connect => scenario::connect::run(path, opts, &label).await?,
+        Scenario::Hold => scenario::hold::run(path, opts, &label).await?,
+    };
+    if cli.json {
+        report.print_json();
+    } else {
+        report.print_table();
     }
-}
-
-async fn serve_echo_target(listener: TcpListener) {
-    while let Ok((mut tcp, _)) = listener.accept().await {
-        let _ = tcp.set_nodelay(true);
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            loop {
-                match tcp.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tcp.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
-}
-
-/// Read to EOF, returning the byte count and CRC-32 (hardware-accelerated, so the load
-/// generator is not the bottleneck; the end-to-end tests use SHA-256).
-async fn drain_hash<R: AsyncRead + Unpin>(mut r: R) -> (u64, u32) {
-    let mut hash = crc32fast::Hasher::new();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 256 << 10];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                hash.update(&buf[..n]);
-                total += n as u64;
-            }
-        }
-    }
-    (total, hash.finalize())
-}
-
-async fn send_seeded<W: AsyncWrite + Unpin>(mut w: W, seed: u64, bytes: u64) -> u32 {
-    let chunk = payload(seed, 1 << 20);
-    let mut hash = crc32fast::Hasher::new();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        if w.write_all(&chunk[..n]).await.is_err() {
-            break;
-        }
-        hash.update(&chunk[..n]);
-        left -= n as u64;
-    }
-    let _ = w.shutdown().await;
-    hash.finalize()
-}
-
-/// The checksum of `bytes` bytes of the seeded stream `send_seeded` writes.
-fn expected_checksum(seed: u64, bytes: u64) -> u32 {
-    let chunk = payload(seed, 1 << 20);
-    let mut hash = crc32fast::Hasher::new();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        hash.update(&chunk[..n]);
-        left -= n as u64;
-    }
-    hash.finalize()
-}
-
-async fn bulk(tether: &setup::Tether, bytes: u64) -> anyhow::Result<()> {
-    let stream = tether.open().await?;
-    let (r, w) = tokio::io::split(stream);
-    let started = Instant::now();
-    let ((got, got_hash), _sent_hash) = tokio::join!(drain_hash(r), send_seeded(w, 1, bytes));
-    let elapsed = started.elapsed().as_secs_f64();
-    let expected = expected_checksum(2, bytes);
-    anyhow::ensure!(got == bytes, "received {got} of {bytes} bytes");
-    anyhow::ensure!(got_hash == expected, "download checksum mismatch");
-    let mb = bytes as f64 / 1e6;
-    println!(
-        "bulk: {} MiB each way in {:.2} s: {:.0} MB/s each way, {:.0} MB/s total ({:.2} Gb/s)",
-        bytes >> 20,
-        elapsed,
-        mb / elapsed,
-        2.0 * mb / elapsed,
-        2.0 * mb * 8.0 / 1000.0 / elapsed
-    );
-    Ok(())
-}
-
-async fn connect(
-    tether: Arc<setup::Tether>,
-    requests: u64,
-    concurrency: u64,
-) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    let per_worker = requests / concurrency.max(1);
-    for _ in 0..concurrency.max(1) {
-        let tether = tether.clone();
-        workers.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new(3).expect("histogram");
-            let request = payload(3, 1024);
-            let mut reply = vec![0u8; 1024];
-            for _ in 0..per_worker {
-                let t = Instant::now();
-                let mut stream = tether.open().await?;
-                stream.write_all(&request).await?;
-                stream.read_exact(&mut reply).await?;
-                anyhow::ensure!(reply == request, "echo mismatch");
-                drop(stream);
-                hist.record(t.elapsed().as_micros() as u64)?;
-            }
-            anyhow::Ok(hist)
-        }));
-    }
-    let mut hist = Histogram::<u64>::new(3)?;
-    for w in workers {
-        hist.add(w.await??)?;
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "connect: {} tunneled connections (CONNECT + 1 KiB echo), concurrency {}: {:.0} conn/s, latency p50 {} µs, p99 {} µs, max {} µs",
-        hist.len(),
-        concurrency,
-        hist.len() as f64 / elapsed,
-        hist.value_at_quantile(0.5),
-        hist.value_at_quantile(0.99),
-        hist.max()
-    );
     Ok(())
 }

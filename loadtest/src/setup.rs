@@ -1,18 +1,83 @@
-//! Tether on loopback for a benchmark: fresh certificates in a temp dir, the server on one
-//! thread and the edge on another (each a single-threaded runtime, as the binaries run).
+//! The paths load goes through: straight to the target, a TCP relay in front of it (haproxy,
+//! rathole), an external plain-HTTP CONNECT proxy, or Tether on loopback (fresh certificates in
+//! a temp dir, the server on one thread and the edge on another, each a single-threaded
+//! runtime, as the binaries run).
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tunnel_server::pki::{self, Ca};
 
 use crate::Frontend;
 
 /// The benchmark node's IP (documentation range; the edge maps it to 127.0.0.1).
 const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+
+/// Bytes of a CONNECT answer head we accept at most.
+const MAX_ANSWER_HEAD: usize = 4 << 10;
+
+/// Where a scenario's connections go.
+pub enum Path {
+    /// Plain TCP to this address: the target itself (`--direct`) or a relay in front of it.
+    Tcp(std::net::SocketAddr),
+    /// A plain-HTTP CONNECT proxy, asked for `target`.
+    Proxy {
+        proxy: std::net::SocketAddr,
+        target: String,
+    },
+    /// Tether started in-process.
+    Tether(Box<Tether>),
+}
+
+impl Path {
+    /// Open one connection to the target along this path.
+    pub async fn open(&self) -> anyhow::Result<Box<dyn Tunnel>> {
+        match self {
+            Path::Tcp(addr) => {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                Ok(Box::new(tcp))
+            }
+            Path::Proxy { proxy, target } => {
+                let mut tcp = TcpStream::connect(proxy).await?;
+                tcp.set_nodelay(true)?;
+                handshake(&mut tcp, target).await?;
+                Ok(Box::new(tcp))
+            }
+            Path::Tether(t) => t.open().await,
+        }
+    }
+}
+
+/// CONNECT on `stream`. Reads the answer in one buffer rather than byte by byte (the tunnel
+/// client's way), so the load generator is not the bottleneck; safe because every target mode
+/// stays silent until the client has sent its mode byte.
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    target: &str,
+) -> anyhow::Result<()> {
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut head = [0u8; MAX_ANSWER_HEAD];
+    let mut len = 0;
+    while !head[..len].ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(len < head.len(), "CONNECT answer head too long");
+        let n = stream.read(&mut head[len..]).await?;
+        anyhow::ensure!(n > 0, "proxy closed during CONNECT");
+        len += n;
+    }
+    let head = String::from_utf8_lossy(&head[..len]);
+    let status = head.lines().next().unwrap_or_default();
+    anyhow::ensure!(
+        status.split_whitespace().nth(1) == Some("200"),
+        "CONNECT refused: {status}"
+    );
+    Ok(())
+}
 
 /// A running loopback Tether.
 pub struct Tether {
@@ -114,12 +179,21 @@ impl Tether {
     pub async fn open(&self) -> anyhow::Result<Box<dyn Tunnel>> {
         Ok(match self.frontend {
             Frontend::Unix => {
-                Box::new(tunnel_server::client::connect_unix(&self.socket, &self.target).await?)
+                let mut unix = UnixStream::connect(&self.socket).await?;
+                handshake(&mut unix, &self.target).await?;
+                Box::new(unix)
             }
-            Frontend::Tls => Box::new(
-                tunnel_server::client::connect_tls(self.tcp, self.tls.clone(), &self.target)
-                    .await?,
-            ),
+            Frontend::Tls => {
+                let tcp = TcpStream::connect(self.tcp).await?;
+                tcp.set_nodelay(true)?;
+                let name = rustls::pki_types::ServerName::IpAddress(self.tcp.ip().into());
+                let mut tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .context("TLS to the CONNECT frontend")?;
+                handshake(&mut tls, &self.target).await?;
+                Box::new(tls)
+            }
         })
     }
 }

@@ -1,0 +1,86 @@
+//! `hold`: open N idle connections and report the process's RSS growth per connection.
+//! Server, edge, target and load generator share this process, so the figure covers all of
+//! them; subtract the `--direct` figure (target + client alone) to get the tunnel's cost.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{bounded, open_echo, round_trip, Opts};
+use crate::report::Report;
+use crate::setup::{Path, Tunnel};
+
+/// Connections opened and closed before the baseline, so one-time allocations (pools,
+/// session buffers) are not charged to the held connections.
+const WARMUP: usize = 64;
+/// Openers at once.
+const OPENERS: usize = 32;
+
+/// Resident set size of this process in bytes, from /proc/self/status.
+pub fn rss_bytes() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
+    Ok(kb * 1024)
+}
+
+/// The `hold` scenario.
+pub async fn run(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Report> {
+    let mut reply = [0u8; 1];
+    for _ in 0..WARMUP {
+        let mut s = open_echo(&path).await?;
+        round_trip(&mut s, b"w", &mut reply).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = rss_bytes()?;
+    let started = Instant::now();
+    let deadline = started + opts.duration;
+    let share = opts.hold.div_ceil(OPENERS);
+    let openers: Vec<_> = (0..OPENERS)
+        .map(|i| {
+            let path = path.clone();
+            let n = share.min(opts.hold.saturating_sub(i * share));
+            tokio::spawn(async move {
+                let mut held: Vec<Box<dyn Tunnel>> = Vec::with_capacity(n);
+                let mut reply = [0u8; 1];
+                while held.len() < n && Instant::now() < deadline {
+                    let mut s = open_echo(&path).await?;
+                    round_trip(&mut s, b"h", &mut reply).await?;
+                    held.push(s);
+                }
+                anyhow::Ok(held)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for o in openers {
+        held.extend(bounded(deadline, o).await?);
+    }
+    let open_secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(!held.is_empty(), "no connection opened");
+    // Let buffers of the opening round trips be freed, then measure while all sit idle.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = rss_bytes()?;
+    // Every held connection must still work.
+    for s in held.iter_mut() {
+        round_trip(s, b"c", &mut reply).await?;
+    }
+    let n = held.len();
+    drop(held);
+    let mut report = Report::new("hold", label);
+    report.add("connections", n as f64, "");
+    report.add("open_per_s", n as f64 / open_secs, "conn/s");
+    report.add("rss_before_mib", before as f64 / (1 << 20) as f64, "MiB");
+    report.add("rss_after_mib", after as f64 / (1 << 20) as f64, "MiB");
+    report.add(
+        "rss_per_conn_kib",
+        after.saturating_sub(before) as f64 / 1024.0 / n as f64,
+        "KiB",
+    );
+    report.notes.push(
+        "in-process: RSS covers server + edge + target + client together; subtract --direct".into(),
+    );
+    Ok(report)
+}

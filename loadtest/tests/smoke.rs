@@ -1,0 +1,132 @@
+//! Smoke test: every scenario through the real `tunnel-loadtest` binary for about a second,
+//! with `--json`, asserting that it produced sane, non-zero figures (never timing targets:
+//! CI machines are noisy).
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Run the binary with `args` (plus a short duration and `--json`) and parse its output.
+fn run(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tunnel-loadtest"))
+        .args(args)
+        .args(["--duration", "0.8", "--json"])
+        .output()
+        .expect("run tunnel-loadtest");
+    assert!(
+        out.status.success(),
+        "tunnel-loadtest {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object")
+}
+
+/// A figure that must be a finite number above zero.
+fn positive(report: &Value, name: &str) -> f64 {
+    let v = report["figures"][name]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no figure {name} in {report}"));
+    assert!(v.is_finite() && v > 0.0, "{name} = {v} in {report}");
+    v
+}
+
+#[test]
+fn bulk_moves_checked_bytes_both_ways() {
+    for path in [
+        &["--direct"][..],
+        &["--frontend", "unix"],
+        &["--frontend", "tls"],
+    ] {
+        let r = run(&[&["bulk"][..], path].concat());
+        assert_eq!(r["scenario"], "bulk");
+        positive(&r, "up_mb_s");
+        positive(&r, "down_mb_s");
+    }
+}
+
+#[test]
+fn rr_reports_rate_and_ordered_percentiles() {
+    let r = run(&["rr", "--connections", "4"]);
+    assert_eq!(r["path"], "tether-unix");
+    positive(&r, "rps");
+    let p50 = positive(&r, "latency_p50_us");
+    let p99 = positive(&r, "latency_p99_us");
+    let p999 = positive(&r, "latency_p999_us");
+    assert!(p50 <= p99 && p99 <= p999, "{r}");
+}
+
+#[test]
+fn hol_reports_idle_and_busy_rates() {
+    let r = run(&["hol", "--connections", "2", "--frontend", "tls"]);
+    positive(&r, "idle_rps");
+    positive(&r, "busy_rps");
+    positive(&r, "rps_ratio");
+    positive(&r, "bulk_mb_s");
+}
+
+#[test]
+fn connect_opens_many_connections_concurrently() {
+    let r = run(&["connect", "--concurrency", "8"]);
+    assert!(positive(&r, "connections") >= 8.0, "{r}");
+    positive(&r, "conn_per_s");
+    positive(&r, "latency_p50_us");
+}
+
+#[test]
+fn hold_keeps_idle_connections_and_measures_rss() {
+    let r = run(&["hold", "--hold", "200"]);
+    assert_eq!(positive(&r, "connections"), 200.0);
+    positive(&r, "rss_after_mib");
+    // Growth may round to zero only if the allocator had room; it can never be negative.
+    assert!(r["figures"]["rss_per_conn_kib"].as_f64().unwrap() >= 0.0);
+}
+
+#[test]
+fn proxy_mode_speaks_connect_to_an_external_proxy() {
+    let proxy = connect_proxy();
+    let r = run(&["rr", "--connections", "2", "--proxy", &proxy.to_string()]);
+    assert_eq!(r["path"], format!("proxy {proxy}"));
+    positive(&r, "rps");
+}
+
+/// A minimal plain-HTTP CONNECT proxy on a loopback port (a thread per connection), standing
+/// in for an external one. It lives as long as the test process.
+fn connect_proxy() -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut client = client;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+                    if client.read_exact(&mut byte).is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let target = head.split_whitespace().nth(1).unwrap_or_default();
+                let Ok(upstream) = TcpStream::connect(target) else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n");
+                    return;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let (mut c2, mut u2) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c2, &mut u2);
+                    let _ = u2.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut u, mut c) = (upstream, client);
+                let _ = std::io::copy(&mut u, &mut c);
+                let _ = c.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
