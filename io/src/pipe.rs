@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 pub const INITIAL_CHUNK: usize = 16 << 10;
 /// Largest read buffer: h2 sends large chunks far more cheaply than 8 KiB ones.
 pub const MAX_CHUNK: usize = 256 << 10;
+/// Bytes a direction moves before it yields to the runtime. On a single-threaded runtime a
+/// bulk stream whose socket is always ready would otherwise run for milliseconds per poll
+/// while small exchanges of other streams wait behind it.
+pub const YIELD_EVERY: u64 = 256 << 10;
 
 /// Timeouts of one pipe.
 #[derive(Debug, Clone, Copy)]
@@ -187,6 +191,7 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
     }
     let mut chunk = INITIAL_CHUNK;
     let mut buf = BytesMut::new();
+    let mut since_yield = 0u64;
     loop {
         buf.reserve(chunk);
         let n = reader
@@ -205,6 +210,11 @@ async fn socket_to_stream<R: AsyncRead + Unpin>(
         *total += n as u64;
         activity.touch();
         send_all(send, buf.split().freeze(), config).await?;
+        since_yield += n as u64;
+        if since_yield >= YIELD_EVERY {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -242,6 +252,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
     activity: &Activity,
     total: &mut u64,
 ) -> Result<(), PipeError> {
+    let mut since_yield = 0u64;
     loop {
         match recv.data().await {
             None => {
@@ -264,6 +275,11 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
                 .map_err(|e| PipeError::Socket(e.to_string()))?;
                 *total += n as u64;
                 activity.touch();
+                since_yield += n as u64;
+                if since_yield >= YIELD_EVERY {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
                 // Only now may the peer send more: the window tracks bytes not yet written.
                 recv.flow_control()
                     .release_capacity(n)

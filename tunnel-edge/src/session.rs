@@ -157,7 +157,7 @@ impl Edge {
             let tcp = TcpStream::connect((host.as_str(), port))
                 .await
                 .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-            tunnel_io::set_nodelay(&tcp);
+            tunnel_io::set_session_socket_options(&tcp);
             connector
                 .connect(self.server_name.clone(), tcp)
                 .await
@@ -282,7 +282,7 @@ impl Edge {
             let tcp = TcpStream::connect((host, port))
                 .await
                 .map_err(|e| format!("connect {host}:{port}: {e}"))?;
-            tunnel_io::set_nodelay(&tcp);
+            tunnel_io::set_session_socket_options(&tcp);
             let connector = self
                 .connector
                 .read()

@@ -319,7 +319,7 @@ async fn handshake(
     acceptor: TlsAcceptor,
     shared: &Shared,
 ) -> Result<Accepted, (&'static str, String)> {
-    tunnel_io::set_nodelay(&tcp);
+    tunnel_io::set_session_socket_options(&tcp);
     let mut tcp = tcp;
     let mut peer = peer;
     if shared.config.edge.proxy_protocol {
