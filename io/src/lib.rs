@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod h2tune;
 pub mod identity;
 pub mod liveness;
@@ -23,17 +24,9 @@ pub fn set_nodelay(stream: &tokio::net::TcpStream) {
     }
 }
 
-/// Unsent bytes the kernel may queue on a session socket (TCP_NOTSENT_LOWAT). Past it the
-/// socket reports unwritable, so data waits in h2's per-stream queues, where small frames of
-/// other streams can still go first, instead of behind megabytes of one bulk stream.
-pub const SESSION_NOTSENT_LOWAT: u32 = 128 << 10;
-
-/// Options of a session socket (edge ⇄ server): TCP_NODELAY, and a low unsent-data mark
-/// so one bulk stream cannot queue tens of milliseconds of data ahead of every other stream.
+/// Options of a session socket (edge ⇄ server). Only TCP_NODELAY for now: a low
+/// TCP_NOTSENT_LOWAT mark was measured (docs/BENCHMARKS.md) and did not help head-of-line
+/// latency, so it is not worth its risk of missed write wake-ups on some kernels.
 pub fn set_session_socket_options(stream: &tokio::net::TcpStream) {
     set_nodelay(stream);
-    if let Err(error) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(SESSION_NOTSENT_LOWAT)
-    {
-        tracing::debug!(%error, "TCP_NOTSENT_LOWAT not set");
-    }
 }

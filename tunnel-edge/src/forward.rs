@@ -104,26 +104,14 @@ impl Forwarder {
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) {
-        loop {
-            let accepted = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                r = listener.accept() => r,
-            };
-            match accepted {
-                Ok((socket, client)) => {
-                    let this = self.clone();
-                    let upstream = upstream.clone();
-                    let cancel = cancel.clone();
-                    tracker.spawn(async move {
-                        this.forward(socket, client, &upstream, &cancel).await;
-                    });
-                }
-                Err(error) => {
-                    warn!(%error, "forward listener accept failed; backing off");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
+        let mut retry = tunnel_io::accept::AcceptRetry::new("forward");
+        while let Some((socket, client)) = retry.next(&cancel, || listener.accept()).await {
+            let this = self.clone();
+            let upstream = upstream.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                this.forward(socket, client, &upstream, &cancel).await;
+            });
         }
     }
 

@@ -255,24 +255,10 @@ pub async fn serve_edges(
     tracker: TaskTracker,
 ) {
     let handshakes = Arc::new(Semaphore::new(shared.config.edge.max_handshakes));
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = tunnel_io::accept::AcceptRetry::new("edge");
     loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.drain.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => {
-                backoff = Duration::from_millis(5);
-                a
-            }
-            Err(error) => {
-                warn!(%error, "edge listener accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
+            return;
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             shared.metrics.handshake("overloaded");

@@ -3,7 +3,7 @@
 //! `200 Connection established` once the edge has dialed, then carries raw bytes both ways.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use protocol::connect::{parse_connect_head, response_head, ConnectError, HeadLimits, ESTABLISHED};
@@ -33,27 +33,13 @@ pub async fn serve_tcp(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = tunnel_io::accept::AcceptRetry::new("connect (mTLS)");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.drain.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => {
-                backoff = Duration::from_millis(5);
-                a
-            }
-            Err(error) => {
-                warn!(%error, "connect frontend accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
+            return;
         };
         tunnel_io::set_nodelay(&tcp);
         let shared = shared.clone();
@@ -99,27 +85,13 @@ pub async fn serve_unix(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = tunnel_io::accept::AcceptRetry::new("connect (unix)");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.drain.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => {
-                backoff = Duration::from_millis(5);
-                stream
-            }
-            Err(error) => {
-                warn!(%error, "connect frontend (unix) accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((stream, _)) = retry.next(&stop.drain, || listener.accept()).await else {
+            return;
         };
         let client = match stream.peer_cred() {
             Ok(cred) => format!("unix:uid={}:pid={}", cred.uid(), cred.pid().unwrap_or(0)),

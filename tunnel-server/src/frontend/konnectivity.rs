@@ -169,27 +169,13 @@ async fn accept_unix(
     handoff: mpsc::Sender<io::Result<FrontendConn>>,
     stop: Stop,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = tunnel_io::accept::AcceptRetry::new("konnectivity (unix)");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.drain.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => {
-                backoff = Duration::from_millis(5);
-                stream
-            }
-            Err(error) => {
-                warn!(%error, "konnectivity frontend (unix) accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((stream, _)) = retry.next(&stop.drain, || listener.accept()).await else {
+            return;
         };
         let client = match stream.peer_cred() {
             Ok(cred) => format!("unix:uid={}:pid={}", cred.uid(), cred.pid().unwrap_or(0)),
@@ -222,27 +208,13 @@ pub(crate) async fn accept_tls(
     stop: Stop,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = tunnel_io::accept::AcceptRetry::new("konnectivity (mTLS)");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.drain.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => {
-                backoff = Duration::from_millis(5);
-                a
-            }
-            Err(error) => {
-                warn!(%error, "konnectivity frontend accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
+            return;
         };
         tunnel_io::set_nodelay(&tcp);
         let acceptor = acceptor.clone();

@@ -145,27 +145,13 @@ async fn accept(
     stop: Stop,
     tracker: TaskTracker,
 ) {
-    let mut backoff = Duration::from_millis(5);
+    let mut retry = tunnel_io::accept::AcceptRetry::new("registration");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.drain.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => {
-                backoff = Duration::from_millis(5);
-                a
-            }
-            Err(error) => {
-                warn!(%error, "registration accept failed; backing off");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                continue;
-            }
+        let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
+            return;
         };
         tunnel_io::set_nodelay(&tcp);
         let acceptor = acceptor.clone();
