@@ -167,3 +167,47 @@ pub fn client_config_mtls(
 pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(name.to_owned()).map_err(|e| format!("invalid server name `{name}`: {e}"))
 }
+
+/// Why an inbound TLS handshake did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer failed verification or spoke something else.
+    #[error("TLS handshake refused: {0}")]
+    Refused(std::io::Error),
+    /// The deadline passed first.
+    #[error("TLS handshake timed out")]
+    TimedOut,
+    /// The listener is stopping.
+    #[error("TLS handshake cancelled: shutting down")]
+    Cancelled,
+}
+
+/// Accept one TLS connection, giving up at `deadline` or when `cancel` fires: the one
+/// handshake step every TLS listener shares.
+pub async fn accept_within(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    deadline: tokio::time::Instant,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, HandshakeError> {
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => Err(HandshakeError::Cancelled),
+        r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => match r {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(error)) => Err(HandshakeError::Refused(error)),
+            Err(_) => Err(HandshakeError::TimedOut),
+        },
+    }
+}
+
+/// The verified leaf certificate the client presented, if any.
+pub fn peer_certificate<T>(
+    tls: &tokio_rustls::server::TlsStream<T>,
+) -> Option<CertificateDer<'static>> {
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|der| der.clone().into_owned())
+}

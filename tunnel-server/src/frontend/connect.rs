@@ -49,23 +49,17 @@ pub async fn serve_tcp(
         tracker.spawn(
             async move {
                 let deadline = Instant::now() + shared.config.connect.header_timeout;
-                let tls = match tokio::time::timeout_at(deadline.into(), acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        warn!(%peer, %error, "connect frontend: TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%peer, "connect frontend: TLS handshake timed out");
-                        return;
-                    }
-                };
-                let subject = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
+                let tls =
+                    match tunnel_io::tls::accept_within(&acceptor, tcp, deadline.into(), &cancel)
+                        .await
+                    {
+                        Ok(tls) => tls,
+                        Err(error) => {
+                            warn!(%peer, "connect frontend: {error}");
+                            return;
+                        }
+                    };
+                let subject = tunnel_io::tls::peer_certificate(&tls)
                     .and_then(|der| tunnel_io::identity::common_name(der.as_ref()))
                     .unwrap_or_else(|| "?".into());
                 let client = format!("{subject}@{peer}");

@@ -222,27 +222,16 @@ pub(crate) async fn accept_tls(
         let drain = stop.drain.clone();
         // Handshakes run on their own so a slow client cannot hold up the next accept.
         tracker.spawn(async move {
-            let tls = tokio::select! {
-                biased;
-                _ = drain.cancelled() => return,
-                r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => match r {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        warn!(%peer, %error, "konnectivity frontend: TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%peer, "konnectivity frontend: TLS handshake timed out");
-                        return;
-                    }
-                },
+            let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let tls = match tunnel_io::tls::accept_within(&acceptor, tcp, deadline, &drain).await {
+                Ok(tls) => tls,
+                Err(tunnel_io::tls::HandshakeError::Cancelled) => return,
+                Err(error) => {
+                    warn!(%peer, "konnectivity frontend: {error}");
+                    return;
+                }
             };
-            let peer_cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|der| der.clone().into_owned());
+            let peer_cert = tunnel_io::tls::peer_certificate(&tls);
             let subject = peer_cert
                 .as_ref()
                 .and_then(|der| tunnel_io::identity::common_name(der.as_ref()))

@@ -158,28 +158,21 @@ async fn accept(
         let handoff = handoff.clone();
         let drain = stop.drain.clone();
         tracker.spawn(async move {
-            let tls = tokio::select! {
-                biased;
-                _ = drain.cancelled() => return,
-                r = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)) => match r {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(error)) => {
-                        // Expired, revoked-CA or foreign certificates end here.
-                        warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        warn!(%peer, "registration TLS handshake timed out");
-                        return;
-                    }
-                },
+            let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let tls = match tunnel_io::tls::accept_within(&acceptor, tcp, deadline, &drain).await {
+                Ok(tls) => tls,
+                Err(tunnel_io::tls::HandshakeError::Cancelled) => return,
+                Err(tunnel_io::tls::HandshakeError::TimedOut) => {
+                    warn!(%peer, "registration TLS handshake timed out");
+                    return;
+                }
+                Err(error) => {
+                    // Expired, revoked-CA or foreign certificates end here.
+                    warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration TLS handshake refused");
+                    return;
+                }
             };
-            let cert = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| c.clone().into_owned());
+            let cert = tunnel_io::tls::peer_certificate(&tls);
             let conn = RegistrationConn {
                 io: Box::new(tls),
                 info: PeerInfo { addr: peer, cert },
