@@ -12,9 +12,6 @@ use crate::pki::Pki;
 use crate::poll_until;
 use crate::process::ChildGuard;
 
-/// How long a server may take to write its ready file.
-const READY_TIMEOUT: Duration = Duration::from_secs(15);
-
 /// What differs between registration tests.
 #[derive(Debug, Clone)]
 pub struct RegistrationOptions {
@@ -133,24 +130,7 @@ filter = "{filter}"
             command,
             &dir.path().join("server.log"),
         );
-        let addrs = poll_until(
-            "the server's ready file",
-            READY_TIMEOUT,
-            Duration::from_millis(20),
-            || {
-                if let Some(status) = child.exited() {
-                    panic!(
-                        "tunnel-server exited early ({status})\n{}",
-                        child.log_tail(40)
-                    );
-                }
-                let parsed = std::fs::read(&ready)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-                std::future::ready(parsed)
-            },
-        )
-        .await;
+        let addrs = crate::server::read_ready_file(&mut child, &ready).await;
         let addr = |key: &str| -> SocketAddr {
             addrs[key]
                 .as_str()

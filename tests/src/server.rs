@@ -201,25 +201,7 @@ filter = "info"
 
     async fn wait_ready(&mut self) -> ServerAddrs {
         let ready_file = self.ready_file.clone();
-        let child = &mut self.child;
-        let addrs = poll_until(
-            "the server's ready file",
-            READY_TIMEOUT,
-            Duration::from_millis(20),
-            || {
-                if let Some(status) = child.exited() {
-                    panic!(
-                        "tunnel-server exited early ({status})\n{}",
-                        child.log_tail(40)
-                    );
-                }
-                let parsed = std::fs::read(&ready_file)
-                    .ok()
-                    .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
-                std::future::ready(parsed)
-            },
-        )
-        .await;
+        let addrs = read_ready_file(&mut self.child, &ready_file).await;
         let addr = |key: &str| -> SocketAddr {
             addrs[key]
                 .as_str()
@@ -378,4 +360,30 @@ pub fn log_field(line: &str, key: &str) -> Option<String> {
     let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
     let value = line[start..].split('"').next()?;
     Some(value.to_owned())
+}
+
+/// Wait for a `tunnel-server --ready-file` to appear and parse it; fails at once, with the
+/// log tail, if the server exits first.
+pub async fn read_ready_file(
+    child: &mut crate::process::ChildGuard,
+    ready_file: &std::path::Path,
+) -> serde_json::Value {
+    poll_until(
+        "the server's ready file",
+        READY_TIMEOUT,
+        Duration::from_millis(20),
+        || {
+            if let Some(status) = child.exited() {
+                panic!(
+                    "tunnel-server exited early ({status})\n{}",
+                    child.log_tail(40)
+                );
+            }
+            let parsed = std::fs::read(ready_file)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok());
+            std::future::ready(parsed)
+        },
+    )
+    .await
 }
