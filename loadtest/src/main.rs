@@ -1,10 +1,13 @@
 //! `tunnel-loadtest`: runs a target in-process, then drives a workload at it along one path
-//! (straight, through a TCP relay, through a CONNECT proxy, or through Tether started
-//! in-process: server and edge each on its own single-threaded runtime, like two processes)
-//! and prints figures. Benchmarks report numbers; tests assert behaviour.
+//! (straight, through a TCP relay, through a CONNECT proxy, or through Tether: started
+//! in-process, each side on its own single-threaded runtime like two processes, or as the
+//! real binaries in child processes) and prints figures. `edges` runs many edges against a
+//! server process instead. Benchmarks report numbers; tests assert behaviour.
 
 #![forbid(unsafe_code)]
 
+mod procs;
+mod progress;
 mod report;
 mod scenario;
 mod setup;
@@ -17,8 +20,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
+use procs::Watched;
 use scenario::Opts;
-use setup::Path;
+use setup::{Mode, Path};
 
 /// Drive traffic through Tether (or a baseline) and report throughput and latency.
 #[derive(Parser)]
@@ -33,15 +37,27 @@ struct Cli {
     /// Which Tether CONNECT frontend to use.
     #[arg(long, value_enum, default_value_t = Frontend::Unix)]
     frontend: Frontend,
+    /// Run Tether as the `tunnel-server` and `tunnel-edge` binaries beside this one, in
+    /// child processes, and report their RSS (hold) instead of running them in-process.
+    #[arg(long)]
+    processes: bool,
     /// No tunnel: connect straight to the target.
-    #[arg(long, conflicts_with_all = ["proxy", "relay"])]
+    #[arg(long, conflicts_with_all = ["proxy", "relay", "unix_socket", "processes"])]
     direct: bool,
     /// An external plain-HTTP CONNECT proxy to go through instead of Tether.
-    #[arg(long, value_name = "ADDR", conflicts_with = "relay")]
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["relay", "processes"])]
     proxy: Option<SocketAddr>,
-    /// The target to ask the `--proxy` for (default: the in-process target).
-    #[arg(long, value_name = "HOST:PORT", requires = "proxy")]
+    /// A running Tether's CONNECT Unix socket (or any CONNECT proxy's) to go through; ask it
+    /// for `--proxy-target`, which its edge must be allowed to dial.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["proxy", "relay", "processes"])]
+    unix_socket: Option<std::path::PathBuf>,
+    /// The target to ask the proxy for (default: the in-process target on 127.0.0.1).
+    #[arg(long, value_name = "HOST:PORT")]
     proxy_target: Option<String>,
+    /// A running process to report RSS growth of in `hold` (repeatable), e.g.
+    /// `--attach server=$(pidof tunnel-server)`.
+    #[arg(long, value_name = "NAME=PID", value_parser = Watched::parse)]
+    attach: Vec<Watched>,
     /// A plain TCP relay in front of the target (haproxy, rathole): connect here instead.
     #[arg(long, value_name = "ADDR")]
     relay: Option<SocketAddr>,
@@ -72,6 +88,12 @@ struct Cli {
     /// hold: idle connections to open (each uses 2-4 descriptors in this process).
     #[arg(long, default_value_t = 2000)]
     hold: usize,
+    /// edges: edges to run against one server (one descriptor each here and in the server).
+    #[arg(long, default_value_t = 1000)]
+    edges: usize,
+    /// edges: bound in seconds on each phase (all joined; all reconnected after the restart).
+    #[arg(long, default_value_t = 120.0)]
+    limit: f64,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -86,6 +108,8 @@ enum Scenario {
     Connect,
     /// N idle connections: RSS growth per connection.
     Hold,
+    /// K edges on one server process: server RSS per edge, reconnect storm after a restart.
+    Edges,
 }
 
 /// The Tether frontend the load goes through.
@@ -103,6 +127,15 @@ fn main() -> anyhow::Result<()> {
         cli.duration > 0.0 && cli.duration <= 3600.0,
         "--duration must be in (0, 3600] seconds"
     );
+    anyhow::ensure!(
+        cli.limit > 0.0 && cli.limit <= 3600.0,
+        "--limit must be in (0, 3600] seconds"
+    );
+    // Thousands of held connections or edges need descriptors: raise the soft limit to the
+    // hard one (children inherit it).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("warning: could not raise the open-file limit: {e}");
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -110,19 +143,61 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    let report = if let Scenario::Edges = cli.scenario {
+        let opts = scenario::edges::EdgesOpts {
+            edges: cli.edges,
+            limit: Duration::from_secs_f64(cli.limit),
+        };
+        let label = cli.label.as_deref().unwrap_or("tether-processes");
+        scenario::edges::run(opts, label).await?
+    } else {
+        run_path_scenario(cli).await?
+    };
+    if json {
+        report.print_json();
+    } else {
+        report.print_table();
+    }
+    Ok(())
+}
+
+/// A scenario that drives load along a path to the in-process target.
+async fn run_path_scenario(cli: Cli) -> anyhow::Result<report::Report> {
     let target = target::spawn(cli.target_port).context("start the target")?;
+    let proxy_target = cli.proxy_target.unwrap_or_else(|| target.to_string());
+    let mut watched = cli.attach;
     let (path, label) = if cli.direct {
         (Path::Tcp(target), "direct".to_owned())
     } else if let Some(relay) = cli.relay {
         (Path::Tcp(relay), format!("relay {relay}"))
     } else if let Some(proxy) = cli.proxy {
-        let target = cli.proxy_target.unwrap_or_else(|| target.to_string());
-        (Path::Proxy { proxy, target }, format!("proxy {proxy}"))
+        let path = Path::Proxy {
+            proxy,
+            target: proxy_target,
+        };
+        (path, format!("proxy {proxy}"))
+    } else if let Some(socket) = cli.unix_socket {
+        let label = format!("proxy {}", socket.display());
+        let path = Path::UnixProxy {
+            socket,
+            target: proxy_target,
+        };
+        (path, label)
     } else {
-        let tether = setup::Tether::start(target.port(), cli.frontend).context("start Tether")?;
-        let name = match cli.frontend {
-            Frontend::Unix => "tether-unix",
-            Frontend::Tls => "tether-tls",
+        let mode = if cli.processes {
+            Mode::Processes
+        } else {
+            Mode::InProcess
+        };
+        let tether =
+            setup::Tether::start(target.port(), cli.frontend, mode).context("start Tether")?;
+        watched.extend(tether.processes());
+        let name = match (cli.frontend, mode) {
+            (Frontend::Unix, Mode::InProcess) => "tether-unix",
+            (Frontend::Tls, Mode::InProcess) => "tether-tls",
+            (Frontend::Unix, Mode::Processes) => "tether-unix-procs",
+            (Frontend::Tls, Mode::Processes) => "tether-tls-procs",
         };
         (Path::Tether(Box::new(tether)), name.to_owned())
     };
@@ -137,17 +212,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         requests: cli.requests,
         hold: cli.hold,
     };
-    let report = match cli.scenario {
-        Scenario::Bulk => scenario::bulk::run(path, opts, &label).await?,
-        Scenario::Rr => scenario::rr::run(path, opts, &label).await?,
-        Scenario::Hol => scenario::rr::hol(path, opts, &label).await?,
-        Scenario::Connect => scenario::connect::run(path, opts, &label).await?,
-        Scenario::Hold => scenario::hold::run(path, opts, &label).await?,
-    };
-    if cli.json {
-        report.print_json();
-    } else {
-        report.print_table();
+    let _progress = progress::Progress::timed(scenario_name(cli.scenario), opts.duration);
+    match cli.scenario {
+        Scenario::Bulk => scenario::bulk::run(path, opts, &label).await,
+        Scenario::Rr => scenario::rr::run(path, opts, &label).await,
+        Scenario::Hol => scenario::rr::hol(path, opts, &label).await,
+        Scenario::Connect => scenario::connect::run(path, opts, &label).await,
+        Scenario::Hold => scenario::hold::run(path, opts, &label, &watched).await,
+        Scenario::Edges => unreachable!("edges has no path"),
     }
-    Ok(())
+}
+
+fn scenario_name(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::Bulk => "bulk",
+        Scenario::Rr => "rr",
+        Scenario::Hol => "hol",
+        Scenario::Connect => "connect",
+        Scenario::Hold => "hold",
+        Scenario::Edges => "edges",
+    }
 }

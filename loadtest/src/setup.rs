@@ -1,7 +1,8 @@
 //! The paths load goes through: straight to the target, a TCP relay in front of it (haproxy,
-//! rathole), an external plain-HTTP CONNECT proxy, or Tether on loopback (fresh certificates in
-//! a temp dir, the server on one thread and the edge on another, each a single-threaded
-//! runtime, as the binaries run).
+//! rathole), an external plain-HTTP CONNECT proxy (on TCP or a Unix socket, such as a running
+//! Tether's), or Tether on loopback with fresh certificates in a temp dir: in-process (the
+//! server on one thread and the edge on another, each a single-threaded runtime, as the
+//! binaries run) or as the real binaries in child processes, whose RSS can then be read.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tunnel_server::pki::{self, Ca};
 
+use crate::procs::{self, ChildGuard, Watched};
 use crate::Frontend;
 
 /// The benchmark node's IP (documentation range; the edge maps it to 127.0.0.1).
@@ -24,9 +26,14 @@ const MAX_ANSWER_HEAD: usize = 4 << 10;
 pub enum Path {
     /// Plain TCP to this address: the target itself (`--direct`) or a relay in front of it.
     Tcp(std::net::SocketAddr),
-    /// A plain-HTTP CONNECT proxy, asked for `target`.
+    /// A plain-HTTP CONNECT proxy on TCP, asked for `target`.
     Proxy {
         proxy: std::net::SocketAddr,
+        target: String,
+    },
+    /// A plain-HTTP CONNECT proxy on a Unix socket (a running Tether's), asked for `target`.
+    UnixProxy {
+        socket: std::path::PathBuf,
         target: String,
     },
     /// Tether started in-process.
@@ -47,6 +54,11 @@ impl Path {
                 tcp.set_nodelay(true)?;
                 handshake(&mut tcp, target).await?;
                 Ok(Box::new(tcp))
+            }
+            Path::UnixProxy { socket, target } => {
+                let mut unix = UnixStream::connect(socket).await?;
+                handshake(&mut unix, target).await?;
+                Ok(Box::new(unix))
             }
             Path::Tether(t) => t.open().await,
         }
@@ -79,8 +91,19 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// How Tether is run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Server and edge as threads of this process.
+    InProcess,
+    /// The `tunnel-server` and `tunnel-edge` binaries beside this one, as child processes.
+    Processes,
+}
+
 /// A running loopback Tether.
 pub struct Tether {
+    /// Child processes (in `Mode::Processes`), killed on drop before the temp dir goes.
+    children: Vec<ChildGuard>,
     _dir: tempfile::TempDir,
     frontend: Frontend,
     socket: std::path::PathBuf,
@@ -95,7 +118,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Tunnel for T {}
 
 impl Tether {
     /// Start server and edge; targets are `NODE_IP:target_port` (dialed at 127.0.0.1).
-    pub fn start(target_port: u16, frontend: Frontend) -> anyhow::Result<Tether> {
+    pub fn start(target_port: u16, frontend: Frontend, mode: Mode) -> anyhow::Result<Tether> {
         let dir = tempfile::tempdir()?;
         let d = dir.path().to_owned();
         let layout = pki::init_ca_dir(&d, &[], &[], pki::SERVER_VALIDITY, true)?;
@@ -114,51 +137,10 @@ impl Tether {
                 socket.display()
             ),
         )?;
-        let config = tunnel_server::config::ServerConfig::load(&d.join("server.toml"))?;
-        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                match tunnel_server::RunningServer::start(config).await {
-                    Ok(server) => {
-                        let _ = addr_tx.send(Ok((server.addrs.clone(), server.shared.clone())));
-                        std::future::pending::<()>().await;
-                    }
-                    Err(e) => {
-                        let _ = addr_tx.send(Err(e));
-                    }
-                }
-            });
-        });
-        let (addrs, shared) = addr_rx.recv_timeout(Duration::from_secs(10))??;
-        std::fs::write(
-            d.join("edge.toml"),
-            format!(
-                "[server]\naddress = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
-                 [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{target_port}]\n",
-                addrs.edge
-            ),
-        )?;
-        let edge_config = tunnel_edge::EdgeConfig::load(&d.join("edge.toml"))?;
-        let edge = Arc::new(tunnel_edge::Edge::new(edge_config)?);
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(edge.run(
-                Arc::new(tunnel_edge::EdgeStatus::default()),
-                tokio_util::sync::CancellationToken::new(),
-            ));
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while shared.routes.get(&node).is_none() {
-            anyhow::ensure!(Instant::now() < deadline, "edge did not connect");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let (connect_tcp, children) = match mode {
+            Mode::InProcess => (start_in_process(&d, &node, target_port)?, Vec::new()),
+            Mode::Processes => start_processes(&d, &socket, target_port)?,
+        };
         let tls = Arc::new(tunnel_io::tls::client_config_mtls(
             &layout.ca_cert(),
             &layout.frontend_client_cert(),
@@ -166,13 +148,25 @@ impl Tether {
             &[],
         )?);
         Ok(Tether {
+            children,
             _dir: dir,
             frontend,
             socket,
-            tcp: addrs.connect_tcp.context("no TCP frontend")?,
+            tcp: connect_tcp,
             tls,
             target: format!("{NODE_IP}:{target_port}"),
         })
+    }
+
+    /// The processes this Tether runs in, to read RSS from (none when in-process).
+    pub fn processes(&self) -> Vec<Watched> {
+        self.children
+            .iter()
+            .map(|c| Watched {
+                name: c.name.trim_start_matches("tunnel-").to_owned(),
+                pid: c.pid(),
+            })
+            .collect()
     }
 
     /// Open one tunneled connection to the benchmark target.
@@ -196,6 +190,111 @@ impl Tether {
             }
         })
     }
+}
+
+/// Write the edge's config for a server whose edge listener is `server`.
+fn write_edge_config(d: &std::path::Path, server: std::net::SocketAddr, target_port: u16) -> anyhow::Result<()> {
+    std::fs::write(
+        d.join("edge.toml"),
+        format!(
+            "[server]\naddress = \"{server}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+             [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{target_port}]\n"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Server and edge on threads of this process; returns once the edge's session is routed.
+fn start_in_process(
+    d: &std::path::Path,
+    node: &protocol::NodeName,
+    target_port: u16,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let config = tunnel_server::config::ServerConfig::load(&d.join("server.toml"))?;
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            match tunnel_server::RunningServer::start(config).await {
+                Ok(server) => {
+                    let _ = addr_tx.send(Ok((server.addrs.clone(), server.shared.clone())));
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    let _ = addr_tx.send(Err(e));
+                }
+            }
+        });
+    });
+    let (addrs, shared) = addr_rx.recv_timeout(Duration::from_secs(10))??;
+    write_edge_config(d, addrs.edge, target_port)?;
+    let edge_config = tunnel_edge::EdgeConfig::load(&d.join("edge.toml"))?;
+    let edge = Arc::new(tunnel_edge::Edge::new(edge_config)?);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(edge.run(
+            Arc::new(tunnel_edge::EdgeStatus::default()),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while shared.routes.get(node).is_none() {
+        anyhow::ensure!(Instant::now() < deadline, "edge did not connect");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    addrs.connect_tcp.context("no TCP frontend")
+}
+
+/// The `tunnel-server` and `tunnel-edge` binaries as children; returns once a CONNECT
+/// through the Unix socket succeeds (the edge's session is up and routed).
+fn start_processes(
+    d: &std::path::Path,
+    socket: &std::path::Path,
+    target_port: u16,
+) -> anyhow::Result<(std::net::SocketAddr, Vec<ChildGuard>)> {
+    let (server, ready) = procs::spawn_server(
+        &d.join("server.toml"),
+        &d.join("ready.json"),
+        &d.join("server.log"),
+    )?;
+    let connect_tcp = procs::ready_addr(&ready, "connect_tcp")?;
+    write_edge_config(d, procs::ready_addr(&ready, "edge")?, target_port)?;
+    let edge = procs::spawn_edge(&d.join("edge.toml"), &d.join("edge.log"))?;
+    let mut children = vec![server, edge];
+    let target = format!("{NODE_IP}:{target_port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match probe_connect(socket, &target) {
+            Ok(()) => return Ok((connect_tcp, children)),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(e.context("the edge's session did not come up within 10 s"))
+            }
+            Err(_) => {
+                for child in &mut children {
+                    child.check_running()?;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// One blocking CONNECT through the Unix socket: Ok if answered 200 (then closed unused).
+fn probe_connect(socket: &std::path::Path, target: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut unix = std::os::unix::net::UnixStream::connect(socket)?;
+    unix.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(unix, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    unix.read_exact(&mut head)?;
+    anyhow::ensure!(&head[9..12] == b"200", "CONNECT answered {:?}", String::from_utf8_lossy(&head));
+    Ok(())
 }
 
 fn protocol_node(name: &str) -> anyhow::Result<protocol::NodeName> {

@@ -1,12 +1,14 @@
-//! `hold`: open N idle connections and report the process's RSS growth per connection.
-//! Server, edge, target and load generator share this process, so the figure covers all of
-//! them; subtract the `--direct` figure (target + client alone) to get the tunnel's cost.
+//! `hold`: open N idle connections and report RSS growth per connection: of this process
+//! (`rss_per_conn_kib`: load generator and target, plus server and edge when Tether runs
+//! in-process; subtract the `--direct` figure for the tunnel's share) and of every watched
+//! process (`server_rss_per_conn_kib`... with `--processes` or `--attach NAME=PID`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{bounded, open_echo, round_trip, Opts};
 use crate::report::Report;
+use crate::procs::{self, Watched};
 use crate::setup::{Path, Tunnel};
 
 /// Connections opened and closed before the baseline, so one-time allocations (pools,
@@ -15,19 +17,23 @@ const WARMUP: usize = 64;
 /// Openers at once.
 const OPENERS: usize = 32;
 
-/// Resident set size of this process in bytes, from /proc/self/status.
-pub fn rss_bytes() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmRSS in /proc/self/status"))?;
-    Ok(kb * 1024)
+/// Resident set size of this process in bytes.
+fn rss_bytes() -> anyhow::Result<u64> {
+    procs::rss_bytes(std::process::id())
+}
+
+/// RSS of each watched process.
+fn rss_all(watched: &[Watched]) -> anyhow::Result<Vec<u64>> {
+    watched.iter().map(Watched::rss).collect()
 }
 
 /// The `hold` scenario.
-pub async fn run(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Report> {
+pub async fn run(
+    path: Arc<Path>,
+    opts: Opts,
+    label: &str,
+    watched: &[Watched],
+) -> anyhow::Result<Report> {
     let mut reply = [0u8; 1];
     for _ in 0..WARMUP {
         let mut s = open_echo(&path).await?;
@@ -35,6 +41,7 @@ pub async fn run(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Rep
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_bytes()?;
+    let before_watched = rss_all(watched)?;
     let started = Instant::now();
     let deadline = started + opts.duration;
     let share = opts.hold.div_ceil(OPENERS);
@@ -63,6 +70,7 @@ pub async fn run(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Rep
     // Let buffers of the opening round trips be freed, then measure while all sit idle.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let after = rss_bytes()?;
+    let after_watched = rss_all(watched)?;
     // Every held connection must still work.
     for s in held.iter_mut() {
         round_trip(s, b"c", &mut reply).await?;
@@ -79,8 +87,23 @@ pub async fn run(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Rep
         after.saturating_sub(before) as f64 / 1024.0 / n as f64,
         "KiB",
     );
-    report.notes.push(
-        "in-process: RSS covers server + edge + target + client together; subtract --direct".into(),
-    );
+    for ((w, before), after) in watched.iter().zip(before_watched).zip(after_watched) {
+        report.add(
+            format!("{}_rss_after_mib", w.name),
+            after as f64 / (1 << 20) as f64,
+            "MiB",
+        );
+        report.add(
+            format!("{}_rss_per_conn_kib", w.name),
+            after.saturating_sub(before) as f64 / 1024.0 / n as f64,
+            "KiB",
+        );
+    }
+    report.notes.push(if watched.is_empty() {
+        "rss_per_conn_kib is this process: client + target (+ server + edge when in-process)"
+            .into()
+    } else {
+        "rss_per_conn_kib is this process (client + target); the others are per process".into()
+    });
     Ok(report)
 }

@@ -3,6 +3,7 @@
 
 pub mod bulk;
 pub mod connect;
+pub mod edges;
 pub mod hold;
 pub mod rr;
 
