@@ -106,6 +106,11 @@ pub fn sibling_binary(name: &str) -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Environment variable: a command to run the server under, split on spaces, for profiling
+/// (`perf record -g -o server.perf`, `valgrind --tool=massif`). The RSS figures are then the
+/// wrapper's.
+pub const SERVER_WRAPPER_ENV: &str = "TETHER_LOADTEST_SERVER_WRAPPER";
+
 /// Start `tunnel-server run --config <config>` and wait (bounded) for its ready file; return
 /// the child and the ready file's JSON (the bound addresses). Its log goes to `log`.
 pub fn spawn_server(
@@ -114,14 +119,25 @@ pub fn spawn_server(
     log: &Path,
 ) -> anyhow::Result<(ChildGuard, serde_json::Value)> {
     let _ = std::fs::remove_file(ready);
-    let mut command = Command::new(sibling_binary("tunnel-server")?);
+    let binary = sibling_binary("tunnel-server")?;
+    let wrapper = std::env::var(SERVER_WRAPPER_ENV).unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(binary);
+            c
+        }
+        None => Command::new(binary),
+    };
+    let wait = if wrapper.trim().is_empty() { 15 } else { 120 };
     command
         .args(["run", "--config"])
         .arg(config)
         .arg("--ready-file")
         .arg(ready);
     let mut child = spawn(command, "tunnel-server", log)?;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(wait);
     loop {
         if let Ok(text) = std::fs::read_to_string(ready) {
             let addrs = serde_json::from_str(&text).context("parse the server's ready file")?;
@@ -132,7 +148,7 @@ pub fn spawn_server(
             .with_context(|| format!("see {}", log.display()))?;
         anyhow::ensure!(
             Instant::now() < deadline,
-            "tunnel-server wrote no ready file within 15 s (log: {})",
+            "tunnel-server wrote no ready file within {wait} s (log: {})",
             log.display()
         );
         std::thread::sleep(Duration::from_millis(20));

@@ -193,7 +193,11 @@ impl Tether {
 }
 
 /// Write the edge's config for a server whose edge listener is `server`.
-fn write_edge_config(d: &std::path::Path, server: std::net::SocketAddr, target_port: u16) -> anyhow::Result<()> {
+fn write_edge_config(
+    d: &std::path::Path,
+    server: std::net::SocketAddr,
+    target_port: u16,
+) -> anyhow::Result<()> {
     std::fs::write(
         d.join("edge.toml"),
         format!(
@@ -293,7 +297,11 @@ fn probe_connect(socket: &std::path::Path, target: &str) -> anyhow::Result<()> {
     write!(unix, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
     let mut head = [0u8; 12];
     unix.read_exact(&mut head)?;
-    anyhow::ensure!(&head[9..12] == b"200", "CONNECT answered {:?}", String::from_utf8_lossy(&head));
+    anyhow::ensure!(
+        &head[9..12] == b"200",
+        "CONNECT answered {:?}",
+        String::from_utf8_lossy(&head)
+    );
     Ok(())
 }
 

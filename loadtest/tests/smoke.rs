@@ -82,6 +82,55 @@ fn hold_keeps_idle_connections_and_measures_rss() {
 }
 
 #[test]
+fn hold_reads_the_rss_of_server_and_edge_processes() {
+    let r = run(&["hold", "--hold", "100", "--processes"]);
+    assert_eq!(r["path"], "tether-unix-procs");
+    assert_eq!(positive(&r, "connections"), 100.0);
+    for process in ["server", "edge"] {
+        positive(&r, &format!("{process}_rss_after_mib"));
+        let growth = r["figures"][format!("{process}_rss_per_conn_kib")].as_f64();
+        assert!(growth.is_some_and(|g| g >= 0.0), "{r}");
+    }
+}
+
+#[test]
+fn attach_reads_the_rss_of_a_named_process() {
+    let pid = std::process::id().to_string();
+    let r = run(&[
+        "hold",
+        "--hold",
+        "50",
+        "--direct",
+        "--attach",
+        &format!("watched={pid}"),
+    ]);
+    positive(&r, "watched_rss_after_mib");
+}
+
+#[test]
+fn attach_refuses_a_process_that_does_not_exist() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tunnel-loadtest"))
+        .args(["hold", "--direct", "--attach", "server=4000000000"])
+        .output()
+        .expect("run tunnel-loadtest");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("process 4000000000"), "{stderr}");
+}
+
+#[test]
+fn edges_join_and_all_come_back_after_a_server_restart() {
+    let r = run(&["edges", "--edges", "20", "--limit", "60"]);
+    assert_eq!(r["scenario"], "edges");
+    assert_eq!(positive(&r, "edges"), 20.0);
+    positive(&r, "join_secs");
+    positive(&r, "server_rss_mib");
+    positive(&r, "storm_secs");
+    // Every edge made at least one new session after the restart.
+    assert!(positive(&r, "storm_sessions_per_edge") >= 1.0, "{r}");
+}
+
+#[test]
 fn proxy_mode_speaks_connect_to_an_external_proxy() {
     let proxy = connect_proxy();
     let r = run(&["rr", "--connections", "2", "--proxy", &proxy.to_string()]);

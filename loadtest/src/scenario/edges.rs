@@ -103,7 +103,9 @@ pub async fn run(opts: EdgesOpts, label: &str) -> anyhow::Result<Report> {
     loop {
         let renewed = statuses
             .iter()
-            .filter(|s| s.sessions.load(Ordering::Relaxed) > 1 && s.connected.load(Ordering::Acquire))
+            .filter(|s| {
+                s.sessions.load(Ordering::Relaxed) > 1 && s.connected.load(Ordering::Acquire)
+            })
             .count();
         progress.set(renewed as u64);
         if renewed == opts.edges {
@@ -119,7 +121,8 @@ pub async fn run(opts: EdgesOpts, label: &str) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     progress.finish();
-    let storm_secs = wait_all_routed("reconnect", &statuses, admin, &mut server, restarted, opts).await?;
+    let storm_secs =
+        wait_all_routed("reconnect", &statuses, admin, &mut server, restarted, opts).await?;
     let sessions_after: u64 = statuses
         .iter()
         .map(|s| s.sessions.load(Ordering::Relaxed))
@@ -139,7 +142,11 @@ pub async fn run(opts: EdgesOpts, label: &str) -> anyhow::Result<Report> {
     report.add("issue_secs", issue_secs, "s");
     report.add("join_secs", join_secs, "s");
     report.add("join_per_s", k / join_secs, "edges/s");
-    report.add("server_rss_idle_mib", rss_idle as f64 / (1 << 20) as f64, "MiB");
+    report.add(
+        "server_rss_idle_mib",
+        rss_idle as f64 / (1 << 20) as f64,
+        "MiB",
+    );
     report.add("server_rss_mib", rss_edges as f64 / (1 << 20) as f64, "MiB");
     report.add(
         "server_rss_per_edge_kib",
@@ -239,7 +246,12 @@ struct EdgeFiles {
 }
 
 /// Issue `n` edge certificates, `edge-00001`.. with IPs 10.0.0.1.., into `d/edges/`.
-fn issue_edges(d: &Path, ca_cert: &Path, ca_key: &Path, n: usize) -> anyhow::Result<Vec<EdgeFiles>> {
+fn issue_edges(
+    d: &Path,
+    ca_cert: &Path,
+    ca_key: &Path,
+    n: usize,
+) -> anyhow::Result<Vec<EdgeFiles>> {
     let ca = Ca::load(ca_cert, ca_key)?;
     let dir = d.join("edges");
     std::fs::create_dir_all(&dir)?;
@@ -262,7 +274,11 @@ fn issue_edges(d: &Path, ca_cert: &Path, ca_key: &Path, n: usize) -> anyhow::Res
 
 /// One edge's config: the server, its files, default backoff but a short `stable_after`.
 fn edge_config(files: &EdgeFiles, server: SocketAddr) -> anyhow::Result<EdgeConfig> {
-    let base = files.cert.parent().and_then(Path::parent).context("edge dir")?;
+    let base = files
+        .cert
+        .parent()
+        .and_then(Path::parent)
+        .context("edge dir")?;
     let text = format!(
         "[server]\naddress = \"{server}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"{}\"\nkey = \"{}\"\n\
          [reconnect]\nstable_after = \"{STABLE_AFTER}\"\n[allow]\nports = [10250]\n",

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{bounded, open_echo, round_trip, Opts};
-use crate::report::Report;
 use crate::procs::{self, Watched};
+use crate::report::Report;
 use crate::setup::{Path, Tunnel};
 
 /// Connections opened and closed before the baseline, so one-time allocations (pools,
@@ -100,8 +100,7 @@ pub async fn run(
         );
     }
     report.notes.push(if watched.is_empty() {
-        "rss_per_conn_kib is this process: client + target (+ server + edge when in-process)"
-            .into()
+        "rss_per_conn_kib is this process: client + target (+ server + edge when in-process)".into()
     } else {
         "rss_per_conn_kib is this process (client + target); the others are per process".into()
     });
