@@ -56,7 +56,7 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// A child process, killed (SIGKILL) and reaped when dropped.
+/// A child process, stopped and reaped when dropped.
 pub struct ChildGuard {
     child: Child,
     /// What it is, for errors.
@@ -85,7 +85,22 @@ impl ChildGuard {
 }
 
 impl Drop for ChildGuard {
+    /// SIGTERM first, so a profiler wrapping it (see [`SERVER_WRAPPER_ENV`]) writes its
+    /// output; SIGKILL if it has not exited within 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .stderr(Stdio::null())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.kill();
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use protocol::connect::{parse_connect_head, response_head, ConnectError, HeadLimits, ESTABLISHED};
 use protocol::Target;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -195,6 +195,8 @@ async fn serve_connection<S>(
         }
     };
     let mut early = buf.split_off(head_len);
+    // The head's bytes are parsed; hold no part of their buffer for the tunnel's lifetime.
+    drop(buf);
 
     // While the edge dials, keep reading: a client that leaves cancels the dial (dropping it
     // resets the stream, and the edge closes any late socket); bytes it sends early are kept.
@@ -215,7 +217,14 @@ async fn serve_connection<S>(
             },
         }
     };
-    let early = early.freeze();
+    // Most clients wait for the 200 before sending: then free the read buffer now rather
+    // than keep it for as long as the (possibly idle) tunnel lives.
+    let early = if early.is_empty() {
+        drop(early); // shadowing alone would keep it alive
+        Bytes::new()
+    } else {
+        early.freeze()
+    };
     let dialed = match dialed {
         Ok(d) => d,
         Err(error) => {
