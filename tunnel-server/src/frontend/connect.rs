@@ -49,21 +49,27 @@ pub async fn serve_tcp(
         tracker.spawn(
             async move {
                 let deadline = Instant::now() + shared.config.connect.header_timeout;
-                let tls =
-                    match tunnel_io::tls::accept_within(&acceptor, tcp, deadline.into(), &cancel)
-                        .await
-                    {
-                        Ok(tls) => tls,
-                        Err(error) => {
-                            warn!(%peer, "connect frontend: {error}");
-                            return;
-                        }
-                    };
+                // The handshake's state and the TLS stream are boxed: inline, this task's
+                // state would be sized for both at once for as long as the tunnel lives
+                // (~5 KiB more per idle connection; docs/BENCHMARKS.md, hold).
+                let handshake = Box::pin(tunnel_io::tls::accept_within(
+                    &acceptor,
+                    tcp,
+                    deadline.into(),
+                    &cancel,
+                ));
+                let tls = match handshake.await {
+                    Ok(tls) => tls,
+                    Err(error) => {
+                        warn!(%peer, "connect frontend: {error}");
+                        return;
+                    }
+                };
                 let subject = tunnel_io::tls::peer_certificate(&tls)
                     .and_then(|der| tunnel_io::identity::common_name(der.as_ref()))
                     .unwrap_or_else(|| "?".into());
                 let client = format!("{subject}@{peer}");
-                serve_connection(tls, client, deadline, &shared, &cancel).await;
+                serve_connection(Box::new(tls), client, deadline, &shared, &cancel).await;
                 drop(slot);
             }
             .instrument(span),
