@@ -164,6 +164,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// A scenario that drives load along a path to the in-process target.
 async fn run_path_scenario(cli: Cli) -> anyhow::Result<report::Report> {
+    anyhow::ensure!(
+        cli.proxy_target.is_none() || cli.proxy.is_some() || cli.unix_socket.is_some(),
+        "--proxy-target needs --proxy or --unix-socket"
+    );
+    anyhow::ensure!(
+        cli.attach.is_empty() || matches!(cli.scenario, Scenario::Hold),
+        "--attach is read by the hold scenario only"
+    );
     let target = target::spawn(cli.target_port).context("start the target")?;
     let proxy_target = cli.proxy_target.unwrap_or_else(|| target.to_string());
     let mut watched = cli.attach;
