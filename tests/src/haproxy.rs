@@ -59,8 +59,10 @@ pub struct Backend {
 
 /// A running haproxy.
 pub struct Haproxy {
-    /// The edge-facing frontend (what edges dial).
+    /// The edge-facing frontend (what edges dial); the first of `addrs`.
     pub addr: SocketAddr,
+    /// Every frontend, in the order they were asked for.
+    pub addrs: Vec<SocketAddr>,
     child: ChildGuard,
     _dir: tempfile::TempDir,
 }
@@ -69,6 +71,36 @@ impl Haproxy {
     /// Start haproxy in front of `backends` (round robin), sending a PROXY v2 header to each
     /// when `send_proxy_v2`.
     pub async fn start(binary: PathBuf, backends: &[Backend], send_proxy_v2: bool) -> Haproxy {
+        let backends = backends.to_vec();
+        Haproxy::launch(binary, 1, move |ports, monitor| {
+            render(ports[0], monitor, &backends, send_proxy_v2)
+        })
+        .await
+    }
+
+    /// One frontend per entry of `sources`, each forwarding to `backend` with a PROXY v2
+    /// header that names that source as the client (`tcp-request connection set-src`): one
+    /// balancer, as many distinct client addresses as the test needs. The frontends are
+    /// `addrs[i]`.
+    pub async fn start_with_sources(
+        binary: PathBuf,
+        backend: SocketAddr,
+        sources: &[std::net::Ipv4Addr],
+    ) -> Haproxy {
+        let sources = sources.to_vec();
+        Haproxy::launch(binary, sources.len(), move |ports, monitor| {
+            render_sources(ports, monitor, backend, &sources)
+        })
+        .await
+    }
+
+    /// Write the config `render(ports, monitor_port)` makes and start haproxy on it,
+    /// retrying with fresh ports when one was taken meanwhile.
+    async fn launch(
+        binary: PathBuf,
+        frontends: usize,
+        render: impl Fn(&[u16], u16) -> String,
+    ) -> Haproxy {
         let dir = tempfile::Builder::new()
             .prefix("tether-haproxy-")
             .tempdir()
@@ -76,20 +108,25 @@ impl Haproxy {
         let log = dir.path().join("haproxy.log");
         let mut last_log = String::new();
         for _ in 0..BIND_ATTEMPTS {
-            let (port, monitor) = (free_port(), free_port());
+            let ports: Vec<u16> = (0..frontends).map(|_| free_port()).collect();
+            let monitor = free_port();
             let config = dir.path().join("haproxy.cfg");
-            std::fs::write(&config, render(port, monitor, backends, send_proxy_v2))
-                .expect("write haproxy.cfg");
+            std::fs::write(&config, render(&ports, monitor)).expect("write haproxy.cfg");
             let mut command = Command::new(&binary);
             command.arg("-db").arg("-f").arg(&config);
             let mut child = ChildGuard::spawn("haproxy", command, &log);
             match wait_listening(&mut child, monitor).await {
                 Ok(()) => {
+                    let addrs: Vec<SocketAddr> = ports
+                        .iter()
+                        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                        .collect();
                     return Haproxy {
-                        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                        addr: addrs[0],
+                        addrs,
                         child,
                         _dir: dir,
-                    }
+                    };
                 }
                 Err(log)
                     if log.contains("ddress already in use") || log.contains("cannot bind") =>
@@ -157,6 +194,40 @@ backend replicas
     option httpchk GET /readyz
     default-server inter {check_ms}ms fastinter {check_ms}ms downinter {check_ms}ms fall 1 rise 1
 {servers}"#
+    )
+}
+
+fn render_sources(
+    ports: &[u16],
+    monitor: u16,
+    backend: SocketAddr,
+    sources: &[std::net::Ipv4Addr],
+) -> String {
+    let mut frontends = String::new();
+    for (i, (port, source)) in ports.iter().zip(sources).enumerate() {
+        frontends.push_str(&format!(
+            "listen source{i}\n    bind 127.0.0.1:{port}\n    tcp-request connection set-src ipv4({source})\n    server backend {backend} send-proxy-v2\n\n"
+        ));
+    }
+    format!(
+        r#"global
+    maxconn 1000
+    log stderr format raw local0 info
+
+defaults
+    mode tcp
+    log global
+    option tcplog
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+
+frontend monitor
+    mode http
+    bind 127.0.0.1:{monitor}
+    monitor-uri /ready
+
+{frontends}"#
     )
 }
 

@@ -23,6 +23,8 @@ pub struct RegistrationOptions {
     pub allowed_ports: Vec<u16>,
     /// `log.filter`.
     pub log_filter: &'static str,
+    /// `registration.proxy_protocol`.
+    pub proxy_protocol: bool,
 }
 
 impl Default for RegistrationOptions {
@@ -32,6 +34,7 @@ impl Default for RegistrationOptions {
             lockout_after: 100,
             allowed_ports: vec![10250],
             log_filter: "info",
+            proxy_protocol: false,
         }
     }
 }
@@ -93,6 +96,7 @@ token_file = "tokens.json"
 ca_cert = "{ca}"
 ca_key = "{ca_key}"
 cert_lifetime = "{lifetime}"
+proxy_protocol = {proxy_protocol}
 
 [registration.rate]
 per_source_per_minute = 600
@@ -108,6 +112,7 @@ filter = "{filter}"
             key = l.server_key().display(),
             ca = l.ca_cert().display(),
             ca_key = l.ca_key().display(),
+            proxy_protocol = options.proxy_protocol,
             frontend_ca = l.frontend_ca_cert().display(),
             lifetime = options.cert_lifetime,
             lockout_after = options.lockout_after,

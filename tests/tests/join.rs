@@ -6,6 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
+use tether_tests::haproxy::{self, Haproxy};
 use tether_tests::registration::{JoinedEdge, RegistrationOptions, RegistrationServer};
 use tether_tests::targets::EchoServer;
 use tether_tests::{poll_until, within, Pki};
@@ -51,15 +52,25 @@ async fn join_raw(
     server: &RegistrationServer,
     request: JoinRequest,
 ) -> Result<tunnel_io::registration::pb::Credentials, (tonic::Code, String)> {
-    tunnel_edge::join::call_join(
-        &server.registration.to_string(),
+    join_at(pki, server.registration, request)
+        .await
+        .expect("registration API reachable")
+}
+
+/// One Join call to `address` (the registration listener, or a balancer in front of it).
+async fn join_at(
+    pki: &Pki,
+    address: std::net::SocketAddr,
+    request: JoinRequest,
+) -> anyhow::Result<Result<tunnel_io::registration::pb::Credentials, (tonic::Code, String)>> {
+    let answer = tunnel_edge::join::call_join(
+        &address.to_string(),
         "127.0.0.1",
         &pki.layout.ca_cert(),
         request,
     )
-    .await
-    .expect("registration API reachable")
-    .map_err(|s| (s.code(), s.message().to_owned()))
+    .await?;
+    Ok(answer.map_err(|s| (s.code(), s.message().to_owned())))
 }
 
 fn request(token: &str, node: &str) -> JoinRequest {
@@ -253,6 +264,63 @@ async fn brute_force_from_one_source_is_locked_out_without_checking() {
         1
     );
     assert_eq!(server.log_lines_with(&["node joined"]), 0);
+}
+
+#[tokio::test]
+async fn behind_a_proxy_protocol_balancer_the_lockout_keys_on_each_nodes_own_address() {
+    let Some(binary) = haproxy::binary_or_skip("registration behind a PROXY balancer") else {
+        return;
+    };
+    let pki = Pki::new();
+    let server = RegistrationServer::start(
+        &pki,
+        &RegistrationOptions {
+            lockout_after: 3,
+            proxy_protocol: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    // One balancer; behind it, two nodes with their own addresses.
+    let (a, b) = ([203, 0, 113, 7].into(), [203, 0, 113, 8].into());
+    let lb = Haproxy::start_with_sources(binary, server.registration, &[a, b]).await;
+    let (via_a, via_b) = (lb.addrs[0], lb.addrs[1]);
+    let good = server.create_token(&[]);
+    let id = good.split_once('.').expect("id").0;
+    for i in 0..3 {
+        let guess = format!("{id}.{i:016}");
+        let refused = join_at(&pki, via_a, request(&guess, "idc-a")).await;
+        assert_eq!(refused.expect("reachable").expect_err("guess").1, REFUSED);
+    }
+    // Node A's own address is locked out, even with the right token...
+    let refused = join_at(&pki, via_a, request(&good, "idc-a")).await;
+    assert_eq!(
+        refused.expect("reachable").expect_err("locked out").1,
+        REFUSED
+    );
+    assert_eq!(
+        server.log_lines_with(&["join refused", "peer=203.0.113.7:", "reason=\"locked_out\""]),
+        1,
+        "{}",
+        server.log()
+    );
+    // ...while node B behind the same balancer joins: without the header both would be the
+    // balancer's 127.0.0.1 and share A's lockout.
+    join_at(&pki, via_b, request(&good, "idc-b"))
+        .await
+        .expect("reachable")
+        .expect("node B joins");
+    assert_eq!(server.log_lines_with(&["node joined", "idc-b"]), 1);
+    // A connection that skips the balancer (no header) is refused before TLS.
+    let direct = join_at(&pki, server.registration, request(&good, "idc-c")).await;
+    assert!(
+        !matches!(direct, Ok(Ok(_))),
+        "a connection without a PROXY header joined"
+    );
+    server
+        .wait_log(&["registration refused: bad PROXY protocol header"], 1, UP)
+        .await;
+    assert_eq!(server.log_lines_with(&["node joined", "idc-c"]), 0);
 }
 
 #[tokio::test]

@@ -43,6 +43,12 @@ pub struct RegistrationConfig {
     /// Connections served at once.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Expect a PROXY protocol v1 or v2 header on every connection (the load balancer sends
+    /// it) and take the client's address from it: the per-source rate limit and lockout then
+    /// see each node's own address instead of the balancer's. Connections without a valid
+    /// header are refused.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// Join throttling.
     #[serde(default)]
     pub rate: RateConfig,

@@ -111,6 +111,7 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
         registration.listener,
         registration.acceptor,
         config.handshake_timeout,
+        config.proxy_protocol,
         Arc::new(Semaphore::new(config.max_connections)),
         handoff,
         stop.clone(),
@@ -140,6 +141,7 @@ async fn accept(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
+    proxy_protocol: bool,
     slots: Arc<Semaphore>,
     handoff: mpsc::Sender<io::Result<RegistrationConn>>,
     stop: Stop,
@@ -159,6 +161,26 @@ async fn accept(
         let drain = stop.drain.clone();
         tracker.spawn(async move {
             let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let (mut tcp, mut peer) = (tcp, peer);
+            if proxy_protocol {
+                let header = tokio::select! {
+                    _ = drain.cancelled() => return,
+                    h = tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)) => h,
+                };
+                match header {
+                    Ok(Ok(Some(source))) => peer = source,
+                    // LOCAL (the balancer's own health check): keep the connection's address.
+                    Ok(Ok(None)) => {}
+                    Ok(Err(error)) => {
+                        warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration refused: bad PROXY protocol header");
+                        return;
+                    }
+                    Err(_) => {
+                        warn!(%peer, "registration PROXY protocol header timed out");
+                        return;
+                    }
+                }
+            }
             let tls = match tunnel_io::tls::accept_within(&acceptor, tcp, deadline, &drain).await {
                 Ok(tls) => tls,
                 Err(tunnel_io::tls::HandshakeError::Cancelled) => return,
