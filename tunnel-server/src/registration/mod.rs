@@ -110,8 +110,10 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     tracker.spawn(accept(
         registration.listener,
         registration.acceptor,
-        config.handshake_timeout,
-        config.proxy_protocol,
+        Before {
+            handshake_timeout: config.handshake_timeout,
+            proxy_protocol: config.proxy_protocol,
+        },
         Arc::new(Semaphore::new(config.max_connections)),
         handoff,
         stop.clone(),
@@ -137,11 +139,19 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     info!(addr = %registration.addr, "registration API listening");
 }
 
+/// What happens on a connection before it is handed to the API.
+#[derive(Clone, Copy)]
+struct Before {
+    /// Time for the PROXY header (if expected) and the TLS handshake together.
+    handshake_timeout: Duration,
+    /// Read a PROXY protocol header first and take the client's address from it.
+    proxy_protocol: bool,
+}
+
 async fn accept(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
-    proxy_protocol: bool,
+    before: Before,
     slots: Arc<Semaphore>,
     handoff: mpsc::Sender<io::Result<RegistrationConn>>,
     stop: Stop,
@@ -160,9 +170,9 @@ async fn accept(
         let handoff = handoff.clone();
         let drain = stop.drain.clone();
         tracker.spawn(async move {
-            let deadline = tokio::time::Instant::now() + handshake_timeout;
+            let deadline = tokio::time::Instant::now() + before.handshake_timeout;
             let (mut tcp, mut peer) = (tcp, peer);
-            if proxy_protocol {
+            if before.proxy_protocol {
                 let header = tokio::select! {
                     _ = drain.cancelled() => return,
                     h = tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)) => h,
