@@ -74,11 +74,17 @@ async fn join_at(
 }
 
 fn request(token: &str, node: &str) -> JoinRequest {
-    let (_, csr_der) = tunnel_edge::join::new_csr(node, &[]).expect("csr");
+    request_with_ips(token, node, &[])
+}
+
+/// A Join request claiming `ips` (in the request and in the CSR alike).
+fn request_with_ips(token: &str, node: &str, ips: &[&str]) -> JoinRequest {
+    let parsed: Vec<std::net::IpAddr> = ips.iter().map(|ip| ip.parse().expect("ip")).collect();
+    let (_, csr_der) = tunnel_edge::join::new_csr(node, &parsed).expect("csr");
     JoinRequest {
         token: token.to_owned(),
         node_name: node.to_owned(),
-        node_ips: vec![],
+        node_ips: ips.iter().map(|ip| ip.to_string()).collect(),
         csr_der,
     }
 }
@@ -217,6 +223,29 @@ async fn every_bad_token_gets_the_same_generic_error_and_replays_are_refused() {
             "audit log lacks {needle}"
         );
     }
+
+    // A token for one site's network: an address outside it is refused (the attempt uses
+    // nothing up), an address inside joins.
+    let site = server.create_token(&["--node-ip-cidr", "10.8.0.0/16"]);
+    let outside = join_raw(
+        &pki,
+        &server,
+        request_with_ips(&site, "idc-d", &["10.9.0.4"]),
+    )
+    .await
+    .expect_err("address outside the token's network");
+    assert_eq!(outside.1, REFUSED);
+    assert_eq!(
+        server.log_lines_with(&["join refused", "reason=\"node_ip\""]),
+        1
+    );
+    join_raw(
+        &pki,
+        &server,
+        request_with_ips(&site, "idc-d", &["10.8.0.4"]),
+    )
+    .await
+    .expect("address inside the token's network");
 
     // Replay: the very same request (same CSR key) twice; the token still has uses left.
     let original = request(&good, "idc-c");

@@ -112,6 +112,11 @@ pub struct NodePool {
     /// Extra ports the edge may dial on itself besides the kubelet's.
     #[serde(default)]
     pub extra_ports: Vec<u16>,
+    /// Networks the node IPs of a joining node must lie in; empty allows any (node IPs are
+    /// still refused when loopback, link-local, multicast or unspecified). Keeps a token for
+    /// one site from claiming another site's addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_ip_cidrs: Vec<ipnet::IpNet>,
 }
 
 /// One token as stored: never the secret, only its hash.
@@ -187,6 +192,9 @@ pub enum Refusal {
     /// The node name does not match the token's pattern.
     #[error("node name not allowed by the token")]
     NodeNameNotAllowed,
+    /// A node IP lies outside the token pool's networks.
+    #[error("node IP outside the token's networks")]
+    NodeIpNotAllowed,
     /// This public key was certified before: a replayed request.
     #[error("CSR key already used (replay)")]
     KeyReused,
@@ -203,6 +211,7 @@ impl Refusal {
             Refusal::Revoked => "revoked",
             Refusal::Exhausted => "exhausted",
             Refusal::NodeNameNotAllowed => "node_name",
+            Refusal::NodeIpNotAllowed => "node_ip",
             Refusal::KeyReused => "replay",
         }
     }
@@ -482,6 +491,7 @@ impl TokenStore {
         &self,
         token: &BootstrapToken,
         node: &NodeName,
+        ips: &[std::net::IpAddr],
         public_key: &[u8],
         now: u64,
     ) -> Result<Admission, Refusal> {
@@ -512,6 +522,10 @@ impl TokenStore {
             if !glob_match(pattern, node.as_str()) {
                 return Err(Refusal::NodeNameNotAllowed);
             }
+        }
+        let networks = &record.pool.node_ip_cidrs;
+        if !networks.is_empty() && !ips.iter().all(|ip| networks.iter().any(|n| n.contains(ip))) {
+            return Err(Refusal::NodeIpNotAllowed);
         }
         let key = sha256_hex(public_key);
         if inner.usage.keys.contains(&key) {
@@ -574,6 +588,7 @@ mod tests {
             labels: [("tether.io/pool".to_string(), "idc".to_string())].into(),
             taints: vec!["tether.io/edge=true:NoSchedule".into()],
             extra_ports: vec![10255],
+            node_ip_cidrs: vec![],
         }
     }
 
@@ -642,18 +657,20 @@ mod tests {
 
         let store = TokenStore::open(&path).unwrap();
         let now = unix_now();
-        let a = store.admit(&token, &node("idc-1"), b"key-1", now).unwrap();
+        let a = store
+            .admit(&token, &node("idc-1"), &[], b"key-1", now)
+            .unwrap();
         assert_eq!(a.pool, pool());
         // Replay: the same key again.
         assert_eq!(
             store
-                .admit(&token, &node("idc-2"), b"key-1", now)
+                .admit(&token, &node("idc-2"), &[], b"key-1", now)
                 .unwrap_err(),
             Refusal::KeyReused
         );
         assert_eq!(
             store
-                .admit(&token, &node("cloud-1"), b"key-2", now)
+                .admit(&token, &node("cloud-1"), &[], b"key-2", now)
                 .unwrap_err(),
             Refusal::NodeNameNotAllowed
         );
@@ -663,27 +680,29 @@ mod tests {
         };
         assert_eq!(
             store
-                .admit(&wrong, &node("idc-2"), b"key-2", now)
+                .admit(&wrong, &node("idc-2"), &[], b"key-2", now)
                 .unwrap_err(),
             Refusal::WrongSecret
         );
         let unknown = BootstrapToken::parse("zzzzzz.0123456789abcdef").unwrap();
         assert_eq!(
             store
-                .admit(&unknown, &node("idc-2"), b"key-2", now)
+                .admit(&unknown, &node("idc-2"), &[], b"key-2", now)
                 .unwrap_err(),
             Refusal::Unknown
         );
         assert_eq!(
             store
-                .admit(&token, &node("idc-2"), b"key-2", record.expires_unix)
+                .admit(&token, &node("idc-2"), &[], b"key-2", record.expires_unix)
                 .unwrap_err(),
             Refusal::Expired
         );
-        store.admit(&token, &node("idc-2"), b"key-2", now).unwrap();
+        store
+            .admit(&token, &node("idc-2"), &[], b"key-2", now)
+            .unwrap();
         assert_eq!(
             store
-                .admit(&token, &node("idc-3"), b"key-3", now)
+                .admit(&token, &node("idc-3"), &[], b"key-3", now)
                 .unwrap_err(),
             Refusal::Exhausted
         );
@@ -691,7 +710,7 @@ mod tests {
         let reopened = TokenStore::open(&path).unwrap();
         assert_eq!(
             reopened
-                .admit(&token, &node("idc-3"), b"key-3", now)
+                .admit(&token, &node("idc-3"), &[], b"key-3", now)
                 .unwrap_err(),
             Refusal::Exhausted
         );
@@ -706,16 +725,60 @@ mod tests {
         let (token, _) =
             create(&path, pool(), DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
         let now = unix_now();
-        store.admit(&token, &node("n1"), b"k1", now).unwrap();
+        store.admit(&token, &node("n1"), &[], b"k1", now).unwrap();
         revoke(&path, &token.id).unwrap();
         assert_eq!(
-            store.admit(&token, &node("n2"), b"k2", now).unwrap_err(),
+            store
+                .admit(&token, &node("n2"), &[], b"k2", now)
+                .unwrap_err(),
             Refusal::Revoked
         );
         assert!(matches!(
             revoke(&path, "nosuch"),
             Err(StoreError::NoSuchToken(_))
         ));
+    }
+
+    #[test]
+    fn node_ips_must_lie_in_the_pools_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let site = NodePool {
+            node_ip_cidrs: vec![
+                "10.8.0.0/16".parse().unwrap(),
+                "fd00:8::/32".parse().unwrap(),
+            ],
+            ..pool()
+        };
+        let (token, _) = create(&path, site, DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        let now = unix_now();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        // One address outside is enough to refuse, and the refusal uses nothing up.
+        assert_eq!(
+            store
+                .admit(
+                    &token,
+                    &node("n1"),
+                    &[ip("10.8.1.2"), ip("10.9.0.1")],
+                    b"k1",
+                    now
+                )
+                .unwrap_err(),
+            Refusal::NodeIpNotAllowed
+        );
+        store
+            .admit(
+                &token,
+                &node("n1"),
+                &[ip("10.8.1.2"), ip("fd00:8::5")],
+                b"k1",
+                now,
+            )
+            .unwrap();
+        assert_eq!(list(&path).unwrap()[0].1, 1);
+        // The networks survive the file round trip.
+        assert_eq!(list(&path).unwrap()[0].0.pool.node_ip_cidrs.len(), 2);
     }
 
     #[test]
@@ -726,7 +789,9 @@ mod tests {
             create(&path, pool(), DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
         let store = TokenStore::open(&path).unwrap();
         std::fs::write(&path, "{ not json").unwrap();
-        store.admit(&token, &node("n1"), b"k1", unix_now()).unwrap();
+        store
+            .admit(&token, &node("n1"), &[], b"k1", unix_now())
+            .unwrap();
     }
 
     #[test]

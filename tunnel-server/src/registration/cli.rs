@@ -42,6 +42,10 @@ pub enum TokenCommand {
         /// Extra local port the pool's edges may dial on themselves; repeatable.
         #[arg(long = "extra-port")]
         extra_ports: Vec<u16>,
+        /// A network the joining node's IPs must lie in, e.g. 10.8.0.0/16; repeatable
+        /// (default: any routable address).
+        #[arg(long = "node-ip-cidr", value_name = "CIDR")]
+        node_ip_cidrs: Vec<ipnet::IpNet>,
         /// Lifetime of the token.
         #[arg(long, value_parser = humantime, default_value = "24h")]
         ttl: Duration,
@@ -120,6 +124,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             labels,
             taints,
             extra_ports,
+            node_ip_cidrs,
             ttl,
             usage_limit,
             node_name_pattern,
@@ -141,6 +146,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 labels: label_map,
                 taints,
                 extra_ports,
+                node_ip_cidrs,
             };
             let ttl = if ttl.is_zero() {
                 DEFAULT_TOKEN_TTL
@@ -169,7 +175,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::List { files } => {
             let path = token_file(&files)?;
             let now = tokens::unix_now();
-            println!("ID      POOL            USES  LIMIT  EXPIRES_IN  STATE    PATTERN");
+            println!("ID      POOL            USES  LIMIT  EXPIRES_IN  STATE    PATTERN  NETWORKS");
             for (r, uses) in tokens::list(&path)? {
                 let state = if r.revoked {
                     "revoked"
@@ -182,7 +188,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 };
                 let left = r.expires_unix.saturating_sub(now);
                 println!(
-                    "{:<7} {:<15} {:<5} {:<6} {:<11} {:<8} {}",
+                    "{:<7} {:<15} {:<5} {:<6} {:<11} {:<8} {:<8} {}",
                     r.id,
                     r.pool.name,
                     uses,
@@ -192,6 +198,16 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                     format!("{}s", left),
                     state,
                     r.node_name_pattern.as_deref().unwrap_or("*"),
+                    if r.pool.node_ip_cidrs.is_empty() {
+                        "any".to_owned()
+                    } else {
+                        r.pool
+                            .node_ip_cidrs
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    },
                 );
             }
             Ok(())

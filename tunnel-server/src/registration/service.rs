@@ -107,7 +107,7 @@ impl RegistrationApi {
         }
         let admission = self
             .tokens
-            .admit(&token, &node, csr.public_key.der_bytes(), unix_now())
+            .admit(&token, &node, &ips, csr.public_key.der_bytes(), unix_now())
             .map_err(Denied::Token)?;
         let pem = self
             .ca
