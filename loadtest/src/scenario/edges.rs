@@ -44,6 +44,16 @@ pub async fn run(opts: EdgesOpts, label: &str) -> anyhow::Result<Report> {
         opts.edges < 1 << 24,
         "--edges: at most 16.7 M edges (one 10/8 address each)"
     );
+    // One descriptor per edge here and one in the server, plus headroom for files, listeners
+    // and the reconnect overlap: fail now rather than after `--limit` of EMFILE retries.
+    let (soft, _) = rlimit::Resource::NOFILE.get()?;
+    let needed = opts.edges as u64 + 256;
+    anyhow::ensure!(
+        soft >= needed,
+        "--edges {} needs at least {needed} open files per process, the limit is {soft} \
+         (raise it with `ulimit -n`)",
+        opts.edges
+    );
     let dir = tempfile::tempdir()?;
     let d = dir.path().to_owned();
     let issued = Instant::now();
