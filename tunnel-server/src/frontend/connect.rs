@@ -51,7 +51,7 @@ pub async fn serve_tcp(
                 let deadline = Instant::now() + shared.config.connect.header_timeout;
                 // The handshake's state and the TLS stream are boxed: inline, this task's
                 // state would be sized for both at once for as long as the tunnel lives
-                // (~5 KiB more per idle connection; docs/BENCHMARKS.md, hold).
+                // (~3.5 KiB more per idle connection; docs/BENCHMARKS.md, hold).
                 let handshake = Box::pin(tunnel_io::tls::accept_within(
                     &acceptor,
                     tcp,
