@@ -198,8 +198,9 @@ async fn run_path_scenario(cli: Cli) -> anyhow::Result<report::Report> {
         } else {
             Mode::InProcess
         };
-        let tether =
-            setup::Tether::start(target.port(), cli.frontend, mode).context("start Tether")?;
+        let tether = setup::Tether::start(target.port(), cli.frontend, mode)
+            .await
+            .context("start Tether")?;
         watched.extend(tether.processes());
         let name = match (cli.frontend, mode) {
             (Frontend::Unix, Mode::InProcess) => "tether-unix",

@@ -118,7 +118,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Tunnel for T {}
 
 impl Tether {
     /// Start server and edge; targets are `NODE_IP:target_port` (dialed at 127.0.0.1).
-    pub fn start(target_port: u16, frontend: Frontend, mode: Mode) -> anyhow::Result<Tether> {
+    pub async fn start(target_port: u16, frontend: Frontend, mode: Mode) -> anyhow::Result<Tether> {
         let dir = tempfile::tempdir()?;
         let d = dir.path().to_owned();
         let layout = pki::init_ca_dir(&d, &[], &[], pki::SERVER_VALIDITY, true)?;
@@ -139,7 +139,7 @@ impl Tether {
         )?;
         let (connect_tcp, children) = match mode {
             Mode::InProcess => (start_in_process(&d, &node, target_port)?, Vec::new()),
-            Mode::Processes => start_processes(&d, &socket, target_port)?,
+            Mode::Processes => start_processes(&d, &socket, target_port).await?,
         };
         let tls = Arc::new(tunnel_io::tls::client_config_mtls(
             &layout.ca_cert(),
@@ -257,7 +257,7 @@ fn start_in_process(
 
 /// The `tunnel-server` and `tunnel-edge` binaries as children; returns once a CONNECT
 /// through the Unix socket succeeds (the edge's session is up and routed).
-fn start_processes(
+async fn start_processes(
     d: &std::path::Path,
     socket: &std::path::Path,
     target_port: u16,
@@ -274,8 +274,15 @@ fn start_processes(
     let target = format!("{NODE_IP}:{target_port}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match probe_connect(socket, &target) {
-            Ok(()) => return Ok((connect_tcp, children)),
+        // A CONNECT answered 200 means the edge's session is up and routed.
+        let probe = tokio::time::timeout(
+            Duration::from_secs(2),
+            tunnel_server::client::connect_unix(socket, &target),
+        )
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("CONNECT probe timed out")));
+        match probe {
+            Ok(_) => return Ok((connect_tcp, children)),
             Err(e) if Instant::now() >= deadline => {
                 return Err(e.context("the edge's session did not come up within 10 s"))
             }
@@ -283,26 +290,10 @@ fn start_processes(
                 for child in &mut children {
                     child.check_running()?;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
     }
-}
-
-/// One blocking CONNECT through the Unix socket: Ok if answered 200 (then closed unused).
-fn probe_connect(socket: &std::path::Path, target: &str) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    let mut unix = std::os::unix::net::UnixStream::connect(socket)?;
-    unix.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(unix, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n")?;
-    let mut head = [0u8; 12];
-    unix.read_exact(&mut head)?;
-    anyhow::ensure!(
-        &head[9..12] == b"200",
-        "CONNECT answered {:?}",
-        String::from_utf8_lossy(&head)
-    );
-    Ok(())
 }
 
 fn protocol_node(name: &str) -> anyhow::Result<protocol::NodeName> {
