@@ -34,6 +34,15 @@ pub enum ProxyHeaderError {
     Malformed(String),
 }
 
+/// Read one PROXY header from `stream` and return the client's address: the header's
+/// source, or `peer` (the balancer's own connection) for a `LOCAL`/`UNKNOWN` header.
+pub async fn client_address<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+) -> Result<SocketAddr, ProxyHeaderError> {
+    Ok(read_header(stream).await?.unwrap_or(peer))
+}
+
 /// Read one PROXY header from `stream`. Returns the original source address, or `None`
 /// for a `LOCAL`/`UNKNOWN` header (health checks from the balancer itself).
 pub async fn read_header<S: AsyncRead + Unpin>(

@@ -309,14 +309,10 @@ async fn handshake(
     let mut tcp = tcp;
     let mut peer = peer;
     if shared.config.edge.proxy_protocol {
-        match crate::proxy_protocol::read_header(&mut tcp).await {
-            Ok(Some(source)) => {
-                tracing::Span::current().record("peer", tracing::field::display(source));
-                peer = source;
-            }
-            Ok(None) => {}
-            Err(e) => return Err(("proxy_protocol", format!("{e} (from {peer})"))),
-        }
+        peer = crate::proxy_protocol::client_address(&mut tcp, peer)
+            .await
+            .map_err(|e| ("proxy_protocol", format!("{e} (from {peer})")))?;
+        tracing::Span::current().record("peer", tracing::field::display(peer));
     }
     let tls = acceptor
         .accept(tcp)

@@ -175,12 +175,10 @@ async fn accept(
             if before.proxy_protocol {
                 let header = tokio::select! {
                     _ = drain.cancelled() => return,
-                    h = tokio::time::timeout_at(deadline, crate::proxy_protocol::read_header(&mut tcp)) => h,
+                    h = tokio::time::timeout_at(deadline, crate::proxy_protocol::client_address(&mut tcp, peer)) => h,
                 };
                 match header {
-                    Ok(Ok(Some(source))) => peer = source,
-                    // LOCAL (the balancer's own health check): keep the connection's address.
-                    Ok(Ok(None)) => {}
+                    Ok(Ok(client)) => peer = client,
                     Ok(Err(error)) => {
                         warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration refused: bad PROXY protocol header");
                         return;
