@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod connect;
+pub mod h2_authority;
 pub mod konnectivity;
 pub mod node;
 pub mod stream;

@@ -11,8 +11,14 @@ mod agent;
 mod agent_tests;
 #[path = "konnectivity/client.rs"]
 mod client;
+#[path = "konnectivity/grpcio.rs"]
+mod grpcio;
+#[path = "konnectivity/raw_h2.rs"]
+mod raw_h2;
 #[path = "konnectivity/setup.rs"]
 mod setup;
+#[path = "konnectivity/unix_authority.rs"]
+mod unix_authority;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};

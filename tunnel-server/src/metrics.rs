@@ -38,6 +38,15 @@ pub struct FrontendLabels {
     pub frontend: &'static str,
 }
 
+/// Label of a refused frontend connection or stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `connect` or `konnectivity`.
+    pub frontend: &'static str,
+    /// Why (`header_block_too_large`, `bad_hpack`, `malformed_request`, ...).
+    pub reason: &'static str,
+}
+
 /// The frontends, pre-registered so their gauges show 0 before first use.
 const FRONTENDS: [&str; 2] = ["connect", "konnectivity"];
 
@@ -70,6 +79,12 @@ pub struct Metrics {
     /// Agent connections reset because their frontend read too slowly (per-connection
     /// buffer bound exceeded).
     pub agent_overflow_resets: Counter,
+    /// Frontend connections or streams refused before any service code saw them, by reason
+    /// (what h2 would otherwise refuse silently).
+    pub frontend_refusals: Family<RefusalLabels, Counter>,
+    /// `:authority` values on the Konnectivity Unix socket replaced because they were not
+    /// valid URI authorities (socket paths sent by gRPC clients).
+    pub authority_rewrites: Counter,
 }
 
 impl Default for Metrics {
@@ -148,8 +163,22 @@ impl Default for Metrics {
             "Agent connections reset because their frontend read too slowly",
             agent_overflow_resets.clone(),
         );
+        let frontend_refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "frontend_refusals",
+            "Frontend connections or streams refused before any service code saw them",
+            frontend_refusals.clone(),
+        );
+        let authority_rewrites = Counter::default();
+        registry.register(
+            "konnectivity_authority_rewrites",
+            "Unix-socket gRPC requests whose :authority (a socket path) was replaced",
+            authority_rewrites.clone(),
+        );
         Metrics {
             registry,
+            frontend_refusals,
+            authority_rewrites,
             frontend_dials_pending,
             frontend_streams_open,
             agents_connected,

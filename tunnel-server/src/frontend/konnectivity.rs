@@ -5,6 +5,7 @@
 
 pub mod codec;
 mod config;
+mod lenient;
 mod proxy;
 // Generated code (tests/konnectivity_codegen.rs keeps it in step with the .proto). The
 // agent endpoint (`crate::agent`) serves its `AgentService` half.
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -113,8 +114,13 @@ pub fn spawn(listeners: Listeners, shared: Arc<Shared>, stop: Stop, tracker: &Ta
     let (handoff, incoming) = mpsc::channel::<io::Result<FrontendConn>>(HANDOFF_QUEUE);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     if let Some(listener) = listeners.unix {
+        let counters = lenient::Counters {
+            refusals: shared.metrics.frontend_refusals.clone(),
+            rewrites: shared.metrics.authority_rewrites.clone(),
+        };
         tracker.spawn(accept_unix(
             listener,
+            counters,
             slots.clone(),
             handoff.clone(),
             stop.clone(),
@@ -165,6 +171,7 @@ pub fn spawn(listeners: Listeners, shared: Arc<Shared>, stop: Stop, tracker: &Ta
 
 async fn accept_unix(
     listener: UnixListener,
+    counters: lenient::Counters,
     slots: Arc<Semaphore>,
     handoff: mpsc::Sender<io::Result<FrontendConn>>,
     stop: Stop,
@@ -181,10 +188,16 @@ async fn accept_unix(
             Ok(cred) => format!("unix:uid={}:pid={}", cred.uid(), cred.pid().unwrap_or(0)),
             Err(_) => "unix".to_string(),
         };
+        let client = ClientName(client.into());
         let conn = FrontendConn {
-            io: Io::Unix(stream),
+            // Any `:authority` is accepted here, and only here (`protocol::h2_authority`).
+            io: Io::Unix(Box::new(lenient::LenientUnix::new(
+                stream,
+                client.clone(),
+                counters.clone(),
+            ))),
             info: ConnInfo {
-                client: ClientName(client.into()),
+                client,
                 peer_addr: None,
                 peer_cert: None,
             },
@@ -259,7 +272,7 @@ pub(crate) struct FrontendConn {
 }
 
 enum Io {
-    Unix(UnixStream),
+    Unix(Box<lenient::LenientUnix>),
     Tls(Box<TlsStream<TcpStream>>),
 }
 
@@ -278,7 +291,7 @@ impl AsyncRead for FrontendConn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
@@ -291,7 +304,7 @@ impl AsyncWrite for FrontendConn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
@@ -302,7 +315,7 @@ impl AsyncWrite for FrontendConn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
@@ -316,14 +329,14 @@ impl AsyncWrite for FrontendConn {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_flush(cx),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().io {
-            Io::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Unix(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
