@@ -32,6 +32,8 @@ pub struct EdgeTuning {
     pub dial_timeout: Duration,
     /// `dial.idle_timeout` (`None`: the edge's default).
     pub idle_timeout: Option<Duration>,
+    /// `shutdown_grace`: how long in-flight streams may run after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for EdgeTuning {
@@ -43,6 +45,7 @@ impl Default for EdgeTuning {
             ping_misses: 3,
             dial_timeout: Duration::from_secs(2),
             idle_timeout: None,
+            shutdown_grace: Duration::from_secs(2),
         }
     }
 }
@@ -89,6 +92,8 @@ impl EdgeProc {
             .join(", ");
         let toml = format!(
             r#"
+shutdown_grace = "{shutdown_grace}"
+
 [server]
 address = "{server}"
 addresses = [{more}]
@@ -127,6 +132,7 @@ filter = "info"
             ping_interval = ms(tuning.ping_interval),
             ping_misses = tuning.ping_misses,
             dial_timeout = ms(tuning.dial_timeout),
+            shutdown_grace = ms(tuning.shutdown_grace),
             idle_timeout = tuning
                 .idle_timeout
                 .map(|d| format!("idle_timeout = \"{}\"", ms(d)))
@@ -154,6 +160,18 @@ filter = "info"
     /// The edge's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Wait up to `timeout` for the process to exit; how long it took, or `None`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if self.child.exited().is_some() {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 
     /// Send `signal` (`TERM`, ...) to the edge process.

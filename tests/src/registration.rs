@@ -25,6 +25,8 @@ pub struct RegistrationOptions {
     pub log_filter: &'static str,
     /// `registration.proxy_protocol`.
     pub proxy_protocol: bool,
+    /// `--shutdown-grace`.
+    pub shutdown_grace: &'static str,
 }
 
 impl Default for RegistrationOptions {
@@ -35,6 +37,7 @@ impl Default for RegistrationOptions {
             allowed_ports: vec![10250],
             log_filter: "info",
             proxy_protocol: false,
+            shutdown_grace: "1s",
         }
     }
 }
@@ -129,7 +132,7 @@ filter = "{filter}"
             .arg("--ready-file")
             .arg(&ready)
             .arg("--shutdown-grace")
-            .arg("1s");
+            .arg(options.shutdown_grace);
         let mut child = ChildGuard::spawn(
             "tunnel-server (registration)",
             command,
@@ -150,6 +153,23 @@ filter = "{filter}"
             child,
             dir,
         }
+    }
+
+    /// Send `signal` (`TERM`, ...) to the server process.
+    pub fn signal(&self, signal: &str) {
+        crate::process::send_signal(self.child.id(), signal);
+    }
+
+    /// Wait up to `timeout` for the process to exit; how long it took, or `None`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<Duration> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            if self.child.exited().is_some() {
+                return Some(started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 
     /// The server's directory (token and revocation files live here).

@@ -311,7 +311,9 @@ impl Edge {
         status.session_up();
         info!("session established");
         let mut replica: Option<String> = None;
-        let session_cancel = cancel.child_token();
+        // Not a child of `cancel`: SIGTERM must not end in-flight streams, only the grace
+        // period (or the session's failure) does, below.
+        let session_cancel = CancellationToken::new();
         let live = &self.config.liveness;
         let keepalive =
             tunnel_io::liveness::keepalive(ping_pong, live.ping_interval, live.ping_misses);
@@ -320,12 +322,29 @@ impl Edge {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => {
-                    // GOAWAY: the server stops opening streams here; in-flight ones finish.
+                    // GOAWAY: the server stops opening streams here. In-flight streams move
+                    // bytes only while the connection is polled, so keep driving it until
+                    // they have all ended (h2 then closes it) or the grace is over; only
+                    // then are the streams that remain cancelled, below.
                     connection.graceful_shutdown();
                     let grace = self.config.shutdown_grace;
-                    let drain = async { while let Some(Ok(_)) = connection.accept().await {} };
-                    let _ = tokio::time::timeout(grace, drain).await;
-                    break Ok("shutting down");
+                    let drain = async {
+                        while let Some(Ok((request, respond))) = connection.accept().await {
+                            // Sent before the server saw the GOAWAY: still ours to serve.
+                            let allow = self.allow.clone();
+                            let config = self.config.clone();
+                            let cancel = session_cancel.clone();
+                            streams.spawn(async move {
+                                serve_stream(request, respond, &allow, &config, &cancel).await;
+                            });
+                        }
+                    };
+                    let finished = tokio::time::timeout(grace, drain).await.is_ok();
+                    break Ok(if finished {
+                        "shut down: in-flight streams finished"
+                    } else {
+                        "shut down: grace period over, remaining streams cancelled"
+                    });
                 }
                 reason = &mut keepalive => break Err(reason),
                 accepted = connection.accept() => match accepted {

@@ -121,10 +121,6 @@ impl RunningServer {
             }
             None => None,
         };
-        let connect_unix = match &config.connect.unix_socket {
-            Some(path) => Some(bind_unix(path, config.connect.unix_socket_mode)?),
-            None => None,
-        };
         let admin = match config.admin.listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -134,7 +130,7 @@ impl RunningServer {
             None => None,
         };
 
-        let konnectivity = match &config.konnectivity {
+        let mut konnectivity = match &config.konnectivity {
             Some(k) if k.serves_frontend() => Some(crate::frontend::konnectivity::bind(k).await?),
             _ => None,
         };
@@ -143,6 +139,23 @@ impl RunningServer {
             Some(r) => Some(crate::registration::bind(r, &config.edge).await?),
             None => None,
         };
+        // Unix sockets last: a start that fails on a TCP port (taken by a running instance)
+        // must not have touched any socket path.
+        let connect_unix = match &config.connect.unix_socket {
+            Some(path) => Some(bind_unix(path, config.connect.unix_socket_mode)?),
+            None => None,
+        };
+        let konnectivity_unix = match &config.konnectivity {
+            Some(k) if k.serves_frontend() => crate::frontend::konnectivity::bind_unix(k)?,
+            _ => None,
+        };
+        if let (Some(listeners), Some(unix), Some(k)) = (
+            konnectivity.as_mut(),
+            konnectivity_unix,
+            config.konnectivity.as_ref(),
+        ) {
+            listeners.set_unix(unix, k.unix_socket.clone().unwrap_or_default());
+        }
         let addrs = BoundAddrs {
             konnectivity_tcp: konnectivity.as_ref().and_then(|k| k.tcp_addr),
             konnectivity_unix: konnectivity.as_ref().and_then(|k| k.unix_path.clone()),
@@ -258,26 +271,52 @@ impl RunningServer {
     }
 }
 
-/// Bind a Unix socket with `mode`, replacing a stale socket file but never another file.
+/// Bind a Unix socket with `mode`, replacing a stale socket file but never another file,
+/// and never a socket another process still serves: a second instance started with the same
+/// path must fail, not silently take the first one's clients.
 pub(crate) fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        anyhow::bail!(
+            "socket directory {} does not exist (for {}): create it first",
+            parent.display(),
+            path.display()
+        );
+    }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)
-                .with_context(|| format!("remove stale socket {}", path.display()))?;
-        } else {
+        if !meta.file_type().is_socket() {
             anyhow::bail!(
                 "{} exists and is not a socket; refusing to replace it",
                 path.display()
             );
         }
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => anyhow::bail!(
+                "{} is in use: another process is listening on it (another tunnel-server \
+                 instance?); refusing to take it over",
+                path.display()
+            ),
+            // Nobody listens: a socket file left by a process that is gone.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("remove stale socket {}", path.display()))?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "{} exists; cannot tell whether it is in use",
+                        path.display()
+                    )
+                })
+            }
+        }
     }
     // Bind inside a fresh 0700 directory, set the mode, then move it into place: there is no
     // moment where the socket exists at `path` with wider permissions.
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
     let staging = tempfile::Builder::new()
         .prefix(".tether-sock")
         .tempdir_in(parent)

@@ -6,4 +6,6 @@
 //! the other end-to-end tests.
 
 mod drain;
+mod edge_drain;
+mod instances;
 mod replicas;

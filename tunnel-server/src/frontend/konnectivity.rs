@@ -74,7 +74,8 @@ pub struct Listeners {
     pub tcp_addr: Option<std::net::SocketAddr>,
 }
 
-/// Bind what `config` enables (Unix socket with its mode set before it appears; TCP).
+/// Bind the mTLS TCP listener `config` enables; the Unix socket comes later
+/// ([`bind_unix`]), after every TCP listener of the server.
 pub async fn bind(config: &KonnectivityConfig) -> anyhow::Result<Listeners> {
     let tcp = match config.tcp_listen {
         Some(addr) => {
@@ -93,16 +94,29 @@ pub async fn bind(config: &KonnectivityConfig) -> anyhow::Result<Listeners> {
         }
         None => None,
     };
-    let unix = match &config.unix_socket {
-        Some(path) => Some(crate::server::bind_unix(path, config.unix_socket_mode)?),
-        None => None,
-    };
     Ok(Listeners {
         tcp_addr: tcp.as_ref().map(|(l, _)| l.local_addr()).transpose()?,
-        unix_path: config.unix_socket.clone(),
-        unix,
+        unix_path: None,
+        unix: None,
         tcp,
     })
+}
+
+/// Bind the Unix socket `config` enables (its mode set before it appears).
+pub fn bind_unix(config: &KonnectivityConfig) -> anyhow::Result<Option<UnixListener>> {
+    config
+        .unix_socket
+        .as_ref()
+        .map(|path| crate::server::bind_unix(path, config.unix_socket_mode))
+        .transpose()
+}
+
+impl Listeners {
+    /// Add the Unix socket bound by [`bind_unix`] at `path`.
+    pub fn set_unix(&mut self, listener: UnixListener, path: PathBuf) {
+        self.unix_path = Some(path);
+        self.unix = Some(listener);
+    }
 }
 
 /// Serve `listeners` until `stop.drain` (no new connections; HTTP/2 GOAWAY), with streams

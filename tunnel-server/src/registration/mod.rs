@@ -101,7 +101,9 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     let Some(config) = shared.config.registration.clone() else {
         return;
     };
-    tracker.spawn(crate::revocation::watch(
+    // Not in `tracker`: the watcher is no tunnel work a drain waits for. It keeps applying
+    // revocations during the drain and stops with everything else on `stop.hard`.
+    tokio::spawn(crate::revocation::watch(
         registration.revocations.clone(),
         shared.clone(),
         stop.hard.clone(),
