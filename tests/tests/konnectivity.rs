@@ -7,6 +7,8 @@
 
 #[path = "konnectivity/agent.rs"]
 mod agent;
+#[path = "konnectivity/agent_flow_tests.rs"]
+mod agent_flow_tests;
 #[path = "konnectivity/agent_tests.rs"]
 mod agent_tests;
 #[path = "konnectivity/client.rs"]

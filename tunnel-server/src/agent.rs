@@ -13,6 +13,7 @@
 
 pub mod identifiers;
 
+mod backlog;
 mod conn;
 mod endpoint;
 mod mux;
@@ -38,7 +39,8 @@ use crate::session::EdgeSession;
 use crate::Shared;
 
 /// HTTP/2 stream window the server grants an agent's `Connect` stream: 16 MiB. Every
-/// connection of the agent shares it, and the server reads it without ever pausing.
+/// connection of the agent shares it; while the server waits on one connection's full
+/// backlog (`mux.rs`) it reads nothing, and this is what the agent can still send meanwhile.
 const AGENT_STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 connection window of one agent connection: 32 MiB.
 const AGENT_CONNECTION_WINDOW: u32 = 32 << 20;

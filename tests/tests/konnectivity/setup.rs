@@ -36,6 +36,8 @@ pub struct RigOptions {
     pub agents: bool,
     /// More ports the server policy allows (targets a test starts itself).
     pub extra_ports: Vec<u16>,
+    /// `[connect] write_timeout` (default 10 s).
+    pub write_timeout: Option<Duration>,
 }
 
 /// A running topology. Dropping it stops the edge; call [`Rig::shutdown`] to stop the server.
@@ -120,6 +122,7 @@ impl Rig {
         };
 
         let dial_timeout = Duration::from_secs(10);
+        let write_timeout = options.write_timeout.unwrap_or(Duration::from_secs(10));
         std::fs::write(
             d.join("server.toml"),
             format!(
@@ -134,7 +137,7 @@ ping_misses = 3
 [connect]
 {connect_socket}
 dial_timeout = "{}s"
-write_timeout = "10s"
+write_timeout = "{}ms"
 [konnectivity]
 {agent_listen}
 unix_socket = "konnectivity.sock"
@@ -148,7 +151,8 @@ allowed_ports = [{ports}]
 [admin]
 listen = "127.0.0.1:0"
 "#,
-                dial_timeout.as_secs()
+                dial_timeout.as_secs(),
+                write_timeout.as_millis()
             ),
         )
         .unwrap();

@@ -124,7 +124,7 @@ impl AgentService for AgentEndpoint {
         let (mux, queues) = Mux::new(
             buffer_limit,
             shared.config.connect.write_timeout,
-            shared.metrics.agent_overflow_resets.clone(),
+            shared.metrics.agent_stalled_resets.clone(),
         );
         let agent = Arc::new(AgentSession {
             tunnel,
