@@ -13,6 +13,8 @@ mod agent_flow_tests;
 mod agent_tests;
 #[path = "konnectivity/client.rs"]
 mod client;
+#[path = "konnectivity/goaway.rs"]
+mod goaway;
 #[path = "konnectivity/setup.rs"]
 mod setup;
 

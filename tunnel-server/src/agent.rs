@@ -22,6 +22,7 @@ mod session;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use anyhow::Context as _;
 use protocol::konnectivity::Packet;
@@ -121,6 +122,12 @@ pub async fn bind(config: &ServerConfig) -> anyhow::Result<Option<AgentListener>
 
 /// Serve agents on `listener` until `stop.drain` (no new agents; attached ones are told
 /// DRAIN and keep their open connections until they end or `stop.hard`).
+///
+/// tonic's own shutdown sends HTTP/2 GOAWAY, and a stock agent's gRPC channel leaves READY on
+/// GOAWAY and drops every connection it carries (seen with a real `proxy-agent`: about 0.4 s
+/// later). So the gRPC server is shut down only once draining has started *and* no attached
+/// agent is left, or on `stop.hard`: agents keep their stream, with DRAIN sent, while their
+/// connections finish, and a server with no agent still stops at once.
 pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: &TaskTracker) {
     let Some(k) = shared.config.konnectivity.clone() else {
         return;
@@ -135,10 +142,13 @@ pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: 
         stop.clone(),
         tracker.clone(),
     ));
+    // Attached agents' tasks (also in `tracker`, which the server's drain waits for).
+    let sessions = TaskTracker::new();
     let service = AgentServiceServer::new(endpoint::AgentEndpoint::new(
         shared.clone(),
         stop.clone(),
         tracker.clone(),
+        sessions.clone(),
     ))
     .max_decoding_message_size(protocol::konnectivity::MAX_PACKET);
     let edge = &shared.config.edge;
@@ -151,12 +161,27 @@ pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: 
         .http2_keepalive_interval(Some(edge.ping_interval))
         .http2_keepalive_timeout(Some(edge.ping_interval * edge.ping_misses));
     let mut incoming = incoming;
-    let incoming = futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx));
-    let drain = stop.drain.clone();
+    // The accept loop ends when draining starts; tonic would take the end of `incoming` for
+    // a shutdown (GOAWAY), so it never ends: `shutdown` decides.
+    let incoming = futures_util::stream::poll_fn(move |cx| match incoming.poll_recv(cx) {
+        Poll::Ready(None) => Poll::Pending,
+        polled => polled,
+    });
+    let shutdown = async move {
+        let no_agent_left = async {
+            stop.drain.cancelled().await;
+            sessions.close();
+            sessions.wait().await;
+        };
+        tokio::select! {
+            _ = stop.hard.cancelled() => {}
+            _ = no_agent_left => {}
+        }
+    };
     tracker.spawn(
         async move {
             let served = server
-                .serve_with_incoming_shutdown(service, incoming, drain.cancelled_owned())
+                .serve_with_incoming_shutdown(service, incoming, shutdown)
                 .await;
             if let Err(error) = served {
                 warn!(%error, "konnectivity agent listener stopped");

@@ -1,7 +1,8 @@
 //! Stock agents under load and during a drain (issue 10): a stock agent has no per-connection
 //! flow control, so the server pauses the agent's whole stream while one connection's buffer
-//! is full instead of dropping bytes, and resets a connection only once its reader took
-//! nothing for `write_timeout`.
+//! is full instead of dropping bytes, resets a connection only once its reader took nothing
+//! for `write_timeout`, and keeps an agent's gRPC connection (no GOAWAY) while a drain waits
+//! for its connections.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -9,16 +10,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::konnectivity::Packet;
+use protocol::NodeName;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::agent_tests::{agent_target, attach, metric_line, start_firehose};
+use super::agent_tests::{agent_target, attach, metric_line, start_firehose, AGENT_NODE};
+use super::client::STEP;
 use super::setup::{Rig, RigOptions};
 use super::{ping, seeded, within};
 
 /// The 64 MiB the issue's HTTPS download moved.
 const BULK: usize = 64 << 20;
+/// A drain's grace period in these tests: long, so exiting early is visible.
+const GRACE: Duration = Duration::from_secs(30);
 
 fn options(extra_ports: Vec<u16>, write_timeout: Option<Duration>) -> RigOptions {
     RigOptions {
@@ -80,6 +85,20 @@ async fn proxy_hashed(stream: &mut super::client::ProxyStream) -> (usize, Vec<u8
             other => panic!("expected DATA or CLOSE_RSP, got {other:?}"),
         }
     }
+}
+
+/// Write `payload` and read its echo back at once; compare checksums.
+async fn echo(
+    rd: &mut (impl AsyncRead + Unpin),
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    payload: Vec<u8>,
+) {
+    let sent = Sha256::digest(&payload);
+    let mut echoed = vec![0u8; payload.len()];
+    let (w, r) = tokio::join!(wr.write_all(&payload), rd.read_exact(&mut echoed));
+    w.unwrap();
+    r.unwrap();
+    assert_eq!(Sha256::digest(&echoed), sent, "echoed bytes differ");
 }
 
 fn mb_per_s(bytes: usize, took: Duration) -> f64 {
@@ -209,4 +228,81 @@ async fn stalled_reader_is_reset_after_write_timeout_and_the_agents_other_connec
     assert_eq!(resets.get(), 1, "only the stalled connection is reset");
     assert!(agent.seen.close_requests.load(Ordering::Relaxed) >= 1);
     ping(&mut lively, lively_id, b"after the reset").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_keeps_an_agent_carried_stream_flowing_until_it_completes() {
+    let rig = Rig::start_with(options(vec![], None)).await;
+    let agent = attach(&rig).await;
+    let shared = rig.server.shared.clone();
+    let socket = within(
+        "CONNECT through the agent",
+        tunnel_server::client::connect_unix(&rig.connect_socket(), &agent_target(rig.echo.port())),
+    )
+    .await
+    .expect("CONNECT to echo");
+    let (mut rd, mut wr) = socket.into_split();
+    echo(&mut rd, &mut wr, seeded(1, 64 << 10)).await;
+
+    let drain = tokio::spawn(rig.shutdown(GRACE));
+    let deadline = Instant::now() + STEP;
+    while agent.seen.drains.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "no DRAIN within {STEP:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        shared
+            .routes
+            .get(&NodeName::parse(AGENT_NODE).unwrap())
+            .is_none(),
+        "a draining agent takes no new dial"
+    );
+    // Well past the moment a stock agent drops its connections after a GOAWAY.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    within(
+        "8 MiB echo during the drain",
+        echo(&mut rd, &mut wr, seeded(2, 8 << 20)),
+    )
+    .await;
+    assert_eq!(
+        agent.seen.goaways.load(Ordering::Relaxed),
+        0,
+        "GOAWAY reached the agent while its connection was open"
+    );
+    assert!(!agent.done.is_finished(), "the agent's stream ended early");
+    assert!(!drain.is_finished(), "the drain ended with a stream open");
+
+    // Our EOF closes the connection at the agent; then its stream ends and the server exits
+    // long before the grace period.
+    wr.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("EOF after CLOSE_REQ", rd.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    within("the agent's stream to end", agent.done)
+        .await
+        .unwrap()
+        .expect("stream ends with grpc-status 0");
+    let took = within("the drain to finish", drain).await.unwrap();
+    assert!(took < GRACE / 2, "drain took {took:?}");
+    assert_eq!(shared.metrics.agents_connected.get(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_with_the_agent_listener_on_exits_promptly_when_nothing_is_in_flight() {
+    // No agent at all.
+    let rig = Rig::start_with(options(vec![], None)).await;
+    let took = within("an idle drain", rig.shutdown(GRACE)).await;
+    assert!(took < Duration::from_secs(3), "idle drain took {took:?}");
+
+    // An attached agent with no connection: told DRAIN, its stream ends OK, the server exits.
+    let rig = Rig::start_with(options(vec![], None)).await;
+    let agent = attach(&rig).await;
+    let took = within("a drain with an idle agent", rig.shutdown(GRACE)).await;
+    assert!(took < Duration::from_secs(3), "drain took {took:?}");
+    assert_eq!(agent.seen.drains.load(Ordering::Relaxed), 1);
+    within("the agent's stream to end", agent.done)
+        .await
+        .unwrap()
+        .expect("stream ends with grpc-status 0");
 }

@@ -286,54 +286,6 @@ async fn agent_claiming_an_address_its_certificate_lacks_is_refused() {
     assert!(metric_line(&rig, "tether_agents_connected 0"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_tells_agents_and_lets_their_connections_finish() {
-    let rig = Rig::start_with(agent_options(vec![])).await;
-    let agent = attach(&rig).await;
-    let node = NodeName::parse(AGENT_NODE).unwrap();
-    let conn = rig.connect_unix().await;
-    let mut open = conn.open().await.unwrap();
-    let id = open
-        .dial(&agent_target(rig.echo.port()), 7)
-        .await
-        .unwrap()
-        .expect("dial echo");
-    ping(&mut open, id, b"before drain").await;
-    assert_eq!(agent.seen.drains.load(Ordering::Relaxed), 0);
-
-    rig.server.stop_handle().drain.cancel();
-    let deadline = Instant::now() + STEP;
-    while agent.seen.drains.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline, "no DRAIN within {STEP:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(agent.seen.drains.load(Ordering::Relaxed), 1);
-    // No new dial can reach the agent; the open connection runs on.
-    assert!(rig.server.shared.routes.get(&node).is_none());
-    ping(&mut open, id, b"during drain").await;
-    assert!(
-        !agent.done.is_finished(),
-        "stream ended with a connection open"
-    );
-
-    // Once its last connection is closed, the server ends the agent's stream cleanly.
-    open.send(&Packet::CloseRequest { connect_id: id })
-        .await
-        .unwrap();
-    assert_eq!(
-        open.recv().await.unwrap(),
-        Some(Packet::CloseResponse {
-            connect_id: id,
-            error: None
-        })
-    );
-    within("the agent's stream to end", agent.done)
-        .await
-        .unwrap()
-        .expect("stream ends with grpc-status 0");
-    assert!(metric_line(&rig, "tether_agents_connected 0"));
-}
-
 /// Send a DIAL_REQ to the agent's never-answering port and wait until the agent has it.
 async fn held_dial(
     rig: &Rig,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use protocol::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_server::demo_kubelet::DemoKubelet;
 use tunnel_server::pki::{self, Ca, CaLayout};
 use tunnel_server::RunningServer;
@@ -40,7 +40,7 @@ pub struct RigOptions {
     pub write_timeout: Option<Duration>,
 }
 
-/// A running topology. Dropping it stops the edge; call [`Rig::shutdown`] to stop the server.
+/// A running topology. Dropping it stops the edge; [`Rig::shutdown`] also drains the server.
 pub struct Rig {
     /// Certificates and configs.
     pub dir: tempfile::TempDir,
@@ -58,13 +58,7 @@ pub struct Rig {
     pub closer: SocketAddr,
     /// `[connect] dial_timeout` of this server.
     pub dial_timeout: Duration,
-    edge_cancel: CancellationToken,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.edge_cancel.cancel();
-    }
+    _edge: DropGuard,
 }
 
 impl Rig {
@@ -193,8 +187,16 @@ listen = "127.0.0.1:0"
             echo,
             closer,
             dial_timeout,
-            edge_cancel,
+            _edge: edge_cancel.drop_guard(),
         }
+    }
+
+    /// Drain the server with `grace` ([`RunningServer::shutdown`]) and stop the edge; returns
+    /// how long the server took to stop.
+    pub async fn shutdown(self, grace: Duration) -> Duration {
+        let started = Instant::now();
+        self.server.shutdown(grace).await;
+        started.elapsed()
     }
 
     /// `NODE_IP:port`.

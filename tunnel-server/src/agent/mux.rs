@@ -414,33 +414,38 @@ impl Mux {
 }
 
 /// The response stream of an agent's `Connect` call: control packets first, then ordered
-/// ones, until `end` fires (`Some(status)`: end with that error; `None` or dropped: end OK).
+/// ones, until `end` fires (`Some(status)`: end with that error at once; `None` or dropped:
+/// end OK once the packets already queued are out, such as the DRAIN of an agent that was
+/// idle when the server drained).
 pub(super) fn outbound(queues: Queues, mut end: oneshot::Receiver<Option<Status>>) -> PacketStream {
     let Queues {
         mut control,
         mut ordered,
     } = queues;
-    let mut done = false;
+    let (mut done, mut finishing) = (false, false);
     Box::pin(futures_util::stream::poll_fn(move |cx| {
         if done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut end).poll(cx) {
-            Poll::Ready(Ok(Some(status))) => {
-                done = true;
-                return Poll::Ready(Some(Err(status)));
+        if !finishing {
+            match Pin::new(&mut end).poll(cx) {
+                Poll::Ready(Ok(Some(status))) => {
+                    done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(_) => finishing = true,
+                Poll::Pending => {}
             }
-            Poll::Ready(_) => {
-                done = true;
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
         }
         if let Poll::Ready(Some(packet)) = control.poll_recv(cx) {
             return Poll::Ready(Some(Ok(packet)));
         }
         if let Poll::Ready(Some(packet)) = ordered.poll_recv(cx) {
             return Poll::Ready(Some(Ok(packet)));
+        }
+        if finishing {
+            done = true;
+            return Poll::Ready(None);
         }
         // The mux (which holds both senders) outlives the stream's useful life; `end`
         // decides when it is over.

@@ -238,3 +238,15 @@ async fn control_packets_overtake_ordered_ones_and_end_stops_the_stream() {
     );
     assert!(stream.next().await.is_none());
 }
+
+#[tokio::test]
+async fn a_clean_end_sends_the_queued_packets_first() {
+    let (mux, queues) = mux(1 << 20);
+    let (end, end_rx) = oneshot::channel();
+    let mut stream = outbound(queues, end_rx);
+    // An idle agent told DRAIN and ended at once, as a drain does.
+    mux.control(Packet::Drain);
+    end.send(None).unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap(), Packet::Drain);
+    assert!(stream.next().await.is_none());
+}
