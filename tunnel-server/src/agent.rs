@@ -7,9 +7,10 @@
 //! server side is an ordinary [`EdgeSession`], so the route table, the dialer, both frontends,
 //! the pending-dial and stream limits and every failure mapping are the ones Tether edges
 //! use; the edge side (`conn.rs`) translates each stream into Konnectivity packets on the
-//! agent's one gRPC stream (`mux.rs`). That session is also where per-connection flow control
-//! comes from, which the Konnectivity protocol itself lacks. Admission is `endpoint.rs`, an
-//! attached agent's life `session.rs`.
+//! agent's one gRPC stream (`mux.rs`). The protocol has no per-connection flow control, so a
+//! connection whose frontend falls behind pauses the agent's whole stream, within bounds
+//! (`mux.rs`, `backlog.rs`). Admission is `endpoint.rs`, an attached agent's life
+//! `session.rs`.
 
 pub mod identifiers;
 
