@@ -7,10 +7,14 @@
 
 #[path = "konnectivity/agent.rs"]
 mod agent;
+#[path = "konnectivity/agent_flow_tests.rs"]
+mod agent_flow_tests;
 #[path = "konnectivity/agent_tests.rs"]
 mod agent_tests;
 #[path = "konnectivity/client.rs"]
 mod client;
+#[path = "konnectivity/goaway.rs"]
+mod goaway;
 #[path = "konnectivity/grpcio.rs"]
 mod grpcio;
 #[path = "konnectivity/raw_h2.rs"]

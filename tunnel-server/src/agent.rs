@@ -7,12 +7,14 @@
 //! server side is an ordinary [`EdgeSession`], so the route table, the dialer, both frontends,
 //! the pending-dial and stream limits and every failure mapping are the ones Tether edges
 //! use; the edge side (`conn.rs`) translates each stream into Konnectivity packets on the
-//! agent's one gRPC stream (`mux.rs`). That session is also where per-connection flow control
-//! comes from, which the Konnectivity protocol itself lacks. Admission is `endpoint.rs`, an
-//! attached agent's life `session.rs`.
+//! agent's one gRPC stream (`mux.rs`). The protocol has no per-connection flow control, so a
+//! connection whose frontend falls behind pauses the agent's whole stream, within bounds
+//! (`mux.rs`, `backlog.rs`). Admission is `endpoint.rs`, an attached agent's life
+//! `session.rs`.
 
 pub mod identifiers;
 
+mod backlog;
 mod conn;
 mod endpoint;
 mod mux;
@@ -21,6 +23,7 @@ mod session;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use anyhow::Context as _;
 use protocol::konnectivity::Packet;
@@ -38,7 +41,8 @@ use crate::session::EdgeSession;
 use crate::Shared;
 
 /// HTTP/2 stream window the server grants an agent's `Connect` stream: 16 MiB. Every
-/// connection of the agent shares it, and the server reads it without ever pausing.
+/// connection of the agent shares it; while the server waits on one connection's full
+/// backlog (`mux.rs`) it reads nothing, and this is what the agent can still send meanwhile.
 const AGENT_STREAM_WINDOW: u32 = 16 << 20;
 /// HTTP/2 connection window of one agent connection: 32 MiB.
 const AGENT_CONNECTION_WINDOW: u32 = 32 << 20;
@@ -119,6 +123,12 @@ pub async fn bind(config: &ServerConfig) -> anyhow::Result<Option<AgentListener>
 
 /// Serve agents on `listener` until `stop.drain` (no new agents; attached ones are told
 /// DRAIN and keep their open connections until they end or `stop.hard`).
+///
+/// tonic's own shutdown sends HTTP/2 GOAWAY, and a stock agent's gRPC channel leaves READY on
+/// GOAWAY and drops every connection it carries (seen with a real `proxy-agent`: about 0.4 s
+/// later). So the gRPC server is shut down only once draining has started *and* no attached
+/// agent is left, or on `stop.hard`: agents keep their stream, with DRAIN sent, while their
+/// connections finish, and a server with no agent still stops at once.
 pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: &TaskTracker) {
     let Some(k) = shared.config.konnectivity.clone() else {
         return;
@@ -133,10 +143,13 @@ pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: 
         stop.clone(),
         tracker.clone(),
     ));
+    // Attached agents' tasks (also in `tracker`, which the server's drain waits for).
+    let sessions = TaskTracker::new();
     let service = AgentServiceServer::new(endpoint::AgentEndpoint::new(
         shared.clone(),
         stop.clone(),
         tracker.clone(),
+        sessions.clone(),
     ))
     .max_decoding_message_size(protocol::konnectivity::MAX_PACKET);
     let edge = &shared.config.edge;
@@ -149,12 +162,27 @@ pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: 
         .http2_keepalive_interval(Some(edge.ping_interval))
         .http2_keepalive_timeout(Some(edge.ping_interval * edge.ping_misses));
     let mut incoming = incoming;
-    let incoming = futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx));
-    let drain = stop.drain.clone();
+    // The accept loop ends when draining starts; tonic would take the end of `incoming` for
+    // a shutdown (GOAWAY), so it never ends: `shutdown` decides.
+    let incoming = futures_util::stream::poll_fn(move |cx| match incoming.poll_recv(cx) {
+        Poll::Ready(None) => Poll::Pending,
+        polled => polled,
+    });
+    let shutdown = async move {
+        let no_agent_left = async {
+            stop.drain.cancelled().await;
+            sessions.close();
+            sessions.wait().await;
+        };
+        tokio::select! {
+            _ = stop.hard.cancelled() => {}
+            _ = no_agent_left => {}
+        }
+    };
     tracker.spawn(
         async move {
             let served = server
-                .serve_with_incoming_shutdown(service, incoming, drain.cancelled_owned())
+                .serve_with_incoming_shutdown(service, incoming, shutdown)
                 .await;
             if let Err(error) = served {
                 warn!(%error, "konnectivity agent listener stopped");

@@ -76,9 +76,10 @@ pub struct Metrics {
     /// Konnectivity agent session attempts by result (`ok`, `identity`, `identifiers`,
     /// `metadata`, `conflict`, `draining`).
     pub agent_sessions: Family<HandshakeLabels, Counter>,
-    /// Agent connections reset because their frontend read too slowly (per-connection
-    /// buffer bound exceeded).
-    pub agent_overflow_resets: Counter,
+    /// Agent connections reset while the agent's stream waited on them: their buffer was
+    /// full and their frontend took no bytes for `connect.write_timeout` (or went away).
+    /// Each one paused every other connection of its agent until the reset.
+    pub agent_stalled_resets: Counter,
     /// Frontend connections or streams refused before any service code saw them, by reason
     /// (what h2 would otherwise refuse silently).
     pub frontend_refusals: Family<RefusalLabels, Counter>,
@@ -157,11 +158,11 @@ impl Default for Metrics {
             "Konnectivity agent session attempts by result",
             agent_sessions.clone(),
         );
-        let agent_overflow_resets = Counter::default();
+        let agent_stalled_resets = Counter::default();
         registry.register(
-            "agent_overflow_resets",
-            "Agent connections reset because their frontend read too slowly",
-            agent_overflow_resets.clone(),
+            "agent_stalled_resets",
+            "Agent connections reset while the agent's stream waited on their full buffer",
+            agent_stalled_resets.clone(),
         );
         let frontend_refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
@@ -183,7 +184,7 @@ impl Default for Metrics {
             frontend_streams_open,
             agents_connected,
             agent_sessions,
-            agent_overflow_resets,
+            agent_stalled_resets,
             edges_connected,
             streams_open,
             dials,

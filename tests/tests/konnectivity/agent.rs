@@ -3,11 +3,14 @@
 //! `servercount` read from the response headers before any packet, and dials served by
 //! dialing the requested port on 127.0.0.1. Like the real agent it carries every connection
 //! on its one stream, reads targets in 32 KiB pieces and has no per-connection flow control:
-//! a target that produces faster than its frontend reads keeps the agent sending.
+//! a target that produces faster than its frontend reads keeps the agent sending, as far as
+//! the HTTP/2 window of its one stream allows. And like grpc-go under the real agent, it
+//! drops its stream (and with it every connection) shortly after the server sends GOAWAY.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -18,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::client::{GrpcConn, Receiver, Sender};
+use super::goaway::GoawayWatch;
 use super::setup::Rig;
 
 /// What a real agent reads from a target at once.
@@ -27,6 +31,9 @@ const OUT_QUEUE: usize = 64;
 /// Dials to this port are never answered, like a target that drops SYNs, so tests can
 /// cancel them or lose the agent mid-dial.
 pub const HOLD_PORT: u16 = 9;
+/// How long after a GOAWAY the agent drops its stream: a stock agent's gRPC channel leaves
+/// READY on GOAWAY, and the agent closed its connections about 0.4 s later when tried.
+const GOAWAY_DROP: Duration = Duration::from_millis(400);
 
 /// Counts of what the server sent, for assertions.
 #[derive(Debug, Default)]
@@ -39,6 +46,8 @@ pub struct Seen {
     pub dial_cancels: AtomicUsize,
     /// DRAIN packets.
     pub drains: AtomicUsize,
+    /// HTTP/2 GOAWAY frames on the agent's connection (at most 1 is counted).
+    pub goaways: AtomicUsize,
 }
 
 /// An attached agent.
@@ -80,6 +89,8 @@ impl StockAgent {
             .connect(name, tcp)
             .await
             .context("TLS to the agent listener")?;
+        let tls = GoawayWatch::new(tls);
+        let goaway = tls.seen();
         let conn = GrpcConn::handshake(tls).await?;
         let mut metadata = vec![("agentid", agent_id)];
         if !identifiers.is_empty() {
@@ -101,6 +112,15 @@ impl StockAgent {
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
         let sending = tokio::spawn(send_packets(sender, out_rx));
         let done = tokio::spawn(serve(receiver, out, seen.clone()));
+        let (stop_serving, stop_sending) = (done.abort_handle(), sending.abort_handle());
+        let goaway_seen = seen.clone();
+        tokio::spawn(async move {
+            goaway.cancelled().await;
+            goaway_seen.goaways.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(GOAWAY_DROP).await;
+            stop_serving.abort();
+            stop_sending.abort();
+        });
         Ok(StockAgent {
             server_id,
             server_count,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use protocol::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tunnel_server::demo_kubelet::DemoKubelet;
 use tunnel_server::pki::{self, Ca, CaLayout};
 use tunnel_server::RunningServer;
@@ -36,9 +36,11 @@ pub struct RigOptions {
     pub agents: bool,
     /// More ports the server policy allows (targets a test starts itself).
     pub extra_ports: Vec<u16>,
+    /// `[connect] write_timeout` (default 10 s).
+    pub write_timeout: Option<Duration>,
 }
 
-/// A running topology. Dropping it stops the edge; call [`Rig::shutdown`] to stop the server.
+/// A running topology. Dropping it stops the edge; [`Rig::shutdown`] also drains the server.
 pub struct Rig {
     /// Certificates and configs.
     pub dir: tempfile::TempDir,
@@ -56,13 +58,7 @@ pub struct Rig {
     pub closer: SocketAddr,
     /// `[connect] dial_timeout` of this server.
     pub dial_timeout: Duration,
-    edge_cancel: CancellationToken,
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        self.edge_cancel.cancel();
-    }
+    _edge: DropGuard,
 }
 
 impl Rig {
@@ -120,6 +116,7 @@ impl Rig {
         };
 
         let dial_timeout = Duration::from_secs(10);
+        let write_timeout = options.write_timeout.unwrap_or(Duration::from_secs(10));
         std::fs::write(
             d.join("server.toml"),
             format!(
@@ -134,7 +131,7 @@ ping_misses = 3
 [connect]
 {connect_socket}
 dial_timeout = "{}s"
-write_timeout = "10s"
+write_timeout = "{}ms"
 [konnectivity]
 {agent_listen}
 unix_socket = "konnectivity.sock"
@@ -148,7 +145,8 @@ allowed_ports = [{ports}]
 [admin]
 listen = "127.0.0.1:0"
 "#,
-                dial_timeout.as_secs()
+                dial_timeout.as_secs(),
+                write_timeout.as_millis()
             ),
         )
         .unwrap();
@@ -189,8 +187,16 @@ listen = "127.0.0.1:0"
             echo,
             closer,
             dial_timeout,
-            edge_cancel,
+            _edge: edge_cancel.drop_guard(),
         }
+    }
+
+    /// Drain the server with `grace` ([`RunningServer::shutdown`]) and stop the edge; returns
+    /// how long the server took to stop.
+    pub async fn shutdown(self, grace: Duration) -> Duration {
+        let started = Instant::now();
+        self.server.shutdown(grace).await;
+        started.elapsed()
     }
 
     /// `NODE_IP:port`.

@@ -5,13 +5,13 @@
 //! the frontends and the dialer cannot tell the two kinds of node apart.
 //!
 //! Towards the agent, a connection sends only what h2 flow control lets the frontend give it,
-//! through the mux's bounded queue; from the agent, it takes bytes from its own buffer only
-//! as fast as its frontend reads (`send_all` honours the stream window), and the mux resets it
-//! if it falls too far behind. Konnectivity has no half-close: the frontend's END_STREAM
-//! becomes CLOSE_REQ (after the last DATA), the agent's CLOSE_RSP becomes END_STREAM.
+//! through the mux's bounded queue; from the agent, it takes bytes from its backlog only as
+//! fast as its frontend reads (`send_all` honours the stream window) and reports each take,
+//! which is what lets the mux resume reading the agent's stream when the backlog was full.
+//! Konnectivity has no half-close: the frontend's END_STREAM becomes CLOSE_REQ (after the
+//! last DATA), the agent's CLOSE_RSP becomes END_STREAM.
 
 use std::future::poll_fn;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,17 +24,22 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use tunnel_io::pipe::{send_all, PipeConfig};
 
+use super::backlog::Backlog;
 use super::mux::{Event, Mux, Opened};
 
 /// Largest DATA payload sent to an agent: 64 KiB, so one connection's bulk upload delays
 /// another connection's packets on the shared stream by little.
 pub(super) const MAX_DATA_TO_AGENT: usize = 64 << 10;
+/// Largest piece of the agent's bytes handed to the frontend before the take is reported:
+/// 64 KiB, so a frontend that reads slowly but steadily shows progress within a large
+/// packet (agents may send up to 4 MiB in one).
+const TAKE_STEP: usize = 64 << 10;
 
 /// How one side of a connection ended.
 enum End {
     /// The agent closed it (CLOSE_RSP / CLOSE_REQ), with its error text if it failed.
     AgentClosed(Option<String>),
-    /// The server dropped it on the agent side (buffer bound, agent gone).
+    /// The server dropped it on the agent side (frontend stalled, agent gone).
     Reset(String),
     /// The frontend closed its side (END_STREAM).
     FrontendClosed,
@@ -241,7 +246,7 @@ async fn download(
 ) -> End {
     let Opened {
         mut events,
-        buffered,
+        backlog,
         ..
     } = opened;
     let close_deadline = async {
@@ -274,13 +279,14 @@ async fn download(
         };
         match event {
             Some(Event::Data(data)) => {
-                let n = data.len();
-                let sent = send_all(&mut send, data, config).await;
-                buffered.fetch_sub(n, Ordering::AcqRel);
-                if let Err(e) = sent {
+                if let Err(end) = take(&mut send, data, &backlog, config).await {
                     send.send_reset(Reason::CANCEL);
-                    signals.frontend_gone.cancel();
-                    return End::Stalled(e.to_string());
+                    match &end {
+                        // The mux already told the agent (CLOSE_REQ).
+                        End::Reset(_) => signals.agent_done.cancel(),
+                        _ => signals.frontend_gone.cancel(),
+                    }
+                    return end;
                 }
             }
             Some(Event::Closed(None)) => {
@@ -305,4 +311,27 @@ async fn download(
             }
         }
     }
+}
+
+/// Hand `data` from the backlog to the frontend in pieces of at most [`TAKE_STEP`], reporting
+/// each piece taken. Stops at once when the mux resets the connection.
+async fn take(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    backlog: &Backlog,
+    config: PipeConfig,
+) -> Result<(), End> {
+    while !data.is_empty() {
+        let piece = data.split_to(data.len().min(TAKE_STEP));
+        let n = piece.len();
+        tokio::select! {
+            biased;
+            _ = backlog.was_reset() => {
+                return Err(End::Reset("the frontend took no bytes while the agent's stream waited".into()));
+            }
+            sent = send_all(send, piece, config) => sent.map_err(|e| End::Stalled(e.to_string()))?,
+        }
+        backlog.took(n);
+    }
+    Ok(())
 }

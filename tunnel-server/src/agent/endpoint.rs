@@ -42,15 +42,23 @@ pub(crate) struct AgentEndpoint {
     shared: Arc<Shared>,
     stop: Stop,
     tracker: TaskTracker,
+    /// Only the attached agents' tasks: the listener shuts down when it is empty.
+    sessions: TaskTracker,
 }
 
 impl AgentEndpoint {
-    /// An endpoint whose agents run in `tracker` until `stop`.
-    pub(crate) fn new(shared: Arc<Shared>, stop: Stop, tracker: TaskTracker) -> Self {
+    /// An endpoint whose agents run in `tracker` (and `sessions`) until `stop`.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        stop: Stop,
+        tracker: TaskTracker,
+        sessions: TaskTracker,
+    ) -> Self {
         AgentEndpoint {
             shared,
             stop,
             tracker,
+            sessions,
         }
     }
 }
@@ -124,7 +132,7 @@ impl AgentService for AgentEndpoint {
         let (mux, queues) = Mux::new(
             buffer_limit,
             shared.config.connect.write_timeout,
-            shared.metrics.agent_overflow_resets.clone(),
+            shared.metrics.agent_stalled_resets.clone(),
         );
         let agent = Arc::new(AgentSession {
             tunnel,
@@ -138,21 +146,23 @@ impl AgentService for AgentEndpoint {
         *response.metadata_mut() = headers;
         let span = tracing::info_span!("agent", %node, %peer);
         self.tracker.spawn(
-            run(
-                Attached {
-                    agent,
-                    routed,
-                    incoming: request.into_inner(),
-                    client_side,
-                    edge_side,
-                    end,
-                    settle,
-                },
-                self.shared.clone(),
-                self.stop.clone(),
-                self.tracker.clone(),
-            )
-            .instrument(span),
+            self.sessions.track_future(
+                run(
+                    Attached {
+                        agent,
+                        routed,
+                        incoming: request.into_inner(),
+                        client_side,
+                        edge_side,
+                        end,
+                        settle,
+                    },
+                    self.shared.clone(),
+                    self.stop.clone(),
+                    self.tracker.clone(),
+                )
+                .instrument(span),
+            ),
         );
         // Headers go out when this returns, before the first packet of the stream.
         Ok(response)

@@ -1,15 +1,21 @@
 //! The multiplexer of one agent stream. A Konnectivity agent carries every connection on one
 //! gRPC stream, so this owns the dial IDs and connect IDs, turns the agent's packets into
-//! per-connection events, and queues packets to the agent. The rule it exists for: reading
-//! the agent's stream never waits on any one connection. Bytes wait in a per-connection
-//! buffer; a connection whose frontend falls more than `buffer_limit` bytes behind is reset
-//! alone (CLOSE_REQ to the agent). No sockets and no HTTP/2 here: `conn.rs` moves the bytes,
-//! `endpoint.rs` feeds packets in and sends the queues out.
+//! per-connection events, and queues packets to the agent.
+//!
+//! The rules it exists for: no byte the agent sent is ever dropped from a live connection,
+//! and memory stays bounded, although the protocol has no per-connection flow control.
+//! Bytes wait in a per-connection backlog (`backlog.rs`) of at most `buffer_limit`; DATA
+//! for a full backlog is held by the reader, which then reads nothing more from the agent
+//! until that connection's frontend takes bytes ([`Mux::deliver`]). That pauses the agent's
+//! whole stream (HTTP/2 flow control then stops the agent), as konnectivity-server does: the
+//! other connections of that agent wait too, those of other agents never. A connection whose
+//! frontend takes nothing for `write_timeout` while the stream waits on it is reset alone
+//! (CLOSE_REQ to the agent), and the stream resumes. No sockets and no HTTP/2 here:
+//! `conn.rs` moves the bytes, `session.rs` feeds packets in, `endpoint.rs` sends the queues.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
@@ -18,10 +24,12 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use protocol::konnectivity::{DialResponse, Packet};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use super::backlog::Backlog;
 use crate::frontend::konnectivity::PacketStream;
 
 /// Packets queued in order towards the agent (DATA, and the CLOSE_REQ that must follow a
@@ -36,7 +44,7 @@ pub(super) enum Event {
     /// The agent closed the connection (CLOSE_RSP, or its own CLOSE_REQ); an error text if it
     /// failed.
     Closed(Option<String>),
-    /// The server dropped the connection (buffer bound exceeded, agent gone).
+    /// The server dropped the connection (its frontend stalled, agent gone).
     Reset(String),
 }
 
@@ -46,8 +54,9 @@ pub(super) struct Opened {
     pub connect_id: i64,
     /// The connection's events, in the order the agent sent them.
     pub events: mpsc::UnboundedReceiver<Event>,
-    /// Bytes queued in `events` and not yet taken by the frontend side; the taker subtracts.
-    pub buffered: Arc<AtomicUsize>,
+    /// Bytes queued in `events` and not yet taken by the frontend side; the taker reports
+    /// what it takes ([`Backlog::took`]).
+    pub backlog: Arc<Backlog>,
 }
 
 /// The agent's answer to a dial: the connection, or its error text.
@@ -60,6 +69,16 @@ pub(super) enum Dispatch {
     Continue,
     /// The agent sent DRAIN: route no new dial to it.
     Drain,
+    /// DATA for a connection whose backlog is full: pass it to [`Mux::deliver`] before
+    /// reading the agent's next packet.
+    Full(Held),
+}
+
+/// DATA the reader holds until its connection's backlog has room.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Held {
+    connect_id: i64,
+    data: Bytes,
 }
 
 /// The receiving ends of the queues towards the agent; see [`outbound`].
@@ -78,7 +97,7 @@ pub(super) struct Mux {
     closed: CancellationToken,
     buffer_limit: usize,
     write_timeout: Duration,
-    overflow_resets: Counter,
+    stalled_resets: Counter,
 }
 
 #[derive(Default)]
@@ -91,16 +110,18 @@ struct State {
 
 struct ConnQueue {
     events: mpsc::UnboundedSender<Event>,
-    buffered: Arc<AtomicUsize>,
+    backlog: Arc<Backlog>,
 }
 
 impl Mux {
-    /// A multiplexer resetting connections that lag more than `buffer_limit` bytes, and
-    /// failing a send the agent does not take within `write_timeout`.
+    /// A multiplexer buffering up to `buffer_limit` bytes per connection, resetting a
+    /// connection whose frontend takes nothing for `write_timeout` while the agent's stream
+    /// waits on it (counted in `stalled_resets`), and failing a send the agent does not take
+    /// within `write_timeout`.
     pub fn new(
         buffer_limit: usize,
         write_timeout: Duration,
-        overflow_resets: Counter,
+        stalled_resets: Counter,
     ) -> (Arc<Mux>, Queues) {
         let (control, control_rx) = mpsc::unbounded_channel();
         let (ordered, ordered_rx) = mpsc::channel(ORDERED_QUEUE);
@@ -111,7 +132,7 @@ impl Mux {
             closed: CancellationToken::new(),
             buffer_limit,
             write_timeout,
-            overflow_resets,
+            stalled_resets,
         };
         let queues = Queues {
             control: control_rx,
@@ -178,7 +199,8 @@ impl Mux {
         self.state().conns.remove(&connect_id);
     }
 
-    /// Apply one packet from the agent. Never waits.
+    /// Apply one packet from the agent. Never waits: DATA that does not fit comes back as
+    /// [`Dispatch::Full`].
     pub fn dispatch(&self, packet: Packet) -> Dispatch {
         match packet {
             Packet::DialResponse(DialResponse { random, result }) => {
@@ -186,7 +208,7 @@ impl Mux {
             }
             Packet::Data {
                 connect_id, data, ..
-            } => self.data(connect_id, data),
+            } => return self.data(connect_id, data),
             Packet::CloseResponse { connect_id, error } => {
                 match self.state().conns.remove(&connect_id) {
                     Some(conn) => {
@@ -233,18 +255,18 @@ impl Mux {
             }
             (Some(waiter), Ok(connect_id)) => {
                 let (events, events_rx) = mpsc::unbounded_channel();
-                let buffered = Arc::new(AtomicUsize::new(0));
+                let backlog = Arc::new(Backlog::default());
                 state.conns.insert(
                     connect_id,
                     ConnQueue {
                         events,
-                        buffered: buffered.clone(),
+                        backlog: backlog.clone(),
                     },
                 );
                 let opened = Opened {
                     connect_id,
                     events: events_rx,
-                    buffered,
+                    backlog,
                 };
                 if waiter.send(Ok(opened)).is_err() {
                     // The frontend left between our check and now.
@@ -261,44 +283,110 @@ impl Mux {
         }
     }
 
-    fn data(&self, connect_id: i64, data: Bytes) {
+    fn data(&self, connect_id: i64, data: Bytes) -> Dispatch {
         if data.is_empty() {
-            return;
+            return Dispatch::Continue;
         }
         let mut state = self.state();
         let Some(conn) = state.conns.get(&connect_id) else {
             // Sent before the agent saw our CLOSE_REQ; nobody wants it.
             debug!(connect_id, "DATA for no open connection");
+            return Dispatch::Continue;
+        };
+        if !conn.backlog.fits(data.len(), self.buffer_limit) {
+            return Dispatch::Full(Held { connect_id, data });
+        }
+        self.queue(&mut state, connect_id, data);
+        Dispatch::Continue
+    }
+
+    /// Queue `data` for `connect_id`, which is open and has room.
+    fn queue(&self, state: &mut State, connect_id: i64, data: Bytes) {
+        let Some(conn) = state.conns.get(&connect_id) else {
             return;
         };
-        let len = data.len();
-        let before = conn.buffered.load(Ordering::Acquire);
-        // An empty buffer always takes one packet, so a packet larger than the bound still
-        // gets through to a reader that keeps up.
-        let overflow = before > 0 && before + len > self.buffer_limit;
-        if !overflow {
-            conn.buffered.fetch_add(len, Ordering::AcqRel);
-            if conn.events.send(Event::Data(data)).is_ok() {
-                return;
+        conn.backlog.add(data.len());
+        if conn.events.send(Event::Data(data)).is_err() {
+            // The connection's task is gone: close the agent's side.
+            state.conns.remove(&connect_id);
+            self.control(Packet::CloseRequest { connect_id });
+        }
+    }
+
+    /// Queue `held` once its connection's backlog has room, waiting as long as the
+    /// connection's frontend keeps taking bytes; the reader of the agent's stream (and so
+    /// every other connection of the agent) waits here meanwhile. A frontend that takes
+    /// nothing for `write_timeout` gets its connection reset and `held` is dropped with it;
+    /// so is `held` when its connection ends while we wait.
+    pub async fn deliver(&self, held: Held) {
+        let Held { connect_id, data } = held;
+        let started = Instant::now();
+        let mut deadline = started + self.write_timeout;
+        let mut seen = usize::MAX;
+        loop {
+            let (backlog, events) = {
+                let mut state = self.state();
+                let Some(conn) = state.conns.get(&connect_id) else {
+                    return self.ended_while_held(connect_id, started);
+                };
+                if conn.backlog.fits(data.len(), self.buffer_limit) {
+                    self.queue(&mut state, connect_id, data);
+                    return;
+                }
+                // Any byte taken is progress and restarts the clock.
+                let buffered = conn.backlog.buffered();
+                if buffered < seen {
+                    seen = buffered;
+                    deadline = Instant::now() + self.write_timeout;
+                }
+                (conn.backlog.clone(), conn.events.clone())
+            };
+            tokio::select! {
+                biased;
+                _ = self.closed.cancelled() => return,
+                _ = backlog.taken() => {}
+                _ = events.closed() => return self.ended_while_held(connect_id, started),
+                _ = tokio::time::sleep_until(deadline) => return self.reset_stalled(connect_id, started),
             }
         }
-        let Some(conn) = state.conns.remove(&connect_id) else {
+    }
+
+    /// The frontend took nothing for `write_timeout` while the agent's stream waited on
+    /// this connection: reset it alone, so the stream resumes.
+    fn reset_stalled(&self, connect_id: i64, waiting_since: Instant) {
+        let Some(conn) = self.state().conns.remove(&connect_id) else {
             return;
         };
-        if overflow {
-            self.overflow_resets.inc();
-            warn!(
-                connect_id,
-                buffered = before,
-                limit = self.buffer_limit,
-                "agent connection reset: its frontend reads too slowly"
-            );
-            let _ = conn.events.send(Event::Reset(format!(
-                "frontend fell more than {} bytes behind the agent",
-                self.buffer_limit
-            )));
-        }
+        self.stalled_resets.inc();
+        warn!(
+            connect_id,
+            buffered = conn.backlog.buffered(),
+            waited = ?waiting_since.elapsed(),
+            "agent connection reset: its frontend took no bytes for {:?} while the agent's stream waited on it",
+            self.write_timeout
+        );
+        conn.backlog.reset();
+        let _ = conn.events.send(Event::Reset(format!(
+            "frontend took no bytes for {:?} while the agent's stream waited on it",
+            self.write_timeout
+        )));
         self.control(Packet::CloseRequest { connect_id });
+    }
+
+    /// The connection the agent's stream waited on ended meanwhile (its frontend stalled
+    /// and was reset, or went away): its held bytes have nowhere to go.
+    fn ended_while_held(&self, connect_id: i64, waiting_since: Instant) {
+        if self.closed.is_cancelled() {
+            return;
+        }
+        // Later DATA for it is dropped, not waited on again. Its task sends the CLOSE_REQ.
+        self.state().conns.remove(&connect_id);
+        self.stalled_resets.inc();
+        info!(
+            connect_id,
+            waited = ?waiting_since.elapsed(),
+            "agent stream resumes: the connection it waited on was reset"
+        );
     }
 
     /// The agent's stream is gone: fail pending dials and reset every connection.
@@ -326,33 +414,38 @@ impl Mux {
 }
 
 /// The response stream of an agent's `Connect` call: control packets first, then ordered
-/// ones, until `end` fires (`Some(status)`: end with that error; `None` or dropped: end OK).
+/// ones, until `end` fires (`Some(status)`: end with that error at once; `None` or dropped:
+/// end OK once the packets already queued are out, such as the DRAIN of an agent that was
+/// idle when the server drained).
 pub(super) fn outbound(queues: Queues, mut end: oneshot::Receiver<Option<Status>>) -> PacketStream {
     let Queues {
         mut control,
         mut ordered,
     } = queues;
-    let mut done = false;
+    let (mut done, mut finishing) = (false, false);
     Box::pin(futures_util::stream::poll_fn(move |cx| {
         if done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut end).poll(cx) {
-            Poll::Ready(Ok(Some(status))) => {
-                done = true;
-                return Poll::Ready(Some(Err(status)));
+        if !finishing {
+            match Pin::new(&mut end).poll(cx) {
+                Poll::Ready(Ok(Some(status))) => {
+                    done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(_) => finishing = true,
+                Poll::Pending => {}
             }
-            Poll::Ready(_) => {
-                done = true;
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {}
         }
         if let Poll::Ready(Some(packet)) = control.poll_recv(cx) {
             return Poll::Ready(Some(Ok(packet)));
         }
         if let Poll::Ready(Some(packet)) = ordered.poll_recv(cx) {
             return Poll::Ready(Some(Ok(packet)));
+        }
+        if finishing {
+            done = true;
+            return Poll::Ready(None);
         }
         // The mux (which holds both senders) outlives the stream's useful life; `end`
         // decides when it is over.
@@ -361,158 +454,4 @@ pub(super) fn outbound(queues: Queues, mut end: oneshot::Receiver<Option<Status>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use futures_util::StreamExt;
-
-    fn mux(limit: usize) -> (Arc<Mux>, Queues) {
-        Mux::new(limit, Duration::from_secs(1), Counter::default())
-    }
-
-    fn next_control(queues: &mut Queues) -> Option<Packet> {
-        queues.control.try_recv().ok()
-    }
-
-    fn open(mux: &Mux, connect_id: i64) -> Opened {
-        let (random, mut rx) = mux.begin_dial().unwrap();
-        mux.dispatch(Packet::DialResponse(DialResponse {
-            random,
-            result: Ok(connect_id),
-        }));
-        rx.try_recv().unwrap().unwrap()
-    }
-
-    #[test]
-    fn data_goes_to_its_connection_in_order() {
-        let (mux, _queues) = mux(1 << 20);
-        let mut a = open(&mux, 1);
-        let mut b = open(&mux, 2);
-        for (id, text) in [(1, "a1"), (2, "b1"), (1, "a2")] {
-            mux.dispatch(Packet::Data {
-                connect_id: id,
-                data: Bytes::from(text),
-                error: None,
-            });
-        }
-        let text = |e: Event| match e {
-            Event::Data(d) => String::from_utf8(d.to_vec()).unwrap(),
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(text(a.events.try_recv().unwrap()), "a1");
-        assert_eq!(text(a.events.try_recv().unwrap()), "a2");
-        assert_eq!(text(b.events.try_recv().unwrap()), "b1");
-        assert_eq!(a.buffered.load(Ordering::Relaxed), 4);
-    }
-
-    #[test]
-    fn a_lagging_connection_is_reset_alone() {
-        let (mux, mut queues) = mux(10);
-        let mut slow = open(&mux, 1);
-        let mut other = open(&mux, 2);
-        let packet = |id| Packet::Data {
-            connect_id: id,
-            data: Bytes::from_static(b"123456"),
-            error: None,
-        };
-        // The first packet always fits; the second would exceed the 10-byte bound.
-        mux.dispatch(packet(1));
-        mux.dispatch(packet(1));
-        assert!(matches!(slow.events.try_recv(), Ok(Event::Data(_))));
-        assert!(matches!(slow.events.try_recv(), Ok(Event::Reset(_))));
-        assert_eq!(
-            next_control(&mut queues),
-            Some(Packet::CloseRequest { connect_id: 1 })
-        );
-        assert_eq!(mux.overflow_resets.get(), 1);
-        // Later DATA for the reset connection is dropped; the other one is unaffected.
-        mux.dispatch(packet(1));
-        mux.dispatch(packet(2));
-        assert!(matches!(other.events.try_recv(), Ok(Event::Data(_))));
-        assert_eq!(mux.open_connections(), 1);
-    }
-
-    #[test]
-    fn a_reader_that_keeps_up_is_never_reset() {
-        let (mux, _queues) = mux(10);
-        let mut conn = open(&mux, 1);
-        for _ in 0..100 {
-            mux.dispatch(Packet::Data {
-                connect_id: 1,
-                data: Bytes::from_static(b"12345678"),
-                error: None,
-            });
-            let Ok(Event::Data(d)) = conn.events.try_recv() else {
-                panic!("reset")
-            };
-            conn.buffered.fetch_sub(d.len(), Ordering::AcqRel);
-        }
-    }
-
-    #[test]
-    fn late_dial_answer_closes_what_it_opened() {
-        let (mux, mut queues) = mux(1 << 20);
-        let (random, rx) = mux.begin_dial().unwrap();
-        mux.cancel_dial(random, rx);
-        assert_eq!(
-            next_control(&mut queues),
-            Some(Packet::CloseDial { random })
-        );
-        mux.dispatch(Packet::DialResponse(DialResponse {
-            random,
-            result: Ok(7),
-        }));
-        assert_eq!(
-            next_control(&mut queues),
-            Some(Packet::CloseRequest { connect_id: 7 })
-        );
-        assert_eq!(mux.open_connections(), 0);
-    }
-
-    #[test]
-    fn agent_close_request_is_answered_and_ends_the_connection() {
-        let (mux, mut queues) = mux(1 << 20);
-        let mut conn = open(&mux, 3);
-        mux.dispatch(Packet::CloseRequest { connect_id: 3 });
-        assert!(matches!(conn.events.try_recv(), Ok(Event::Closed(None))));
-        assert_eq!(
-            next_control(&mut queues),
-            Some(Packet::CloseResponse {
-                connect_id: 3,
-                error: None
-            })
-        );
-    }
-
-    #[test]
-    fn shutdown_fails_pending_dials_and_resets_connections() {
-        let (mux, _queues) = mux(1 << 20);
-        let mut conn = open(&mux, 1);
-        let (_, mut pending) = mux.begin_dial().unwrap();
-        mux.shutdown("agent gone");
-        assert!(matches!(pending.try_recv(), Ok(Err(e)) if e == "agent gone"));
-        assert!(matches!(conn.events.try_recv(), Ok(Event::Reset(_))));
-        assert!(mux.begin_dial().is_err());
-    }
-
-    #[tokio::test]
-    async fn control_packets_overtake_ordered_ones_and_end_stops_the_stream() {
-        let (mux, queues) = mux(1 << 20);
-        let (end, end_rx) = oneshot::channel();
-        let mut stream = outbound(queues, end_rx);
-        mux.send_ordered(Packet::CloseRequest { connect_id: 1 })
-            .await
-            .unwrap();
-        mux.control(Packet::Drain);
-        assert_eq!(stream.next().await.unwrap().unwrap(), Packet::Drain);
-        assert_eq!(
-            stream.next().await.unwrap().unwrap(),
-            Packet::CloseRequest { connect_id: 1 }
-        );
-        end.send(Some(Status::unavailable("bye"))).unwrap();
-        assert_eq!(
-            stream.next().await.unwrap().unwrap_err().code(),
-            tonic::Code::Unavailable
-        );
-        assert!(stream.next().await.is_none());
-    }
-}
+mod tests;

@@ -209,7 +209,9 @@ fn route(
     Ok(())
 }
 
-/// Read the agent's packets until its stream ends. Never waits on a connection.
+/// Read the agent's packets until its stream ends. While one connection's backlog is full
+/// this waits on it (at most `write_timeout` without progress); the caller's `select!` keeps
+/// serving stops, the in-memory session and the other connections meanwhile.
 async fn read_agent(
     incoming: &mut Streaming<Packet>,
     agent: &AgentSession,
@@ -218,15 +220,18 @@ async fn read_agent(
 ) -> (String, Option<Status>) {
     loop {
         match incoming.message().await {
-            Ok(Some(packet)) => {
-                if agent.mux.dispatch(packet) == Dispatch::Drain {
+            Ok(Some(packet)) => match agent.mux.dispatch(packet) {
+                Dispatch::Continue => {}
+                // Backpressure: the agent's next packet waits until this one has room.
+                Dispatch::Full(held) => agent.mux.deliver(held).await,
+                Dispatch::Drain => {
                     if !agent.drained.swap(true, Ordering::AcqRel) {
                         info!(target: "audit", event = "agent_draining", node = %agent.tunnel.node(), "agent sent DRAIN; no new dials");
                     }
                     agent.tunnel.retire();
                     shared.routes.deregister(routed);
                 }
-            }
+            },
             Ok(None) => return ("agent closed its stream".into(), None),
             // A packet our codec refused: the agent broke the protocol.
             Err(status)

@@ -52,7 +52,8 @@ pub struct KonnectivityConfig {
     /// issues edge certificates). The certificate is the agent's identity.
     pub agent_client_ca: Option<PathBuf>,
     /// Bytes an agent may have sent for one connection that its frontend has not taken yet;
-    /// beyond, that connection alone is reset (the agent's stream is never paused).
+    /// beyond, the server stops reading the agent's stream until the frontend takes some
+    /// (and resets the connection if it takes nothing for `connect.write_timeout`).
     #[serde(default = "default_agent_connection_buffer")]
     pub agent_connection_buffer: usize,
 }
@@ -75,7 +76,7 @@ fn default_max_connections() -> usize {
     1024
 }
 fn default_agent_connection_buffer() -> usize {
-    // A slow reader may lag this far behind before its connection is reset: plenty for
+    // A reader may lag this far behind before the agent's stream pauses: plenty for
     // bursts, small enough that a few thousand connections of one agent stay bounded.
     4 << 20
 }
