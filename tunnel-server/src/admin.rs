@@ -1,5 +1,6 @@
 //! The admin endpoint: `/healthz` (the process serves), `/readyz` (listeners up and not
-//! draining), `/metrics` (Prometheus text). Plain HTTP/1.1 on a separate, usually loopback,
+//! draining), `/metrics` (OpenMetrics when the `Accept` header asks for it, as Prometheus
+//! does; the Prometheus 0.0.4 text format otherwise). Plain HTTP/1.1 on a separate, usually loopback,
 //! address; it carries no tunnel traffic.
 
 use std::convert::Infallible;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::metrics::text;
 use crate::Shared;
 
 /// Serve admin requests until `cancel`.
@@ -74,11 +76,22 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
-        "/metrics" => (
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.render(),
-        ),
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let openmetrics = shared.metrics.render();
+            if text::wants_openmetrics(accept) {
+                (StatusCode::OK, text::OPENMETRICS_CONTENT_TYPE, openmetrics)
+            } else {
+                (
+                    StatusCode::OK,
+                    text::CONTENT_TYPE,
+                    text::to_prometheus_text(&openmetrics),
+                )
+            }
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

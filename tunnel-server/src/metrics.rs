@@ -1,6 +1,8 @@
 //! Prometheus metrics of the server, in one registry, rendered as text by the admin endpoint.
 //! Label values are a small fixed set (results, directions): never node names or addresses.
 
+pub mod text;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -47,6 +49,13 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Label of a certificate gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// Which of the server's certificates (`edge_listener`, `connect_frontend`, ...).
+    pub certificate: &'static str,
+}
+
 /// The frontends, pre-registered so their gauges show 0 before first use.
 const FRONTENDS: [&str; 2] = ["connect", "konnectivity"];
 
@@ -86,6 +95,13 @@ pub struct Metrics {
     /// `:authority` values on the Konnectivity Unix socket replaced because they were not
     /// valid URI authorities (socket paths sent by gRPC clients).
     pub authority_rewrites: Counter,
+    /// When each of the server's own certificates expires (Unix seconds), so alerts can
+    /// compare it with `time()`.
+    pub certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// Open file descriptors of this process (read from /proc at each scrape).
+    process_open_fds: Gauge,
+    /// Resident memory of this process in bytes (read from /proc at each scrape).
+    process_resident_memory: Gauge,
 }
 
 impl Default for Metrics {
@@ -176,8 +192,37 @@ impl Default for Metrics {
             "Unix-socket gRPC requests whose :authority (a socket path) was replaced",
             authority_rewrites.clone(),
         );
+        let certificate_expiry = Family::<CertificateLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "When the server's own certificates expire, in Unix seconds",
+            certificate_expiry.clone(),
+        );
+        let process_open_fds = Gauge::default();
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors of the tunnel-server process",
+            process_open_fds.clone(),
+        );
+        let process_resident_memory = Gauge::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the tunnel-server process in bytes",
+            process_resident_memory.clone(),
+        );
+        registry.register(
+            "build",
+            "The running tunnel-server build",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
         Metrics {
             registry,
+            certificate_expiry,
+            process_open_fds,
+            process_resident_memory,
             frontend_refusals,
             authority_rewrites,
             frontend_dials_pending,
@@ -199,10 +244,40 @@ impl Default for Metrics {
 impl Metrics {
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.sample_process();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Read this process's descriptors and resident memory from /proc (Linux; left at 0
+    /// elsewhere).
+    fn sample_process(&self) {
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            self.process_open_fds.set(dir.count() as i64);
+        }
+        // statm: size resident shared ... in pages.
+        let resident = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok());
+        if let Some(pages) = resident {
+            self.process_resident_memory.set(pages * PAGE_SIZE);
+        }
+    }
+
+    /// Record when the certificate in PEM file `path` expires, as `certificate`.
+    pub fn certificate_expiry_from(&self, certificate: &'static str, path: &std::path::Path) {
+        let not_after = std::fs::read(path).ok().and_then(|pem| {
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+            let cert = pem.parse_x509().ok()?;
+            Some(cert.validity().not_after.timestamp())
+        });
+        if let Some(at) = not_after {
+            self.certificate_expiry
+                .get_or_create(&CertificateLabels { certificate })
+                .set(at);
+        }
     }
 
     /// Count one dial outcome.
@@ -261,6 +336,9 @@ impl Metrics {
             .inc_by(from_edge);
     }
 }
+
+/// Bytes per page of /proc/self/statm: 4 KiB on the x86_64 and arm64 Linux this runs on.
+const PAGE_SIZE: i64 = 4096;
 
 /// Keeps gauges incremented for as long as it lives.
 pub struct GaugeGuard([Gauge; 2]);

@@ -182,6 +182,14 @@ impl RunningServer {
             draining: AtomicBool::new(false),
             revocations: registration.as_ref().map(|r| r.revocations.clone()),
         });
+        shared
+            .metrics
+            .certificate_expiry_from("edge_listener", &shared.config.edge.cert);
+        if let Some(cert) = &shared.config.connect.tcp_cert {
+            shared
+                .metrics
+                .certificate_expiry_from("connect_frontend", cert);
+        }
         let tracker = TaskTracker::new();
         let admin_tracker = TaskTracker::new();
 
