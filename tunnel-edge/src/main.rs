@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_edge::{Edge, EdgeConfig, EdgeStatus};
 use tunnel_io::logging::LogFormat;
@@ -31,6 +31,13 @@ enum Command {
         /// The config file.
         file: PathBuf,
     },
+    /// Print shell completions to stdout (`completions bash > /etc/bash_completion.d/tunnel-edge`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (`man > /usr/share/man/man1/tunnel-edge.1`).
+    Man,
 }
 
 #[derive(clap::Args)]
@@ -140,6 +147,16 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tunnel-edge",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
         Command::CheckConfig { file } => {
             let config = load(Overrides {
                 state_dir: None,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tunnel_io::logging::LogFormat;
 use tunnel_server::config::ServerConfig;
 use tunnel_server::pki;
@@ -48,6 +48,13 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Print shell completions to stdout (`completions bash > /etc/bash_completion.d/tunnel-server`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout (`man > /usr/share/man/man1/tunnel-server.1`).
+    Man,
 }
 
 #[derive(clap::Args)]
@@ -135,6 +142,16 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "tunnel-server",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
         Command::Run(args) => run(args),
         Command::CheckConfig { file } => {
             let config = ServerConfig::load(&file)?;
