@@ -7,6 +7,7 @@
 
 mod admin;
 mod backpressure;
+mod counting;
 mod frontends;
 mod idle;
 mod integrity;
