@@ -12,6 +12,7 @@ mod frontends;
 mod idle;
 mod integrity;
 mod liveness;
+mod node_name;
 mod pending;
 mod refusals;
 mod restart;
