@@ -93,7 +93,11 @@ async fn curl_sees_the_reason_in_the_connect_status_line() {
         args.extend(["--verbose", "--write-out", "%{http_connect}", &url]);
         let out = curl(&args).await;
         assert_ne!(out.code, 0, "curl {url} succeeded: {}", out.stdout);
-        assert_eq!(out.stdout, &expected[..3], "curl's %{{http_connect}} for {url}");
+        assert_eq!(
+            out.stdout,
+            &expected[..3],
+            "curl's %{{http_connect}} for {url}"
+        );
         assert!(
             out.stderr.contains(&format!("< HTTP/1.1 {expected}")),
             "curl {url} should show the reason in the status line:\n{}",
