@@ -114,6 +114,25 @@ pub fn edge_identity_from_der(der: &[u8]) -> Result<EdgeIdentity, IdentityError>
     })
 }
 
+/// The first IP SAN of a certificate in the certificate's own order (canonical form), or
+/// `None` without one. [`EdgeIdentity::ips`] is sorted, so it cannot say which address the
+/// issuer listed first: the node's primary address, where the edge dials targets that name
+/// the node (`tunnel-server ca issue-edge --ip` keeps the operator's order; certificates
+/// from `join` list their IPs sorted).
+pub fn first_ip_san(der: &[u8]) -> Result<Option<IpAddr>, IdentityError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Malformed(e.to_string()))?;
+    for name in san.iter().flat_map(|san| san.value.general_names.iter()) {
+        if let GeneralName::IPAddress(bytes) = name {
+            return ip_from_san(bytes).map(Some);
+        }
+    }
+    Ok(None)
+}
+
 fn ip_from_san(bytes: &[u8]) -> Result<IpAddr, IdentityError> {
     let ip = match bytes.len() {
         4 => IpAddr::from(<[u8; 4]>::try_from(bytes).map_err(|_| IdentityError::BadIpSan(4))?),

@@ -2,18 +2,22 @@
 //! TCP, Unix or TLS socket), honouring h2 flow control in both directions and half-close:
 //! socket EOF becomes END_STREAM, END_STREAM becomes a write shutdown. Errors never end
 //! silently: the h2 stream is reset and the socket dropped, so the far end sees a failure
-//! instead of a truncated transfer.
+//! instead of a truncated transfer. The one exception is the socket's peer leaving after it
+//! finished sending (a client closing a follow stream): that is how such streams end
+//! normally, so it is reported as an end ([`PipeEnd::SocketLeft`]), not an error. Bytes
+//! are counted as they move ([`ByteMeter`]), so metrics show a long transfer while it runs.
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+mod activity;
+use activity::Activity;
 
 /// First read buffer of a direction. Small, because most tunneled connections are idle or
 /// carry small requests (an idle pipe keeps it reserved); it doubles on every read that
@@ -59,6 +63,18 @@ pub enum PipeError {
     Aborted,
 }
 
+/// How a pipe ended without failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipeEnd {
+    /// Both directions reached their end of stream.
+    Complete,
+    /// The socket's peer had finished sending (EOF), then closed its socket before taking
+    /// everything the stream carried: a write failed with EPIPE or ECONNRESET. This is how a
+    /// client ends a follow stream (`kubectl logs -f`), so it is no failure; the h2 stream is
+    /// reset so the far end stops sending.
+    SocketLeft,
+}
+
 /// Bytes moved and how the pipe ended.
 #[derive(Debug, Clone)]
 pub struct PipeReport {
@@ -66,18 +82,50 @@ pub struct PipeReport {
     pub socket_to_stream: u64,
     /// Bytes received on the h2 stream and written to the socket.
     pub stream_to_socket: u64,
-    /// The first error of either direction, or `Ok` when both ended cleanly.
-    pub result: Result<(), PipeError>,
+    /// How both directions ended, or the first error of either.
+    pub result: Result<PipeEnd, PipeError>,
+}
+
+/// Where a pipe adds the bytes it moves while it moves them (a metrics counter), so a long
+/// transfer shows before it ends. Called once per chunk (at most [`MAX_CHUNK`] bytes) from
+/// the pipe's task: an implementation should do no more than an atomic add.
+pub trait ByteMeter: Sync {
+    /// `n` more bytes read from the socket were sent on the h2 stream.
+    fn socket_to_stream(&self, n: u64);
+    /// `n` more bytes received on the h2 stream were written to the socket.
+    fn stream_to_socket(&self, n: u64);
+}
+
+/// No metering.
+impl ByteMeter for () {
+    fn socket_to_stream(&self, _: u64) {}
+    fn stream_to_socket(&self, _: u64) {}
 }
 
 /// Copy both directions until both have ended. `early` holds bytes already read from the
 /// socket (for example after an HTTP CONNECT head); they are sent first.
 pub async fn pipe<S>(
     socket: S,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    early: Bytes,
+    config: PipeConfig,
+    cancel: &CancellationToken,
+) -> PipeReport
+where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    pipe_metered(socket, send, recv, early, config, &(), cancel).await
+}
+
+/// [`pipe`], adding every chunk to `meter` as soon as it has moved.
+pub async fn pipe_metered<S>(
+    socket: S,
     mut send: SendStream<Bytes>,
     recv: RecvStream,
     early: Bytes,
     config: PipeConfig,
+    meter: &dyn ByteMeter,
     cancel: &CancellationToken,
 ) -> PipeReport
 where
@@ -87,14 +135,21 @@ where
     let abort = cancel.child_token();
     let finished = CancellationToken::new();
     let activity = Activity::new();
+    let socket_eof = AtomicBool::new(false);
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
 
     let up = async {
+        let up = SocketToStream {
+            config,
+            activity: &activity,
+            meter,
+            eof: &socket_eof,
+        };
         let result = tokio::select! {
             biased;
             _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = socket_to_stream(reader, &mut send, early, config, &activity, &mut up_bytes) => r,
+            r = up.run(reader, &mut send, early, &mut up_bytes) => r,
         };
         if let Err(error) = &result {
             abort.cancel();
@@ -105,10 +160,16 @@ where
         result
     };
     let down = async {
+        let down = StreamToSocket {
+            config,
+            activity: &activity,
+            meter,
+            socket_eof: &socket_eof,
+        };
         let result = tokio::select! {
             biased;
             _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = stream_to_socket(recv, writer, config, &activity, &mut down_bytes) => r,
+            r = down.run(recv, writer, &mut down_bytes) => r,
         };
         if result.is_err() {
             abort.cancel();
@@ -135,11 +196,15 @@ where
     let ((up_result, down_result), idled) = tokio::join!(both, watchdog);
     // Report the cause, not the `Aborted` it provoked in the other direction.
     let result = match (up_result, down_result) {
-        (Ok(()), Ok(())) => Ok(()),
+        (Ok(()), Ok(end)) => Ok(end),
         _ if idled => Err(PipeError::Idle(config.idle_timeout.unwrap_or_default())),
         (Err(PipeError::Aborted), Err(e)) | (Err(e), _) => Err(e),
         (Ok(()), Err(e)) => Err(e),
     };
+    if result == Ok(PipeEnd::SocketLeft) {
+        // Nobody reads what the far end still sends: tell it to stop.
+        send.send_reset(Reason::CANCEL);
+    }
     PipeReport {
         socket_to_stream: up_bytes,
         stream_to_socket: down_bytes,
@@ -147,77 +212,61 @@ where
     }
 }
 
-/// When a byte last moved, in milliseconds since the pipe started (atomic so the pipe
-/// future stays `Send`).
-struct Activity {
-    started: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn new() -> Activity {
-        Activity {
-            started: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing moved for `limit`.
-    async fn idle_for(&self, limit: Duration) {
-        loop {
-            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = self.started + last + limit;
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-async fn socket_to_stream<R: AsyncRead + Unpin>(
-    mut reader: R,
-    send: &mut SendStream<Bytes>,
-    early: Bytes,
+/// The socket → h2 stream direction.
+struct SocketToStream<'a> {
     config: PipeConfig,
-    activity: &Activity,
-    total: &mut u64,
-) -> Result<(), PipeError> {
-    if !early.is_empty() {
-        *total += early.len() as u64;
-        send_all(send, early, config).await?;
+    activity: &'a Activity,
+    meter: &'a dyn ByteMeter,
+    /// Set once the socket's EOF was read: its peer has finished sending.
+    eof: &'a AtomicBool,
+}
+
+impl SocketToStream<'_> {
+    async fn run<R: AsyncRead + Unpin>(
+        &self,
+        mut reader: R,
+        send: &mut SendStream<Bytes>,
+        early: Bytes,
+        total: &mut u64,
+    ) -> Result<(), PipeError> {
+        if !early.is_empty() {
+            let n = early.len() as u64;
+            send_all(send, early, self.config).await?;
+            self.moved(n, total);
+        }
+        let mut chunk = INITIAL_CHUNK;
+        let mut buf = BytesMut::new();
+        let mut since_yield = 0u64;
+        loop {
+            buf.reserve(chunk);
+            let n = reader
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| PipeError::Socket(e.to_string()))?;
+            if n == 0 {
+                self.eof.store(true, Ordering::Release);
+                // Half-close: the socket's EOF ends our side of the stream only.
+                return send
+                    .send_data(Bytes::new(), true)
+                    .map_err(|e| PipeError::Stream(e.to_string()));
+            }
+            if n >= chunk && chunk < MAX_CHUNK {
+                chunk *= 2;
+            }
+            self.activity.touch();
+            send_all(send, buf.split().freeze(), self.config).await?;
+            self.moved(n as u64, total);
+            since_yield += n as u64;
+            if since_yield >= YIELD_EVERY {
+                since_yield = 0;
+                tokio::task::yield_now().await;
+            }
+        }
     }
-    let mut chunk = INITIAL_CHUNK;
-    let mut buf = BytesMut::new();
-    let mut since_yield = 0u64;
-    loop {
-        buf.reserve(chunk);
-        let n = reader
-            .read_buf(&mut buf)
-            .await
-            .map_err(|e| PipeError::Socket(e.to_string()))?;
-        if n == 0 {
-            // Half-close: the socket's EOF ends our side of the stream only.
-            return send
-                .send_data(Bytes::new(), true)
-                .map_err(|e| PipeError::Stream(e.to_string()));
-        }
-        if n >= chunk && chunk < MAX_CHUNK {
-            chunk *= 2;
-        }
-        *total += n as u64;
-        activity.touch();
-        send_all(send, buf.split().freeze(), config).await?;
-        since_yield += n as u64;
-        if since_yield >= YIELD_EVERY {
-            since_yield = 0;
-            tokio::task::yield_now().await;
-        }
+
+    fn moved(&self, n: u64, total: &mut u64) {
+        *total += n;
+        self.meter.socket_to_stream(n);
     }
 }
 
@@ -248,46 +297,77 @@ pub async fn send_all(
     Ok(())
 }
 
-async fn stream_to_socket<W: AsyncWrite + Unpin>(
-    mut recv: RecvStream,
-    mut writer: W,
+/// The h2 stream → socket direction.
+struct StreamToSocket<'a> {
     config: PipeConfig,
-    activity: &Activity,
-    total: &mut u64,
-) -> Result<(), PipeError> {
-    let mut since_yield = 0u64;
-    loop {
-        match recv.data().await {
-            None => {
-                // END_STREAM: the peer finished writing; pass the half-close on.
-                return tokio::time::timeout(config.write_timeout, writer.shutdown())
-                    .await
-                    .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?
-                    .map_err(|e| PipeError::Socket(e.to_string()));
-            }
-            // After a reset `data()` keeps returning errors: end here, never loop on them.
-            Some(Err(e)) => return Err(PipeError::Stream(e.to_string())),
-            Some(Ok(data)) => {
-                let n = data.len();
-                tokio::time::timeout(config.write_timeout, async {
-                    writer.write_all(&data).await?;
-                    writer.flush().await
-                })
-                .await
-                .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?
-                .map_err(|e| PipeError::Socket(e.to_string()))?;
-                *total += n as u64;
-                activity.touch();
-                since_yield += n as u64;
-                if since_yield >= YIELD_EVERY {
-                    since_yield = 0;
-                    tokio::task::yield_now().await;
+    activity: &'a Activity,
+    meter: &'a dyn ByteMeter,
+    /// Set by the other direction once the socket's peer has finished sending.
+    socket_eof: &'a AtomicBool,
+}
+
+impl StreamToSocket<'_> {
+    async fn run<W: AsyncWrite + Unpin>(
+        &self,
+        mut recv: RecvStream,
+        mut writer: W,
+        total: &mut u64,
+    ) -> Result<PipeEnd, PipeError> {
+        let config = self.config;
+        let mut since_yield = 0u64;
+        loop {
+            match recv.data().await {
+                None => {
+                    // END_STREAM: the peer finished writing; pass the half-close on.
+                    let shutdown = tokio::time::timeout(config.write_timeout, writer.shutdown())
+                        .await
+                        .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
+                    return match shutdown {
+                        Ok(()) => Ok(PipeEnd::Complete),
+                        Err(e) => self.socket_error(e),
+                    };
                 }
-                // Only now may the peer send more: the window tracks bytes not yet written.
-                recv.flow_control()
-                    .release_capacity(n)
-                    .map_err(|e| PipeError::Stream(e.to_string()))?;
+                // After a reset `data()` keeps returning errors: end here, never loop on them.
+                Some(Err(e)) => return Err(PipeError::Stream(e.to_string())),
+                Some(Ok(data)) => {
+                    let n = data.len();
+                    let written = tokio::time::timeout(config.write_timeout, async {
+                        writer.write_all(&data).await?;
+                        writer.flush().await
+                    })
+                    .await
+                    .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
+                    if let Err(e) = written {
+                        return self.socket_error(e);
+                    }
+                    *total += n as u64;
+                    self.meter.stream_to_socket(n as u64);
+                    self.activity.touch();
+                    since_yield += n as u64;
+                    if since_yield >= YIELD_EVERY {
+                        since_yield = 0;
+                        tokio::task::yield_now().await;
+                    }
+                    // Only now may the peer send more: the window tracks bytes not yet written.
+                    recv.flow_control()
+                        .release_capacity(n)
+                        .map_err(|e| PipeError::Stream(e.to_string()))?;
+                }
             }
+        }
+    }
+
+    /// A write to the socket failed. After the socket's EOF, EPIPE and ECONNRESET (and
+    /// ENOTCONN from a shutdown) mean its peer closed the whole socket: it left, as a client
+    /// ending a follow stream does. Before EOF the same errors are a failure: the peer
+    /// dropped a connection it was still using.
+    fn socket_error(&self, error: std::io::Error) -> Result<PipeEnd, PipeError> {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset, NotConnected};
+        let left = matches!(error.kind(), BrokenPipe | ConnectionReset | NotConnected);
+        if left && self.socket_eof.load(Ordering::Acquire) {
+            Ok(PipeEnd::SocketLeft)
+        } else {
+            Err(PipeError::Socket(error.to_string()))
         }
     }
 }

@@ -1,6 +1,8 @@
 //! In-memory tests of the h2 pipe: two HTTP/2 endpoints over `tokio::io::duplex`, each end
 //! piping one stream to a duplex "socket". Deterministic, no network.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,22 +10,43 @@ use http::{Method, Request, Response};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_util::sync::CancellationToken;
 use tunnel_io::h2tune::H2Tuning;
-use tunnel_io::pipe::{pipe, PipeConfig, PipeReport};
+use tunnel_io::pipe::{pipe, pipe_metered, ByteMeter, PipeConfig, PipeEnd, PipeReport};
 
 const CONFIG: PipeConfig = PipeConfig {
     write_timeout: Duration::from_secs(2),
     idle_timeout: None,
 };
 
+/// Bytes a pipe reported while it ran.
+#[derive(Default)]
+struct Counted {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl ByteMeter for Counted {
+    fn socket_to_stream(&self, n: u64) {
+        self.up.fetch_add(n, Ordering::Relaxed);
+    }
+    fn stream_to_socket(&self, n: u64) {
+        self.down.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+type Tunnel = (
+    DuplexStream,
+    DuplexStream,
+    tokio::task::JoinHandle<PipeReport>,
+    tokio::task::JoinHandle<PipeReport>,
+);
+
 /// Returns (app end, target end, the two pipe tasks: client side then server side).
-async fn tunnel(
-    target_buffer: usize,
-) -> (
-    DuplexStream,
-    DuplexStream,
-    tokio::task::JoinHandle<PipeReport>,
-    tokio::task::JoinHandle<PipeReport>,
-) {
+async fn tunnel(target_buffer: usize) -> Tunnel {
+    tunnel_metered(target_buffer, Arc::default()).await
+}
+
+/// [`tunnel`] whose client-side pipe (the app's) counts into `meter`.
+async fn tunnel_metered(target_buffer: usize, meter: Arc<Counted>) -> Tunnel {
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let tuning = H2Tuning {
         stream_window: 256 << 10,
@@ -62,12 +85,13 @@ async fn tunnel(
     let cancel = CancellationToken::new();
     let c = cancel.clone();
     let client_pipe = tokio::spawn(async move {
-        pipe(
+        pipe_metered(
             app_socket,
             client_send,
             client_recv,
             Bytes::new(),
             CONFIG,
+            &*meter,
             &c,
         )
         .await
@@ -105,8 +129,8 @@ async fn half_close_passes_exactly_n_bytes_then_eof_and_the_reply_returns() {
 
     let c = client_pipe.await.unwrap();
     let s = server_pipe.await.unwrap();
-    assert_eq!(c.result, Ok(()));
-    assert_eq!(s.result, Ok(()));
+    assert_eq!(c.result, Ok(PipeEnd::Complete));
+    assert_eq!(s.result, Ok(PipeEnd::Complete));
     assert_eq!(c.socket_to_stream, sent.len() as u64);
     assert_eq!(s.stream_to_socket, sent.len() as u64);
     assert_eq!(c.stream_to_socket, 22);
@@ -183,7 +207,7 @@ async fn early_bytes_are_sent_first() {
         &CancellationToken::new(),
     )
     .await;
-    assert_eq!(report.result, Ok(()));
+    assert_eq!(report.result, Ok(PipeEnd::Complete));
     assert_eq!(server.await.unwrap(), b"early and the rest");
 }
 
@@ -253,4 +277,69 @@ async fn idle_stream_is_closed_after_the_idle_timeout_and_traffic_resets_the_tim
         .await
         .map(|r| r.is_err())
         .unwrap_or(false));
+}
+
+#[tokio::test]
+async fn bytes_are_metered_while_the_stream_is_still_open() {
+    let meter = Arc::new(Counted::default());
+    let (mut app, mut target, client_pipe, _server_pipe) =
+        tunnel_metered(64 << 10, meter.clone()).await;
+    app.write_all(&[1u8; 3000]).await.unwrap();
+    let mut got = vec![0u8; 3000];
+    target.read_exact(&mut got).await.unwrap();
+    target.write_all(&[2u8; 5000]).await.unwrap();
+    let mut got = vec![0u8; 5000];
+    app.read_exact(&mut got).await.unwrap();
+    // The app's pipe counted both directions, and the stream is still open.
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while meter.up.load(Ordering::Relaxed) < 3000 || meter.down.load(Ordering::Relaxed) < 5000 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the meter shows the bytes before the stream ends");
+    assert_eq!(meter.up.load(Ordering::Relaxed), 3000);
+    assert_eq!(meter.down.load(Ordering::Relaxed), 5000);
+    assert!(!client_pipe.is_finished());
+    drop((app, target));
+    let report = client_pipe.await.unwrap();
+    assert_eq!(report.socket_to_stream, 3000);
+    assert_eq!(report.stream_to_socket, 5000);
+}
+
+/// `kubectl logs -f` ending: the client has sent all it will (EOF), the target keeps
+/// sending, the client closes its socket. A normal end, and the target's stream is reset.
+#[tokio::test]
+async fn client_leaving_a_follow_stream_after_eof_is_a_normal_end() {
+    let (mut app, mut target, client_pipe, server_pipe) = tunnel(64 << 10).await;
+    app.write_all(b"GET /logs?follow=true").await.unwrap();
+    app.shutdown().await.unwrap();
+    let mut request = Vec::new();
+    target.read_to_end(&mut request).await.unwrap();
+    assert_eq!(request, b"GET /logs?follow=true");
+    target.write_all(b"line 1\n").await.unwrap();
+    let mut line = [0u8; 7];
+    app.read_exact(&mut line).await.unwrap();
+    drop(app);
+    let follow = tokio::spawn(async move {
+        // The follow stream keeps writing until the tunnel gives up on it.
+        for _ in 0..1000 {
+            if target.write_all(b"line n\n").await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        false
+    });
+    let c = tokio::time::timeout(Duration::from_secs(10), client_pipe)
+        .await
+        .expect("the client side ends")
+        .unwrap();
+    assert_eq!(c.result, Ok(PipeEnd::SocketLeft));
+    let s = tokio::time::timeout(Duration::from_secs(10), server_pipe)
+        .await
+        .expect("the target side ends")
+        .unwrap();
+    assert!(s.result.is_err(), "the target's side sees the reset: {s:?}");
+    assert!(follow.await.unwrap(), "the target's socket is closed");
 }

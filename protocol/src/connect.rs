@@ -197,8 +197,13 @@ fn header<'b>(req: &httparse::Request<'_, 'b>, name: &str) -> Option<&'b [u8]> {
 }
 
 /// Builds a complete error response: status line, headers and a one-line
-/// plain-text body. `reason_line` goes through [`sanitize_reason`], so it can
-/// never add a header or end the head early. Statuses outside 400..=599 are
+/// plain-text body. The reason line is also the status line's reason phrase
+/// (`HTTP/1.1 502 no edge connected for 10.8.0.21:10250`), because
+/// kube-apiserver drops a CONNECT answer's body and shows only its status line
+/// to `kubectl`. `reason_line` goes through [`sanitize_reason`] (printable ASCII,
+/// at most [`crate::stream::MAX_REASON_LEN`] bytes, which RFC 9112's reason-phrase
+/// grammar allows), so it can never add a header or end the head early; an empty
+/// one falls back to the standard phrase. Statuses outside 400..=599 are
 /// sent as 500: this only builds refusals, and a 2xx would tell the client a
 /// tunnel is open. 405 carries `Allow: CONNECT`.
 pub fn response_head(status: u16, reason_line: &str) -> Vec<u8> {
@@ -207,10 +212,16 @@ pub fn response_head(status: u16, reason_line: &str) -> Vec<u8> {
     } else {
         500
     };
-    let body = sanitize_reason(reason_line) + "\n";
+    let reason = sanitize_reason(reason_line);
+    let reason = reason.trim();
+    let phrase = if reason.is_empty() {
+        reason_phrase(status)
+    } else {
+        reason
+    };
+    let body = format!("{reason}\n");
     let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
-        reason_phrase(status),
+        "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n",
         body.len()
     );
     if status == 405 {
@@ -221,8 +232,9 @@ pub fn response_head(status: u16, reason_line: &str) -> Vec<u8> {
     head.into_bytes()
 }
 
-/// The RFC 9110 reason phrase for the error statuses we send. The phrase is
-/// optional on the wire, so unknown codes get an empty one.
+/// The RFC 9110 reason phrase for the error statuses we send, used when there is
+/// no reason line. The phrase is optional on the wire, so unknown codes get an
+/// empty one.
 fn reason_phrase(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",

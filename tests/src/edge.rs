@@ -1,7 +1,7 @@
 //! `tunnel-edge run` as a child process, configured with short reconnect and liveness
 //! timings and a node IP that it maps to 127.0.0.1.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
@@ -34,6 +34,10 @@ pub struct EdgeTuning {
     pub idle_timeout: Option<Duration>,
     /// `shutdown_grace`: how long in-flight streams may run after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `dial.self_host`: 127.0.0.1 by default, so the documentation node IPs of the tests
+    /// reach targets on this machine; `None` tests the edge's own default (name targets
+    /// go to the certificate's IP).
+    pub self_host: Option<IpAddr>,
 }
 
 impl Default for EdgeTuning {
@@ -46,6 +50,7 @@ impl Default for EdgeTuning {
             dial_timeout: Duration::from_secs(2),
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(2),
+            self_host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         }
     }
 }
@@ -115,7 +120,7 @@ ping_misses = {ping_misses}
 [dial]
 timeout = "{dial_timeout}"
 write_timeout = "30s"
-self_host = "127.0.0.1"
+{self_host}
 {idle_timeout}
 
 [allow]
@@ -133,6 +138,10 @@ filter = "info"
             ping_misses = tuning.ping_misses,
             dial_timeout = ms(tuning.dial_timeout),
             shutdown_grace = ms(tuning.shutdown_grace),
+            self_host = tuning
+                .self_host
+                .map(|ip| format!("self_host = \"{ip}\""))
+                .unwrap_or_default(),
             idle_timeout = tuning
                 .idle_timeout
                 .map(|d| format!("idle_timeout = \"{}\"", ms(d)))

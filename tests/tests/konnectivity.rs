@@ -264,8 +264,10 @@ async fn unknown_address_gets_an_error_text() {
     let rig = Rig::start().await;
     let conn = rig.connect_unix().await;
     let port = rig.kubelet.addr.port();
+    // The same words the CONNECT frontend puts in its status line.
+    let no_edge = format!("no edge connected for 192.0.2.99:{port}");
     let cases = [
-        (format!("192.0.2.99:{port}"), "no edge connected"),
+        (format!("192.0.2.99:{port}"), no_edge.as_str()),
         (format!("{NODE_IP}:22"), "refused"),
         ("not an address".to_string(), "bad address"),
     ];

@@ -121,8 +121,10 @@ pub struct DialSection {
     /// disables).
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Option<Duration>,
-    /// Where targets naming this node are dialed (for example `127.0.0.1` when the kubelet
-    /// listens there). Unset: node-name targets go to 127.0.0.1, node-IP targets as given.
+    /// Where targets naming this node are dialed, by name or by node IP (for example
+    /// `127.0.0.1` when the kubelet listens only there). Unset: node-name targets go to the
+    /// first IP address of the node's certificate (refused when it has none), node-IP
+    /// targets as given.
     pub self_host: Option<IpAddr>,
 }
 

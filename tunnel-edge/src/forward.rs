@@ -18,7 +18,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe, PipeConfig};
+use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
 
 use crate::session::Edge;
 
@@ -198,7 +198,8 @@ impl Forwarder {
         )
         .await;
         let result = match &report.result {
-            Ok(()) => "ok".to_string(),
+            Ok(PipeEnd::Complete) => "ok".to_string(),
+            Ok(PipeEnd::SocketLeft) => "ok: client closed".to_string(),
             Err(e) => e.to_string(),
         };
         info!(

@@ -101,7 +101,8 @@ struct Overrides {
     /// This node's private key.
     #[arg(long, env = "TETHER_KEY")]
     key: Option<PathBuf>,
-    /// Dial targets naming this node at this address (e.g. 127.0.0.1).
+    /// Dial targets naming this node at this address (e.g. 127.0.0.1), instead of the
+    /// node's certificate IP (name targets) and the node IP itself (IP targets).
     #[arg(long, env = "TETHER_SELF_HOST")]
     self_host: Option<IpAddr>,
     /// Ports allowed on this node (replaces `allow.ports`; repeatable).
@@ -180,7 +181,16 @@ fn main() -> anyhow::Result<()> {
             let config = load(overrides)?;
             tunnel_io::logging::init(config.log.format, &config.log.filter);
             let edge = Arc::new(Edge::new(config)?);
-            tracing::info!(node = %edge.node(), "tunnel-edge starting");
+            match edge.self_dial().name_host() {
+                Some(host) => {
+                    tracing::info!(node = %edge.node(), name_targets = %host, "tunnel-edge starting")
+                }
+                None => tracing::warn!(
+                    node = %edge.node(),
+                    "tunnel-edge starting; targets naming this node will be refused: its \
+                     certificate has no IP address and dial.self_host is unset"
+                ),
+            }
             // One thread: an edge carries one node's traffic, and a single-threaded runtime
             // measured fastest per core for TLS + HTTP/2.
             let runtime = tokio::runtime::Builder::new_current_thread()

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::allow::EdgeAllowlist;
+use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
 use crate::replicas::{session_info, Control, Replicas};
@@ -89,12 +89,14 @@ impl Edge {
         let leaf = tunnel_io::tls::load_certs(cert)?;
         let identity = tunnel_io::identity::edge_identity_from_der(leaf[0].as_ref())
             .with_context(|| format!("identity of {}", cert.display()))?;
+        let first_ip = tunnel_io::identity::first_ip_san(leaf[0].as_ref())
+            .with_context(|| format!("IP addresses of {}", cert.display()))?;
         let allow = EdgeAllowlist::new(
             identity.node,
             identity.ips,
             config.allow.ports.clone(),
             config.allow.extra.clone(),
-            config.dial.self_host,
+            SelfDial::new(config.dial.self_host, first_ip),
         );
         Ok(Edge {
             targets,
@@ -171,6 +173,11 @@ impl Edge {
     /// This edge's node name.
     pub fn node(&self) -> &protocol::NodeName {
         self.allow.node()
+    }
+
+    /// Where targets naming this node are dialed.
+    pub fn self_dial(&self) -> SelfDial {
+        self.allow.self_dial()
     }
 
     /// Keep sessions up until `cancel`: one per server address, and as many as the servers

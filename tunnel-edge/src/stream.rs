@@ -14,7 +14,7 @@ use protocol::Target;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe, PipeConfig};
+use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
 
 use crate::allow::EdgeAllowlist;
 use crate::config::EdgeConfig;
@@ -137,7 +137,8 @@ pub(crate) async fn serve_stream(
         let _ = tcp.set_zero_linger();
     }
     let result = match &report.result {
-        Ok(()) => "ok".to_string(),
+        Ok(PipeEnd::Complete) => "ok".to_string(),
+        Ok(PipeEnd::SocketLeft) => "ok: target closed".to_string(),
         Err(e) => e.to_string(),
     };
     info!(

@@ -762,6 +762,18 @@ mod tests {
             .map(|s| s.parse().expect("ip"))
             .collect();
         assert_eq!(id.ips, want);
+        // Where the edge dials its own name: the first IP as issued, not the lowest.
+        assert_eq!(
+            tunnel_io::identity::first_ip_san(&der_of(&issued.cert_pem)).expect("parsed"),
+            Some(ips[0])
+        );
+        let bare = ca
+            .issue_edge(&node("edge-2"), &[], EDGE_VALIDITY)
+            .expect("issued");
+        assert_eq!(
+            tunnel_io::identity::first_ip_san(&der_of(&bare.cert_pem)).expect("parsed"),
+            None
+        );
     }
 
     #[test]

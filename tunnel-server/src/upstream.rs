@@ -17,7 +17,7 @@ use protocol::stream::{sanitize_reason, DialFailure, REASON_HEADER};
 use protocol::NodeName;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe, PipeConfig};
+use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
 
 use crate::server::Stop;
 use crate::Shared;
@@ -199,7 +199,8 @@ async fn forward(
     )
     .await;
     let result = match &report.result {
-        Ok(()) => "ok".to_string(),
+        Ok(PipeEnd::Complete) => "ok".to_string(),
+        Ok(PipeEnd::SocketLeft) => "ok: upstream closed".to_string(),
         Err(e) => e.to_string(),
     };
     info!(

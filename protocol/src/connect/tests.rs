@@ -274,14 +274,47 @@ fn parse_response(bytes: &[u8]) -> (u16, Vec<(String, String)>, usize) {
 fn response_head_exact_bytes() {
     assert_eq!(
         response_head(403, "target 10.0.0.1:22 denied by policy"),
-        b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 36\r\n\
-          Connection: close\r\n\r\ntarget 10.0.0.1:22 denied by policy\n"
+        b"HTTP/1.1 403 target 10.0.0.1:22 denied by policy\r\nContent-Type: text/plain\r\n\
+          Content-Length: 36\r\nConnection: close\r\n\r\ntarget 10.0.0.1:22 denied by policy\n"
     );
     assert_eq!(
         response_head(405, "only CONNECT"),
-        b"HTTP/1.1 405 Method Not Allowed\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
+        b"HTTP/1.1 405 only CONNECT\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\
           Allow: CONNECT\r\nConnection: close\r\n\r\nonly CONNECT\n"
     );
+}
+
+/// kube-apiserver shows `kubectl` users only the status line of a failed CONNECT.
+#[test]
+fn reason_line_is_the_status_lines_reason_phrase() {
+    let bytes = response_head(502, "no edge connected for 10.8.0.21:10250");
+    assert!(bytes.starts_with(b"HTTP/1.1 502 no edge connected for 10.8.0.21:10250\r\n"));
+    let mut headers = [httparse::EMPTY_HEADER; 16];
+    let mut resp = httparse::Response::new(&mut headers);
+    assert!(resp.parse(&bytes).unwrap().is_complete());
+    assert_eq!(resp.reason, Some("no edge connected for 10.8.0.21:10250"));
+}
+
+#[test]
+fn empty_reason_line_falls_back_to_the_standard_phrase() {
+    for blank in ["", "   ", "\r\n"] {
+        let bytes = response_head(504, blank);
+        assert!(
+            bytes.starts_with(b"HTTP/1.1 504 Gateway Timeout\r\n"),
+            "{blank:?}: {:?}",
+            String::from_utf8_lossy(&bytes)
+        );
+    }
+}
+
+#[test]
+fn reason_phrase_is_bounded_and_printable() {
+    let bytes = response_head(502, &format!("n\u{f6}de\0 {}", "x".repeat(10_000)));
+    let line_end = bytes.windows(2).position(|w| w == b"\r\n").unwrap();
+    let phrase = &bytes["HTTP/1.1 502 ".len()..line_end];
+    assert_eq!(phrase.len(), crate::stream::MAX_REASON_LEN);
+    assert!(phrase.starts_with(b"n?de? x"));
+    assert!(phrase.iter().all(|b| (b' '..=b'~').contains(b)));
 }
 
 #[test]
@@ -313,14 +346,18 @@ fn reason_line_cannot_inject_headers() {
     let body = &bytes[len..];
     assert_eq!(body.iter().filter(|&&b| b == b'\n').count(), 1);
     assert!(!body.contains(&b'\r'));
+    // The status line carries the same text, flattened onto one line.
+    let status_line = &bytes[..bytes.windows(2).position(|w| w == b"\r\n").unwrap()];
+    assert!(status_line.starts_with(b"HTTP/1.1 502 nope  Set-Cookie"));
 }
 
 #[test]
 fn response_head_never_signals_success() {
     for status in [0, 101, 200, 204, 302, 600, 65535] {
-        assert!(response_head(status, "x").starts_with(b"HTTP/1.1 500 Internal Server Error\r\n"));
+        assert!(response_head(status, "x").starts_with(b"HTTP/1.1 500 x\r\n"));
+        assert!(response_head(status, "").starts_with(b"HTTP/1.1 500 Internal Server Error\r\n"));
     }
-    assert!(response_head(418, "x").starts_with(b"HTTP/1.1 418 \r\n"));
+    assert!(response_head(418, "").starts_with(b"HTTP/1.1 418 \r\n"));
 }
 
 #[test]

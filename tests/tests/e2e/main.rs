@@ -7,10 +7,12 @@
 
 mod admin;
 mod backpressure;
+mod counting;
 mod frontends;
 mod idle;
 mod integrity;
 mod liveness;
+mod node_name;
 mod pending;
 mod refusals;
 mod restart;

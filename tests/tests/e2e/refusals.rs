@@ -5,7 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use tether_tests::frontend::{connect_answer, read_answer, tls_to, Answer};
+use tether_tests::frontend::{connect_answer, curl, curl_proxy_args, read_answer, tls_to, Answer};
 use tether_tests::targets::EchoServer;
 use tether_tests::{
     poll_until, within, Cluster, ClusterOptions, EdgeOptions, EdgeProc, NODE_IP, UNKNOWN_NODE_IP,
@@ -60,7 +60,50 @@ async fn unknown_node_gets_502_naming_the_target_within_one_second() {
         answer.body
     );
     assert!(elapsed < Duration::from_secs(1), "502 took {elapsed:?}");
+    // kube-apiserver drops the body and shows only the status line: the reason is there too.
+    let status_line = answer.head.lines().next().unwrap_or_default();
+    assert_eq!(
+        status_line,
+        format!("HTTP/1.1 502 no edge connected for {target}"),
+        "{answer:?}"
+    );
     assert_kubelet_reachable(&cluster).await;
+}
+
+/// curl, like kube-apiserver, reports a failed CONNECT by its status line: the reason must
+/// be in it, not only in the body curl never shows.
+#[tokio::test]
+async fn curl_sees_the_reason_in_the_connect_status_line() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let port = cluster.kubelet.addr.port();
+    let proxy = curl_proxy_args(cluster.server.addrs.connect_tcp, &cluster.pki);
+    let cases = [
+        (
+            format!("{UNKNOWN_NODE_IP}:{port}"),
+            format!("502 no edge connected for {UNKNOWN_NODE_IP}:{port}"),
+        ),
+        (
+            format!("{NODE_IP}:22"),
+            format!("403 target {NODE_IP}:22 refused: "),
+        ),
+    ];
+    for (target, expected) in cases {
+        let url = format!("https://{target}/healthz");
+        let mut args: Vec<&str> = proxy.iter().map(String::as_str).collect();
+        args.extend(["--verbose", "--write-out", "%{http_connect}", &url]);
+        let out = curl(&args).await;
+        assert_ne!(out.code, 0, "curl {url} succeeded: {}", out.stdout);
+        assert_eq!(
+            out.stdout,
+            &expected[..3],
+            "curl's %{{http_connect}} for {url}"
+        );
+        assert!(
+            out.stderr.contains(&format!("< HTTP/1.1 {expected}")),
+            "curl {url} should show the reason in the status line:\n{}",
+            out.stderr
+        );
+    }
 }
 
 #[tokio::test]

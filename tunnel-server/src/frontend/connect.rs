@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
-use tunnel_io::pipe::{pipe, PipeConfig};
+use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
 use crate::frontend::dial::dial;
 use crate::session::OpenStream;
@@ -250,7 +250,7 @@ async fn serve_connection<S>(
     }
     let open = shared.metrics.stream_open(FRONTEND);
     let OpenStream { send, recv, slot } = dialed.stream;
-    let report = pipe(
+    let report = pipe_metered(
         socket,
         send,
         recv,
@@ -259,16 +259,17 @@ async fn serve_connection<S>(
             write_timeout: config.write_timeout,
             idle_timeout: config.idle_timeout,
         },
+        &shared.metrics.tunneled,
         cancel,
     )
     .await;
     drop(open);
     drop(slot);
-    shared
-        .metrics
-        .add_bytes(report.socket_to_stream, report.stream_to_socket);
     let result = match &report.result {
-        Ok(()) => "ok".to_string(),
+        Ok(PipeEnd::Complete) => "ok".to_string(),
+        // The client had sent everything and closed while the node still sent: how
+        // kube-apiserver ends a follow stream (`logs -f`), not a failure.
+        Ok(PipeEnd::SocketLeft) => "ok: client closed".to_string(),
         Err(e) => e.to_string(),
     };
     info!(

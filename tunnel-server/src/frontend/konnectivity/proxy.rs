@@ -30,6 +30,7 @@ use tunnel_io::pipe::{send_all, PipeConfig, PipeError};
 use super::service::proxy_service_server::ProxyService;
 use super::ConnInfo;
 use crate::frontend::dial::dial;
+use crate::metrics::TunneledBytes;
 use crate::routing::Routable;
 use crate::session::OpenStream;
 use crate::Shared;
@@ -281,17 +282,16 @@ async fn serve_stream(
     let mut down_bytes = 0u64;
     let ended = bridge(
         &mut incoming,
-        send,
-        recv,
+        (send, recv),
         out,
         connect_id,
         config,
         (&mut up_bytes, &mut down_bytes),
+        &shared.metrics.tunneled,
     )
     .await;
     drop(open);
     drop(slot);
-    shared.metrics.add_bytes(up_bytes, down_bytes);
     let result = match &ended {
         Ended::CloseRequested => "ok: CLOSE_REQ".to_string(),
         Ended::TargetClosed => "ok: target closed".to_string(),
@@ -349,18 +349,18 @@ fn is_protocol_error(status: &Status) -> bool {
 }
 
 /// Carry DATA both ways until either side ends. Konnectivity has no half-close, so the first
-/// end of either direction ends the connection.
+/// end of either direction ends the connection. Bytes are added to `meter` as they move.
 async fn bridge(
     incoming: &mut Streaming<Packet>,
-    mut send: SendStream<Bytes>,
-    recv: RecvStream,
+    (mut send, recv): (SendStream<Bytes>, RecvStream),
     out: &Outbox,
     connect_id: i64,
     config: PipeConfig,
     (up_bytes, down_bytes): (&mut u64, &mut u64),
+    meter: &TunneledBytes,
 ) -> Ended {
-    let up = client_to_edge(incoming, &mut send, connect_id, config, up_bytes);
-    let down = edge_to_client(recv, out, connect_id, config, down_bytes);
+    let up = client_to_edge(incoming, &mut send, connect_id, config, (up_bytes, meter));
+    let down = edge_to_client(recv, out, connect_id, config, (down_bytes, meter));
     let ended = tokio::select! {
         e = up => e,
         e = down => e,
@@ -381,7 +381,7 @@ async fn client_to_edge(
     send: &mut SendStream<Bytes>,
     connect_id: i64,
     config: PipeConfig,
-    total: &mut u64,
+    (total, meter): (&mut u64, &TunneledBytes),
 ) -> Ended {
     loop {
         let packet = match incoming.message().await {
@@ -398,13 +398,15 @@ async fn client_to_edge(
                 data,
                 ..
             } if id == connect_id => {
-                *total += data.len() as u64;
+                let n = data.len() as u64;
                 if data.is_empty() {
                     continue;
                 }
                 if let Err(error) = send_all(send, data, config).await {
                     return Ended::Failed(error);
                 }
+                *total += n;
+                meter.add_to_edge(n);
             }
             Packet::CloseRequest { connect_id: id } if id == connect_id => {
                 return Ended::CloseRequested
@@ -429,7 +431,7 @@ async fn edge_to_client(
     out: &Outbox,
     connect_id: i64,
     config: PipeConfig,
-    total: &mut u64,
+    (total, meter): (&mut u64, &TunneledBytes),
 ) -> Ended {
     loop {
         let mut chunk = match recv.data().await {
@@ -451,6 +453,7 @@ async fn edge_to_client(
             }
         }
         *total += n as u64;
+        meter.add_from_edge(n as u64);
         // The bytes are in the client's outbox (bounded): the edge may send more.
         if let Err(e) = recv.flow_control().release_capacity(n) {
             return Ended::Failed(PipeError::Stream(e.to_string()));
