@@ -21,7 +21,6 @@ pub mod routing;
 pub mod server;
 pub mod session;
 mod session_info;
-pub mod tokens;
 pub mod upstream;
 
 pub use server::{BoundAddrs, RunningServer, Shared};

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::config::ServerConfig;
-use crate::tokens::{self, NodePool, DEFAULT_TOKEN_TTL};
+use crate::registration::state::{self as tokens, NodePool, DEFAULT_TOKEN_TTL};
 
 /// Which file to work on.
 #[derive(Args, Debug)]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod limits;
 pub mod service;
+pub mod state;
 
 use std::io;
 use std::net::SocketAddr;

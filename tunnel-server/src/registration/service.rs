@@ -19,10 +19,10 @@ use tunnel_io::registration::REFUSED;
 
 use super::config::RegistrationConfig;
 use super::limits::{JoinLimits, Throttled};
+use super::state::{unix_now, BootstrapToken, NodePool, Refusal, TokenStore};
 use super::PeerInfo;
 use crate::pki::Ca;
 use crate::revocation::RevocationList;
-use crate::tokens::{unix_now, BootstrapToken, NodePool, Refusal, TokenStore};
 
 /// Node IPs one certificate may carry.
 const MAX_NODE_IPS: usize = 16;

@@ -1,0 +1,403 @@
+//! Admission of one join against the token file: the server's view of the file (reloaded
+//! when its mtime/size/inode changes) and the usage record beside it, so a replayed join
+//! (same CSR key) is refused even for a token with uses left. Secrets are compared in
+//! constant time, also for unknown IDs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use protocol::NodeName;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::files::{read_json, stamp, write_json, FileStamp, StoreError};
+use super::tokens::{glob_match, hex_decode, sha256_hex, BootstrapToken, NodePool, TokenFile};
+use super::usage::{usage_path, Usage};
+
+/// Why a join was refused. Only audit logs see this; the node always gets one generic error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The token text is not in bootstrap-token format.
+    #[error("malformed token")]
+    Malformed,
+    /// No token has this ID.
+    #[error("unknown token id")]
+    Unknown,
+    /// The secret does not match.
+    #[error("wrong secret")]
+    WrongSecret,
+    /// Past its expiry.
+    #[error("token expired")]
+    Expired,
+    /// Revoked by the operator.
+    #[error("token revoked")]
+    Revoked,
+    /// Its usage limit is reached.
+    #[error("token usage limit reached")]
+    Exhausted,
+    /// The node name does not match the token's pattern.
+    #[error("node name not allowed by the token")]
+    NodeNameNotAllowed,
+    /// A node IP lies outside the token pool's networks.
+    #[error("node IP outside the token's networks")]
+    NodeIpNotAllowed,
+    /// This public key was certified before: a replayed request.
+    #[error("CSR key already used (replay)")]
+    KeyReused,
+}
+
+impl Refusal {
+    /// Label for metrics and audit lines.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::Unknown => "unknown",
+            Refusal::WrongSecret => "wrong_secret",
+            Refusal::Expired => "expired",
+            Refusal::Revoked => "revoked",
+            Refusal::Exhausted => "exhausted",
+            Refusal::NodeNameNotAllowed => "node_name",
+            Refusal::NodeIpNotAllowed => "node_ip",
+            Refusal::KeyReused => "replay",
+        }
+    }
+}
+
+/// A join the token allows.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The token ID used.
+    pub token_id: String,
+    /// When the token was created (Unix seconds).
+    pub token_created_unix: u64,
+    /// The pool the node joins.
+    pub pool: NodePool,
+}
+
+/// The server's view of the token file, reloaded when the file changes.
+pub struct TokenStore {
+    path: PathBuf,
+    usage_path: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    file: TokenFile,
+    stamp: Option<FileStamp>,
+    usage: Usage,
+}
+
+impl TokenStore {
+    /// Load the token file (missing = no tokens yet) and its usage record.
+    pub fn open(path: &Path) -> Result<TokenStore, StoreError> {
+        let usage_path = usage_path(path);
+        let stamp = stamp(path);
+        let file = read_json(path)?;
+        let usage = read_json(&usage_path)?;
+        Ok(TokenStore {
+            path: path.to_owned(),
+            usage_path,
+            inner: Mutex::new(Inner { file, stamp, usage }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-read the token file if it changed. A file that no longer parses is logged and the
+    /// last good version kept (a half-edited file must not admit or lock out everyone).
+    pub fn refresh(&self) {
+        let mut inner = self.lock();
+        self.refresh_locked(&mut inner);
+    }
+
+    fn refresh_locked(&self, inner: &mut Inner) {
+        let now = stamp(&self.path);
+        if now == inner.stamp {
+            return;
+        }
+        match read_json::<TokenFile>(&self.path) {
+            Ok(file) => {
+                tracing::info!(file = %self.path.display(), tokens = file.tokens.len(), "token file reloaded");
+                inner.file = file;
+                inner.stamp = now;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "token file unreadable; keeping the previous version");
+            }
+        }
+    }
+
+    /// When token `id` was created, if it exists (reloading the file first).
+    pub fn created_unix(&self, id: &str) -> Option<u64> {
+        let mut inner = self.lock();
+        self.refresh_locked(&mut inner);
+        inner
+            .file
+            .tokens
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.created_unix)
+    }
+
+    /// Check `token` for a join of `node` with a CSR whose public key is `public_key`, at
+    /// `now` (Unix seconds). On success the use is counted and the key remembered before
+    /// returning, so two concurrent replays cannot both pass.
+    pub fn admit(
+        &self,
+        token: &BootstrapToken,
+        node: &NodeName,
+        ips: &[std::net::IpAddr],
+        public_key: &[u8],
+        now: u64,
+    ) -> Result<Admission, Refusal> {
+        let presented = Sha256::digest(token.secret.expose().as_bytes());
+        let mut inner = self.lock();
+        self.refresh_locked(&mut inner);
+        let record = inner.file.tokens.iter().find(|r| r.id == token.id);
+        // Compare even for an unknown ID, so timing does not tell known IDs apart.
+        let stored = record
+            .and_then(|r| hex_decode(&r.secret_sha256))
+            .unwrap_or([0u8; 32]);
+        let secret_ok: bool = presented.as_slice().ct_eq(&stored).into();
+        let record = record.ok_or(Refusal::Unknown)?;
+        if !secret_ok {
+            return Err(Refusal::WrongSecret);
+        }
+        if record.revoked {
+            return Err(Refusal::Revoked);
+        }
+        if now >= record.expires_unix {
+            return Err(Refusal::Expired);
+        }
+        let uses = inner.usage.uses.get(&record.id).copied().unwrap_or(0);
+        if record.usage_limit.is_some_and(|limit| uses >= limit) {
+            return Err(Refusal::Exhausted);
+        }
+        if let Some(pattern) = &record.node_name_pattern {
+            if !glob_match(pattern, node.as_str()) {
+                return Err(Refusal::NodeNameNotAllowed);
+            }
+        }
+        let networks = &record.pool.node_ip_cidrs;
+        if !networks.is_empty() && !ips.iter().all(|ip| networks.iter().any(|n| n.contains(ip))) {
+            return Err(Refusal::NodeIpNotAllowed);
+        }
+        let key = sha256_hex(public_key);
+        if inner.usage.keys.contains(&key) {
+            return Err(Refusal::KeyReused);
+        }
+        let admission = Admission {
+            token_id: record.id.clone(),
+            token_created_unix: record.created_unix,
+            pool: record.pool.clone(),
+        };
+        inner.usage.keys.insert(key);
+        *inner
+            .usage
+            .uses
+            .entry(admission.token_id.clone())
+            .or_default() += 1;
+        if let Err(error) = write_json(&self.usage_path, &inner.usage) {
+            // The in-memory record still holds: this replica keeps enforcing the limit.
+            tracing::warn!(%error, "could not persist token usage");
+        }
+        Ok(admission)
+    }
+
+    /// Remember a public key certified by a renewal, so the same CSR cannot be replayed into
+    /// a join. Returns false if it was certified before.
+    pub fn remember_key(&self, public_key: &[u8]) -> bool {
+        let mut inner = self.lock();
+        let fresh = inner.usage.keys.insert(sha256_hex(public_key));
+        if fresh {
+            if let Err(error) = write_json(&self.usage_path, &inner.usage) {
+                tracing::warn!(%error, "could not persist token usage");
+            }
+        }
+        fresh
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::files::unix_now;
+    use super::super::tokens::{create, list, revoke, DEFAULT_TOKEN_TTL};
+    use super::*;
+    use std::time::Duration;
+    use tunnel_io::secret::Secret;
+
+    fn node(name: &str) -> NodeName {
+        NodeName::parse(name).unwrap()
+    }
+
+    fn pool() -> NodePool {
+        NodePool {
+            name: "idc".into(),
+            labels: [("tether.io/pool".to_string(), "idc".to_string())].into(),
+            taints: vec!["tether.io/edge=true:NoSchedule".into()],
+            extra_ports: vec![10255],
+            node_ip_cidrs: vec![],
+        }
+    }
+
+    #[test]
+    fn file_holds_only_the_hash_and_admission_checks_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (token, record) = create(
+            &path,
+            pool(),
+            Duration::from_secs(3600),
+            Some(2),
+            Some("idc-*".into()),
+            "test".into(),
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains(token.secret.expose()),
+            "secret stored in clear"
+        );
+        assert!(text.contains(&record.secret_sha256));
+
+        let store = TokenStore::open(&path).unwrap();
+        let now = unix_now();
+        let a = store
+            .admit(&token, &node("idc-1"), &[], b"key-1", now)
+            .unwrap();
+        assert_eq!(a.pool, pool());
+        // Replay: the same key again.
+        assert_eq!(
+            store
+                .admit(&token, &node("idc-2"), &[], b"key-1", now)
+                .unwrap_err(),
+            Refusal::KeyReused
+        );
+        assert_eq!(
+            store
+                .admit(&token, &node("cloud-1"), &[], b"key-2", now)
+                .unwrap_err(),
+            Refusal::NodeNameNotAllowed
+        );
+        let wrong = BootstrapToken {
+            id: token.id.clone(),
+            secret: Secret::new("0000000000000000"),
+        };
+        assert_eq!(
+            store
+                .admit(&wrong, &node("idc-2"), &[], b"key-2", now)
+                .unwrap_err(),
+            Refusal::WrongSecret
+        );
+        let unknown = BootstrapToken::parse("zzzzzz.0123456789abcdef").unwrap();
+        assert_eq!(
+            store
+                .admit(&unknown, &node("idc-2"), &[], b"key-2", now)
+                .unwrap_err(),
+            Refusal::Unknown
+        );
+        assert_eq!(
+            store
+                .admit(&token, &node("idc-2"), &[], b"key-2", record.expires_unix)
+                .unwrap_err(),
+            Refusal::Expired
+        );
+        store
+            .admit(&token, &node("idc-2"), &[], b"key-2", now)
+            .unwrap();
+        assert_eq!(
+            store
+                .admit(&token, &node("idc-3"), &[], b"key-3", now)
+                .unwrap_err(),
+            Refusal::Exhausted
+        );
+        // Usage survives a restart.
+        let reopened = TokenStore::open(&path).unwrap();
+        assert_eq!(
+            reopened
+                .admit(&token, &node("idc-3"), &[], b"key-3", now)
+                .unwrap_err(),
+            Refusal::Exhausted
+        );
+        assert_eq!(list(&path).unwrap()[0].1, 2);
+    }
+
+    #[test]
+    fn revocation_and_new_tokens_are_picked_up_on_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let store = TokenStore::open(&path).unwrap();
+        let (token, _) =
+            create(&path, pool(), DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let now = unix_now();
+        store.admit(&token, &node("n1"), &[], b"k1", now).unwrap();
+        revoke(&path, &token.id).unwrap();
+        assert_eq!(
+            store
+                .admit(&token, &node("n2"), &[], b"k2", now)
+                .unwrap_err(),
+            Refusal::Revoked
+        );
+        assert!(matches!(
+            revoke(&path, "nosuch"),
+            Err(StoreError::NoSuchToken(_))
+        ));
+    }
+
+    #[test]
+    fn node_ips_must_lie_in_the_pools_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let site = NodePool {
+            node_ip_cidrs: vec![
+                "10.8.0.0/16".parse().unwrap(),
+                "fd00:8::/32".parse().unwrap(),
+            ],
+            ..pool()
+        };
+        let (token, _) = create(&path, site, DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        let now = unix_now();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        // One address outside is enough to refuse, and the refusal uses nothing up.
+        assert_eq!(
+            store
+                .admit(
+                    &token,
+                    &node("n1"),
+                    &[ip("10.8.1.2"), ip("10.9.0.1")],
+                    b"k1",
+                    now
+                )
+                .unwrap_err(),
+            Refusal::NodeIpNotAllowed
+        );
+        store
+            .admit(
+                &token,
+                &node("n1"),
+                &[ip("10.8.1.2"), ip("fd00:8::5")],
+                b"k1",
+                now,
+            )
+            .unwrap();
+        assert_eq!(list(&path).unwrap()[0].1, 1);
+        // The networks survive the file round trip.
+        assert_eq!(list(&path).unwrap()[0].0.pool.node_ip_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (token, _) =
+            create(&path, pool(), DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        std::fs::write(&path, "{ not json").unwrap();
+        store
+            .admit(&token, &node("n1"), &[], b"k1", unix_now())
+            .unwrap();
+    }
+}
