@@ -408,9 +408,9 @@ async fn revocation_closes_the_session_and_blocks_return_until_a_new_token() {
         1
     );
 
-    // A token created after the revocation does.
+    // A token created after the revocation to re-provision the node does.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let readmit = server.create_token(&[]);
+    let readmit = server.create_token(&["--reprovision", NODE]);
     let (ok, output) = edge.join(&pki, &server, &readmit, NODE, &[NODE_IP], &["--force"]);
     assert!(ok, "{output}");
     edge.stop();

@@ -115,6 +115,7 @@ ca_key = "ca-key.pem"
         Some(1),
         None,
         "demo".into(),
+        vec![],
     )?;
     let state = tunnel_edge::join::StateDir::new(dir.join("demo-node-state"));
     let registration = addrs.registration.context("no registration listener")?;

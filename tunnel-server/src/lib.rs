@@ -20,6 +20,7 @@ pub mod revocation;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod session_certificate;
 mod session_info;
 pub mod upstream;
 

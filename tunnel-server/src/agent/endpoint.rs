@@ -163,9 +163,11 @@ impl AgentService for AgentEndpoint {
 fn owner_conflict(shared: &Shared, identity: &EdgeIdentity) -> Option<RouteConflict> {
     identity.ips.iter().find_map(|ip| {
         let owner = shared.routes.lookup(&protocol::Host::Ip(*ip))?;
-        (owner.node() != &identity.node).then(|| RouteConflict {
+        (owner.node() != &identity.node).then(|| RouteConflict::AddressOwned {
             ip: *ip,
             owner: owner.node().clone(),
+            owner_serial: owner.certificate_serial().to_owned(),
+            serial: "?".to_owned(),
         })
     })
 }

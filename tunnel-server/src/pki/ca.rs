@@ -274,3 +274,41 @@ pub fn issued_unix(der: &[u8]) -> Option<u64> {
     let issued = cert.validity().not_before.to_datetime() + CLOCK_SKEW_ALLOWANCE;
     u64::try_from(issued.unix_timestamp()).ok()
 }
+
+/// What the identity registry records of a certificate: serial and public key (to tell a
+/// node's current certificate from older ones), issue time and expiry (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateFacts {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// SHA-256 (hex) of the subject public key.
+    pub key_sha256: String,
+    /// `notBefore` plus the backdating, as [`issued_unix`].
+    pub issued_unix: u64,
+    /// `notAfter`.
+    pub expires_unix: u64,
+}
+
+/// Read [`CertificateFacts`] from a DER certificate; `None` if it does not parse.
+pub fn certificate_facts(der: &[u8]) -> Option<CertificateFacts> {
+    use sha2::Digest;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+    let issued = cert.validity().not_before.to_datetime() + CLOCK_SKEW_ALLOWANCE;
+    Some(CertificateFacts {
+        serial: hex(cert.tbs_certificate.raw_serial()),
+        key_sha256: hex(&sha2::Sha256::digest(
+            cert.public_key().subject_public_key.data.as_ref(),
+        )),
+        issued_unix: u64::try_from(issued.unix_timestamp()).ok()?,
+        expires_unix: u64::try_from(cert.validity().not_after.timestamp()).ok()?,
+    })
+}
+
+/// [`certificate_facts`] of the first certificate in a PEM text.
+pub fn certificate_facts_pem(pem: &str) -> Option<CertificateFacts> {
+    let der = tunnel_io::tls::certs_from_pem(pem.as_bytes())
+        .into_iter()
+        .next()?;
+    certificate_facts(der.as_ref())
+}

@@ -16,7 +16,7 @@ mod names;
 #[cfg(test)]
 mod tests;
 
-pub use ca::{issued_unix, Ca};
+pub use ca::{certificate_facts, certificate_facts_pem, issued_unix, Ca, CertificateFacts};
 pub use files::{init_ca_dir, write_pem, CaLayout};
 pub use tunnel_io::identity::{edge_identity_from_der, EdgeIdentity, IdentityError};
 

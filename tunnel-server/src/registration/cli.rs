@@ -58,6 +58,10 @@ pub enum TokenCommand {
         /// Free text.
         #[arg(long, default_value = "")]
         description: String,
+        /// A joined node this token may re-provision: the join may take its name and IPs,
+        /// which a join otherwise never can; repeatable.
+        #[arg(long = "reprovision", value_name = "NODE")]
+        reprovision: Vec<String>,
     },
     /// List tokens (IDs, pools, expiry, uses; never secrets).
     List {
@@ -129,6 +133,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             usage_limit,
             node_name_pattern,
             description,
+            reprovision,
         } => {
             let path = token_file(&files)?;
             let mut label_map = BTreeMap::new();
@@ -160,6 +165,13 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 usage_limit,
                 node_name_pattern,
                 description,
+                reprovision
+                    .iter()
+                    .map(|n| {
+                        protocol::NodeName::parse(n)
+                            .map_err(|e| anyhow::anyhow!("--reprovision {n:?}: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
             )?;
             eprintln!(
                 "token {} for pool {:?} in {} (expires at Unix time {})",

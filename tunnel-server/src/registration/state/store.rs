@@ -70,8 +70,12 @@ pub struct Admission {
     pub token_id: String,
     /// When the token was created (Unix seconds).
     pub token_created_unix: u64,
+    /// When the token expires (Unix seconds).
+    pub token_expires_unix: u64,
     /// The pool the node joins.
     pub pool: NodePool,
+    /// Joined nodes the token may re-provision.
+    pub reprovision: Vec<String>,
 }
 
 /// The server's view of the token file, reloaded when the file changes.
@@ -142,7 +146,22 @@ impl TokenStore {
     }
 
     /// Check `token` for a join of `node` with a CSR whose public key is `public_key`, at
-    /// `now` (Unix seconds). On success the use is counted and the key remembered before
+    /// `now` (Unix seconds), without using anything up: what [`TokenStore::admit`] would
+    /// answer. Lets the caller check more (the identity registry) before the use counts.
+    pub fn check(
+        &self,
+        token: &BootstrapToken,
+        node: &NodeName,
+        ips: &[std::net::IpAddr],
+        public_key: &[u8],
+        now: u64,
+    ) -> Result<Admission, Refusal> {
+        let mut inner = self.lock();
+        self.refresh_locked(&mut inner);
+        evaluate(&inner, token, node, ips, public_key, now)
+    }
+
+    /// [`TokenStore::check`], and on success count the use and remember the key before
     /// returning, so two concurrent replays cannot both pass.
     pub fn admit(
         &self,
@@ -152,48 +171,10 @@ impl TokenStore {
         public_key: &[u8],
         now: u64,
     ) -> Result<Admission, Refusal> {
-        let presented = Sha256::digest(token.secret.expose().as_bytes());
         let mut inner = self.lock();
         self.refresh_locked(&mut inner);
-        let record = inner.file.tokens.iter().find(|r| r.id == token.id);
-        // Compare even for an unknown ID, so timing does not tell known IDs apart.
-        let stored = record
-            .and_then(|r| hex_decode(&r.secret_sha256))
-            .unwrap_or([0u8; 32]);
-        let secret_ok: bool = presented.as_slice().ct_eq(&stored).into();
-        let record = record.ok_or(Refusal::Unknown)?;
-        if !secret_ok {
-            return Err(Refusal::WrongSecret);
-        }
-        if record.revoked {
-            return Err(Refusal::Revoked);
-        }
-        if now >= record.expires_unix {
-            return Err(Refusal::Expired);
-        }
-        let uses = inner.usage.uses.get(&record.id).copied().unwrap_or(0);
-        if record.usage_limit.is_some_and(|limit| uses >= limit) {
-            return Err(Refusal::Exhausted);
-        }
-        if let Some(pattern) = &record.node_name_pattern {
-            if !glob_match(pattern, node.as_str()) {
-                return Err(Refusal::NodeNameNotAllowed);
-            }
-        }
-        let networks = &record.pool.node_ip_cidrs;
-        if !networks.is_empty() && !ips.iter().all(|ip| networks.iter().any(|n| n.contains(ip))) {
-            return Err(Refusal::NodeIpNotAllowed);
-        }
-        let key = sha256_hex(public_key);
-        if inner.usage.keys.contains(&key) {
-            return Err(Refusal::KeyReused);
-        }
-        let admission = Admission {
-            token_id: record.id.clone(),
-            token_created_unix: record.created_unix,
-            pool: record.pool.clone(),
-        };
-        inner.usage.keys.insert(key);
+        let admission = evaluate(&inner, token, node, ips, public_key, now)?;
+        inner.usage.keys.insert(sha256_hex(public_key));
         *inner
             .usage
             .uses
@@ -218,6 +199,57 @@ impl TokenStore {
         }
         fresh
     }
+}
+
+/// Every check of a join against the token file and the usage record; changes nothing.
+fn evaluate(
+    inner: &Inner,
+    token: &BootstrapToken,
+    node: &NodeName,
+    ips: &[std::net::IpAddr],
+    public_key: &[u8],
+    now: u64,
+) -> Result<Admission, Refusal> {
+    let presented = Sha256::digest(token.secret.expose().as_bytes());
+    let record = inner.file.tokens.iter().find(|r| r.id == token.id);
+    // Compare even for an unknown ID, so timing does not tell known IDs apart.
+    let stored = record
+        .and_then(|r| hex_decode(&r.secret_sha256))
+        .unwrap_or([0u8; 32]);
+    let secret_ok: bool = presented.as_slice().ct_eq(&stored).into();
+    let record = record.ok_or(Refusal::Unknown)?;
+    if !secret_ok {
+        return Err(Refusal::WrongSecret);
+    }
+    if record.revoked {
+        return Err(Refusal::Revoked);
+    }
+    if now >= record.expires_unix {
+        return Err(Refusal::Expired);
+    }
+    let uses = inner.usage.uses.get(&record.id).copied().unwrap_or(0);
+    if record.usage_limit.is_some_and(|limit| uses >= limit) {
+        return Err(Refusal::Exhausted);
+    }
+    if let Some(pattern) = &record.node_name_pattern {
+        if !glob_match(pattern, node.as_str()) {
+            return Err(Refusal::NodeNameNotAllowed);
+        }
+    }
+    let networks = &record.pool.node_ip_cidrs;
+    if !networks.is_empty() && !ips.iter().all(|ip| networks.iter().any(|n| n.contains(ip))) {
+        return Err(Refusal::NodeIpNotAllowed);
+    }
+    if inner.usage.keys.contains(&sha256_hex(public_key)) {
+        return Err(Refusal::KeyReused);
+    }
+    Ok(Admission {
+        token_id: record.id.clone(),
+        token_created_unix: record.created_unix,
+        token_expires_unix: record.expires_unix,
+        pool: record.pool.clone(),
+        reprovision: record.reprovision.clone(),
+    })
 }
 
 #[cfg(test)]
@@ -253,6 +285,7 @@ mod tests {
             Some(2),
             Some("idc-*".into()),
             "test".into(),
+            vec![],
         )
         .unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -329,8 +362,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         let store = TokenStore::open(&path).unwrap();
-        let (token, _) =
-            create(&path, pool(), DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let (token, _) = create(
+            &path,
+            pool(),
+            DEFAULT_TOKEN_TTL,
+            None,
+            None,
+            String::new(),
+            vec![],
+        )
+        .unwrap();
         let now = unix_now();
         store.admit(&token, &node("n1"), &[], b"k1", now).unwrap();
         revoke(&path, &token.id).unwrap();
@@ -357,7 +398,16 @@ mod tests {
             ],
             ..pool()
         };
-        let (token, _) = create(&path, site, DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let (token, _) = create(
+            &path,
+            site,
+            DEFAULT_TOKEN_TTL,
+            None,
+            None,
+            String::new(),
+            vec![],
+        )
+        .unwrap();
         let store = TokenStore::open(&path).unwrap();
         let now = unix_now();
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
@@ -392,8 +442,16 @@ mod tests {
     fn a_broken_file_keeps_the_last_good_version() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
-        let (token, _) =
-            create(&path, pool(), DEFAULT_TOKEN_TTL, None, None, String::new()).unwrap();
+        let (token, _) = create(
+            &path,
+            pool(),
+            DEFAULT_TOKEN_TTL,
+            None,
+            None,
+            String::new(),
+            vec![],
+        )
+        .unwrap();
         let store = TokenStore::open(&path).unwrap();
         std::fs::write(&path, "{ not json").unwrap();
         store

@@ -139,6 +139,10 @@ pub struct TokenRecord {
     /// Revoked by the operator.
     #[serde(default)]
     pub revoked: bool,
+    /// Joined nodes this token may re-provision: a join may take their name or IPs (and
+    /// they lose them). Empty: a join never takes a joined node's name or addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reprovision: Vec<String>,
 }
 
 /// The token file.
@@ -181,6 +185,7 @@ pub fn create(
     usage_limit: Option<u32>,
     node_name_pattern: Option<String>,
     description: String,
+    reprovision: Vec<protocol::NodeName>,
 ) -> Result<(BootstrapToken, TokenRecord), StoreError> {
     if ttl.is_zero() {
         return Err(StoreError::Invalid("token lifetime must be > 0".into()));
@@ -220,6 +225,7 @@ pub fn create(
         pool,
         description,
         revoked: false,
+        reprovision: reprovision.iter().map(|n| n.as_str().to_owned()).collect(),
     };
     file.tokens.push(record.clone());
     write_json(path, &file)?;
@@ -325,14 +331,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
         let p = pool();
-        assert!(create(&path, p.clone(), Duration::ZERO, None, None, String::new()).is_err());
+        assert!(create(
+            &path,
+            p.clone(),
+            Duration::ZERO,
+            None,
+            None,
+            String::new(),
+            vec![]
+        )
+        .is_err());
         assert!(create(
             &path,
             p.clone(),
             DEFAULT_TOKEN_TTL,
             Some(0),
             None,
-            String::new()
+            String::new(),
+            vec![],
         )
         .is_err());
         assert!(create(
@@ -341,7 +357,8 @@ mod tests {
             DEFAULT_TOKEN_TTL,
             None,
             Some("A/B".into()),
-            String::new()
+            String::new(),
+            vec![]
         )
         .is_err());
     }
