@@ -203,3 +203,55 @@ async fn reprovision_is_allowed_only_with_the_token_flag_and_the_old_certificate
         server.log()
     );
 }
+
+/// Finding 8: a token pool's `--extra-port` reaches the edge in the join answer; the cloud
+/// must not widen what the node exposes, so the edge dials it only once its own `[allow]`
+/// lists it, and says which ports it ignored.
+#[tokio::test]
+async fn cloud_sent_extra_port_is_not_dialed_without_local_consent() {
+    let pki = Pki::new();
+    let echo = EchoServer::start().await;
+    let port = echo.addr.port();
+    let server = RegistrationServer::start(
+        &pki,
+        &RegistrationOptions {
+            allowed_ports: vec![10250, port],
+            ..Default::default()
+        },
+    )
+    .await;
+    let token = server.create_token(&["--extra-port", &port.to_string()]);
+    let mut edge = JoinedEdge::new();
+    let (ok, output) = edge.join(&pki, &server, &token, VICTIM, &[VICTIM_IP], &[]);
+    assert!(ok, "{output}");
+    edge.run(&server, &[10250], "info");
+    server
+        .wait_log(&["edge session established", VICTIM], 1, UP)
+        .await;
+    let refused = tunnel_server::client::connect_tls(
+        server.connect_tcp,
+        pki.frontend_client_tls(),
+        &format!("{VICTIM_IP}:{port}"),
+    )
+    .await;
+    let error = format!(
+        "{:#}",
+        refused.expect_err("the edge dialed a port its owner never allowed")
+    );
+    assert!(
+        error.contains("not allowed by the edge allowlist"),
+        "{error}"
+    );
+    let log = edge.log();
+    assert!(
+        log.contains("not in this edge's [allow] ports") && log.contains(&port.to_string()),
+        "{log}"
+    );
+    // The node's owner consents by listing the port: now it is dialed.
+    edge.stop();
+    edge.run(&server, &[10250, port], "info");
+    server
+        .wait_log(&["edge session established", VICTIM], 2, UP)
+        .await;
+    echo_via_victim_ip(&pki, &server, port, b"consented").await;
+}

@@ -380,8 +380,11 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fill `config` from a state directory: CA, certificate and key (where not set), the server
-/// address (first advertised endpoint, where not set) and the pool's extra ports.
+/// Fill `config` from a state directory: CA, certificate and key (where not set) and the
+/// server address (first advertised endpoint, where not set). Never the allowlist: the pool's
+/// extra ports come from the cloud, and what a node exposes is its owner's decision, so they
+/// are dialed only if the edge's own `[allow] ports` lists them
+/// ([`cloud_ports_not_allowed`] names the others, for the log).
 pub fn apply_state(config: &mut crate::EdgeConfig, state: &StateDir) -> anyhow::Result<()> {
     let node = state.load()?;
     let s = &mut config.server;
@@ -394,12 +397,21 @@ pub fn apply_state(config: &mut crate::EdgeConfig, state: &StateDir) -> anyhow::
     if s.server_name.is_none() {
         s.server_name = Some(node.server_name.clone());
     }
-    for port in node.extra_ports {
-        if !config.allow.ports.contains(&port) {
-            config.allow.ports.push(port);
-        }
-    }
     Ok(())
+}
+
+/// The pool's extra ports (sent by the cloud at join) that `allow_ports`, the edge's own
+/// allowlist, does not list: they stay closed. Empty when the state cannot be read.
+pub fn cloud_ports_not_allowed(allow_ports: &[u16], state: &StateDir) -> Vec<u16> {
+    state
+        .load()
+        .map(|node| {
+            node.extra_ports
+                .into_iter()
+                .filter(|p| !allow_ports.contains(p))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Seconds since the Unix epoch.
@@ -462,6 +474,31 @@ mod tests {
         assert_eq!(renewal_due(0, 300, 0.0, 0.5), 200);
         assert_eq!(renewal_due(0, 300, 0.1, 0.0), 170);
         assert_eq!(renewal_due(0, 300, 0.1, 1.0), 230);
+    }
+
+    #[test]
+    fn ports_sent_by_the_cloud_never_widen_the_edge_allowlist() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let node = NodeState {
+            node_name: "node-a".into(),
+            node_ips: vec![],
+            pool: "idc".into(),
+            labels: BTreeMap::new(),
+            taints: vec![],
+            extra_ports: vec![10255, 22],
+            tunnel_endpoints: vec!["127.0.0.1:9000".into()],
+            registration_server: "127.0.0.1:443".into(),
+            server_name: "127.0.0.1".into(),
+        };
+        std::fs::write(state.node(), serde_json::to_vec(&node).unwrap()).unwrap();
+        let mut config = crate::EdgeConfig::default();
+        let before = config.allow.ports.clone();
+        apply_state(&mut config, &state).unwrap();
+        assert_eq!(config.allow.ports, before);
+        assert_eq!(cloud_ports_not_allowed(&before, &state), vec![10255, 22]);
+        // The node's owner lists one: only the other is reported.
+        assert_eq!(cloud_ports_not_allowed(&[10250, 10255], &state), vec![22]);
     }
 
     #[test]
