@@ -22,6 +22,7 @@ pub mod server;
 pub mod session;
 pub mod session_certificate;
 mod session_info;
+pub mod trust;
 pub mod upstream;
 
 pub use server::{BoundAddrs, RunningServer, Shared};
