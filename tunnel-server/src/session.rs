@@ -463,12 +463,20 @@ async fn handle_edge(
     let edge = &shared.config.edge;
     let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
     tokio::pin!(keepalive);
+    // Also after the session was replaced: a retired session still draining is the node's too.
+    let revoked = crate::revocation::until_revoked(
+        shared.revocations.clone(),
+        session.node.clone(),
+        session.certificate_issued(),
+    );
+    tokio::pin!(revoked);
     let mut draining = false;
     let ended = loop {
         tokio::select! {
             biased;
             _ = stop.hard.cancelled() => break "server shut down".to_string(),
             _ = session.closed.cancelled() => break "session closed by the server".to_string(),
+            _ = &mut revoked => break "node revoked".to_string(),
             _ = stop.drain.cancelled(), if !draining => {
                 // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
                 draining = true;
