@@ -164,9 +164,10 @@ impl RegistrationApi {
         if let Some(clash) = clash {
             return Err(Denied::Identity(clash));
         }
+        let certificate_expires = now.saturating_add(self.lifetime.as_secs());
         let admission = self
             .tokens
-            .admit(&token, &node, &ips, &key, now)
+            .admit(&token, &node, &ips, &key, now, certificate_expires)
             .map_err(Denied::Token)?;
         let pem = self
             .ca
@@ -230,7 +231,11 @@ impl RegistrationApi {
         if let Some(clash) = clash {
             return Err(Denied::Identity(clash));
         }
-        if !self.tokens.remember_key(csr.public_key.der_bytes()) {
+        let certificate_expires = now.saturating_add(self.lifetime.as_secs());
+        if !self
+            .tokens
+            .remember_key(csr.public_key.der_bytes(), now, certificate_expires)
+        {
             return Err(Denied::Token(Refusal::KeyReused));
         }
         let pem = self

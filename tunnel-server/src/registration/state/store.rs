@@ -162,7 +162,9 @@ impl TokenStore {
     }
 
     /// [`TokenStore::check`], and on success count the use and remember the key before
-    /// returning, so two concurrent replays cannot both pass.
+    /// returning, so two concurrent replays cannot both pass. The key is kept until
+    /// `certificate_expires` (Unix seconds) or the token's expiry, whichever is later.
+    #[allow(clippy::too_many_arguments)]
     pub fn admit(
         &self,
         token: &BootstrapToken,
@@ -170,32 +172,41 @@ impl TokenStore {
         ips: &[std::net::IpAddr],
         public_key: &[u8],
         now: u64,
+        certificate_expires: u64,
     ) -> Result<Admission, Refusal> {
         let mut inner = self.lock();
         self.refresh_locked(&mut inner);
         let admission = evaluate(&inner, token, node, ips, public_key, now)?;
-        inner.usage.keys.insert(sha256_hex(public_key));
+        let until = certificate_expires.max(admission.token_expires_unix);
+        inner.usage.keys.insert(sha256_hex(public_key), until);
         *inner
             .usage
             .uses
             .entry(admission.token_id.clone())
             .or_default() += 1;
-        if let Err(error) = write_json(&self.usage_path, &inner.usage) {
-            // The in-memory record still holds: this replica keeps enforcing the limit.
+        self.persist_usage(&mut inner, now);
+        Ok(admission)
+    }
+
+    /// Prune and write the usage record. A failed write is logged: the in-memory record
+    /// still holds, so this replica keeps enforcing limits and refusing replays.
+    fn persist_usage(&self, inner: &mut Inner, now: u64) {
+        let Inner { file, usage, .. } = inner;
+        usage.prune(now, &|id| file.tokens.iter().any(|t| t.id == id));
+        if let Err(error) = write_json(&self.usage_path, usage) {
             tracing::warn!(%error, "could not persist token usage");
         }
-        Ok(admission)
     }
 
     /// Remember a public key certified by a renewal, so the same CSR cannot be replayed into
     /// a join. Returns false if it was certified before.
-    pub fn remember_key(&self, public_key: &[u8]) -> bool {
+    pub fn remember_key(&self, public_key: &[u8], now: u64, certificate_expires: u64) -> bool {
         let mut inner = self.lock();
-        let fresh = inner.usage.keys.insert(sha256_hex(public_key));
+        let key = sha256_hex(public_key);
+        let fresh = !inner.usage.keys.contains_key(&key);
         if fresh {
-            if let Err(error) = write_json(&self.usage_path, &inner.usage) {
-                tracing::warn!(%error, "could not persist token usage");
-            }
+            inner.usage.keys.insert(key, certificate_expires);
+            self.persist_usage(&mut inner, now);
         }
         fresh
     }
@@ -240,7 +251,7 @@ fn evaluate(
     if !networks.is_empty() && !ips.iter().all(|ip| networks.iter().any(|n| n.contains(ip))) {
         return Err(Refusal::NodeIpNotAllowed);
     }
-    if inner.usage.keys.contains(&sha256_hex(public_key)) {
+    if inner.usage.keys.contains_key(&sha256_hex(public_key)) {
         return Err(Refusal::KeyReused);
     }
     Ok(Admission {
@@ -259,6 +270,9 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use tunnel_io::secret::Secret;
+
+    /// A certificate expiry far in the future, Unix seconds.
+    const FAR: u64 = u64::MAX / 2;
 
     fn node(name: &str) -> NodeName {
         NodeName::parse(name).unwrap()
@@ -298,19 +312,19 @@ mod tests {
         let store = TokenStore::open(&path).unwrap();
         let now = unix_now();
         let a = store
-            .admit(&token, &node("idc-1"), &[], b"key-1", now)
+            .admit(&token, &node("idc-1"), &[], b"key-1", now, FAR)
             .unwrap();
         assert_eq!(a.pool, pool());
         // Replay: the same key again.
         assert_eq!(
             store
-                .admit(&token, &node("idc-2"), &[], b"key-1", now)
+                .admit(&token, &node("idc-2"), &[], b"key-1", now, FAR)
                 .unwrap_err(),
             Refusal::KeyReused
         );
         assert_eq!(
             store
-                .admit(&token, &node("cloud-1"), &[], b"key-2", now)
+                .admit(&token, &node("cloud-1"), &[], b"key-2", now, FAR)
                 .unwrap_err(),
             Refusal::NodeNameNotAllowed
         );
@@ -320,29 +334,36 @@ mod tests {
         };
         assert_eq!(
             store
-                .admit(&wrong, &node("idc-2"), &[], b"key-2", now)
+                .admit(&wrong, &node("idc-2"), &[], b"key-2", now, FAR)
                 .unwrap_err(),
             Refusal::WrongSecret
         );
         let unknown = BootstrapToken::parse("zzzzzz.0123456789abcdef").unwrap();
         assert_eq!(
             store
-                .admit(&unknown, &node("idc-2"), &[], b"key-2", now)
+                .admit(&unknown, &node("idc-2"), &[], b"key-2", now, FAR)
                 .unwrap_err(),
             Refusal::Unknown
         );
         assert_eq!(
             store
-                .admit(&token, &node("idc-2"), &[], b"key-2", record.expires_unix)
+                .admit(
+                    &token,
+                    &node("idc-2"),
+                    &[],
+                    b"key-2",
+                    record.expires_unix,
+                    FAR
+                )
                 .unwrap_err(),
             Refusal::Expired
         );
         store
-            .admit(&token, &node("idc-2"), &[], b"key-2", now)
+            .admit(&token, &node("idc-2"), &[], b"key-2", now, FAR)
             .unwrap();
         assert_eq!(
             store
-                .admit(&token, &node("idc-3"), &[], b"key-3", now)
+                .admit(&token, &node("idc-3"), &[], b"key-3", now, FAR)
                 .unwrap_err(),
             Refusal::Exhausted
         );
@@ -350,7 +371,7 @@ mod tests {
         let reopened = TokenStore::open(&path).unwrap();
         assert_eq!(
             reopened
-                .admit(&token, &node("idc-3"), &[], b"key-3", now)
+                .admit(&token, &node("idc-3"), &[], b"key-3", now, FAR)
                 .unwrap_err(),
             Refusal::Exhausted
         );
@@ -373,11 +394,13 @@ mod tests {
         )
         .unwrap();
         let now = unix_now();
-        store.admit(&token, &node("n1"), &[], b"k1", now).unwrap();
+        store
+            .admit(&token, &node("n1"), &[], b"k1", now, FAR)
+            .unwrap();
         revoke(&path, &token.id).unwrap();
         assert_eq!(
             store
-                .admit(&token, &node("n2"), &[], b"k2", now)
+                .admit(&token, &node("n2"), &[], b"k2", now, FAR)
                 .unwrap_err(),
             Refusal::Revoked
         );
@@ -419,7 +442,8 @@ mod tests {
                     &node("n1"),
                     &[ip("10.8.1.2"), ip("10.9.0.1")],
                     b"k1",
-                    now
+                    now,
+                    FAR
                 )
                 .unwrap_err(),
             Refusal::NodeIpNotAllowed
@@ -431,6 +455,7 @@ mod tests {
                 &[ip("10.8.1.2"), ip("fd00:8::5")],
                 b"k1",
                 now,
+                FAR,
             )
             .unwrap();
         assert_eq!(list(&path).unwrap()[0].1, 1);
@@ -455,7 +480,89 @@ mod tests {
         let store = TokenStore::open(&path).unwrap();
         std::fs::write(&path, "{ not json").unwrap();
         store
-            .admit(&token, &node("n1"), &[], b"k1", unix_now())
+            .admit(&token, &node("n1"), &[], b"k1", unix_now(), FAR)
             .unwrap();
+    }
+
+    #[test]
+    fn usage_record_forgets_keys_whose_certificates_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (token, record) = create(
+            &path,
+            pool(),
+            Duration::from_secs(60),
+            None,
+            None,
+            String::new(),
+            vec![],
+        )
+        .unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        let now = unix_now();
+        // Joins and renewals, each key's certificate valid for 10 s (the token for 60 s).
+        for i in 0..20u32 {
+            let key = format!("join-{i}");
+            store
+                .admit(&token, &node("n1"), &[], key.as_bytes(), now, now + 10)
+                .unwrap();
+            assert!(store.remember_key(format!("renew-{i}").as_bytes(), now, now + 10));
+        }
+        let usage_file = dir.path().join("tokens.json.usage.json");
+        let keys = |text: &str| {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            v["keys"].as_object().unwrap().len()
+        };
+        let full = std::fs::read_to_string(&usage_file).unwrap();
+        assert_eq!(keys(&full), 40, "{full}");
+        // A key is refused as a replay until both its certificate and its token expired...
+        let later = record.expires_unix + 1;
+        assert_eq!(
+            store
+                .check(&token, &node("n1"), &[], b"join-0", now + 11)
+                .unwrap_err(),
+            Refusal::KeyReused
+        );
+        // ...then the next write forgets it: the file holds what can still matter.
+        assert!(store.remember_key(b"renew-late", later, later + 10));
+        let pruned = std::fs::read_to_string(&usage_file).unwrap();
+        assert!(!pruned.contains(&sha256_hex(b"join-0")), "{pruned}");
+        assert!(!pruned.contains(&sha256_hex(b"renew-0")), "{pruned}");
+        assert!(pruned.contains(&sha256_hex(b"renew-late")), "{pruned}");
+        assert_eq!(keys(&pruned), 1, "{pruned}");
+        assert!(
+            pruned.contains(&token.id),
+            "the live token's use count went: {pruned}"
+        );
+    }
+
+    #[test]
+    fn a_usage_file_without_expiries_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        let (token, _) = create(
+            &path,
+            pool(),
+            DEFAULT_TOKEN_TTL,
+            None,
+            None,
+            String::new(),
+            vec![],
+        )
+        .unwrap();
+        let legacy = format!(
+            "{{\"uses\": {{\"{}\": 1}}, \"keys\": [\"{}\"]}}",
+            token.id,
+            sha256_hex(b"old-key")
+        );
+        std::fs::write(dir.path().join("tokens.json.usage.json"), legacy).unwrap();
+        let store = TokenStore::open(&path).unwrap();
+        assert_eq!(
+            store
+                .admit(&token, &node("n1"), &[], b"old-key", unix_now(), FAR)
+                .unwrap_err(),
+            Refusal::KeyReused
+        );
+        assert_eq!(list(&path).unwrap()[0].1, 1);
     }
 }
