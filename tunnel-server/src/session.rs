@@ -91,7 +91,7 @@ impl Routable for EdgeSession {
         self.certificate.get().map_or("?", |c| c.serial.as_str())
     }
     fn certificate_current(&self) -> bool {
-        self.certificate.get().map_or(true, |c| c.current)
+        !matches!(self.certificate.get(), Some(c) if !c.current)
     }
 }
 

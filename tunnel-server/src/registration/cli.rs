@@ -39,7 +39,8 @@ pub enum TokenCommand {
         /// Kubelet taint for nodes of the pool, `key=value:Effect`; repeatable.
         #[arg(long = "taint")]
         taints: Vec<String>,
-        /// Extra local port the pool's edges may dial on themselves; repeatable.
+        /// Extra local port the pool's nodes are expected to expose; an edge dials it only if
+        /// its own `[allow] ports` lists it; repeatable.
         #[arg(long = "extra-port")]
         extra_ports: Vec<u16>,
         /// A network the joining node's IPs must lie in, e.g. 10.8.0.0/16; repeatable
@@ -80,8 +81,9 @@ pub enum TokenCommand {
 /// Nodes.
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Remove a node: close its sessions, refuse its certificates and its re-joins until it
-    /// is re-admitted with a token created after now.
+    /// Remove a node: close its sessions and upstream streams, refuse its certificates and
+    /// its re-joins until it is re-admitted with a token created after now with
+    /// `--reprovision NAME` (its IPs stay taken until its certificates expire or then).
     Revoke {
         #[command(flatten)]
         files: FileArgs,

@@ -103,7 +103,8 @@ pub struct NodePool {
     /// Kubelet taints, `key=value:Effect`.
     #[serde(default)]
     pub taints: Vec<String>,
-    /// Extra ports the edge may dial on itself besides the kubelet's.
+    /// Extra ports the pool's nodes are expected to expose besides the kubelet's; sent to the
+    /// edge, which dials them only if its own allowlist lists them.
     #[serde(default)]
     pub extra_ports: Vec<u16>,
     /// Networks the node IPs of a joining node must lie in; empty allows any (node IPs are
