@@ -2,7 +2,9 @@
 //! binaries: a token lets its holder choose a node name and IPs, so each attack below is a
 //! join that tries to become, squat or outlive another node. Each is refused and audited,
 //! and the victim's route is untouched; only a token created to re-provision the node may
-//! take its identity, and the old certificate then never displaces the new session.
+//! take its identity, and the old certificate then never displaces the new session. Also
+//! what else a token or the cloud side must not decide for a node: the ports it exposes
+//! (finding 8), and that revocation reaches every connection of the node (finding 5).
 
 use std::time::Duration;
 
@@ -254,4 +256,61 @@ async fn cloud_sent_extra_port_is_not_dialed_without_local_consent() {
         .wait_log(&["edge session established", VICTIM], 2, UP)
         .await;
     echo_via_victim_ip(&pki, &server, port, b"consented").await;
+}
+
+/// Finding 5: a session replaced by a newer one of the same node keeps serving its open
+/// streams until they end; revoking the node must cut those too, not only the routed one.
+#[tokio::test]
+async fn revocation_closes_a_replaced_session_still_draining() {
+    let pki = Pki::new();
+    let echo = EchoServer::start().await;
+    let port = echo.addr.port();
+    let (server, first, _) = victim_running(&pki, &echo).await;
+    let mut stream = tunnel_server::client::connect_tls(
+        server.connect_tcp,
+        pki.frontend_client_tls(),
+        &format!("{VICTIM_IP}:{port}"),
+    )
+    .await
+    .expect("CONNECT");
+    let mut buf = [0u8; 5];
+    stream.write_all(b"first").await.expect("write");
+    within("echo", Duration::from_secs(5), stream.read_exact(&mut buf))
+        .await
+        .expect("echo");
+    // A second process of the same node (its credentials copied) takes the route over; the
+    // first session is retired and keeps serving the open stream.
+    let mut second = JoinedEdge::new();
+    std::fs::create_dir_all(&second.state).expect("state dir");
+    for file in ["key.pem", "cert.pem", "ca.pem", "node.json"] {
+        let bytes = std::fs::read(first.state.join(file)).expect("read credentials");
+        std::fs::write(second.state.join(file), bytes).expect("copy credentials");
+    }
+    second.run(&server, &[port], "info");
+    server
+        .wait_log(&["new session replaces the node's previous one"], 1, UP)
+        .await;
+    stream.write_all(b"drain").await.expect("write");
+    within("echo", Duration::from_secs(5), stream.read_exact(&mut buf))
+        .await
+        .expect("the replaced session still serves its stream");
+    server.admin(&["node", "revoke", VICTIM]);
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut byte = [0u8; 1];
+        for _ in 0..1000 {
+            if stream.write_all(b"x").await.is_err() {
+                return;
+            }
+            match stream.read(&mut byte).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        panic!("still echoing after 1000 round trips");
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the replaced session's stream still echoed 5 s after revocation"
+    );
 }
