@@ -68,6 +68,10 @@ struct Refusal {
 struct Admitted {
     agent_id: String,
     identity: EdgeIdentity,
+    /// Serial and registry standing of its certificate.
+    certificate: crate::session_certificate::SessionCertificate,
+    /// When its certificate was issued (Unix seconds), for revocation.
+    issued: Option<u64>,
 }
 
 #[tonic::async_trait]
@@ -119,6 +123,10 @@ impl AgentService for AgentEndpoint {
             peer,
             send_request,
         );
+        tunnel.set_certificate(admitted.certificate);
+        if let Some(issued) = admitted.issued {
+            tunnel.set_certificate_issued(issued);
+        }
         let konnectivity = shared.config.konnectivity.as_ref();
         let buffer_limit = konnectivity.map_or(4 << 20, |k| k.agent_connection_buffer);
         let (mux, queues) = Mux::new(
@@ -240,7 +248,15 @@ fn admit(
         };
         return fail("identifiers", code, e.to_string());
     }
-    Ok(Admitted { agent_id, identity })
+    let certificate =
+        crate::session_certificate::SessionCertificate::of(shared, &identity.node, cert.as_ref());
+    let issued = crate::pki::issued_unix(cert.as_ref());
+    Ok(Admitted {
+        agent_id,
+        identity,
+        certificate,
+        issued,
+    })
 }
 
 /// `serverid` and `servercount`.
