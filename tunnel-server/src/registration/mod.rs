@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod limits;
+mod request;
 pub mod service;
 pub mod state;
 

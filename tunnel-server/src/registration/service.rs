@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::NodeName;
-use rcgen::{CertificateSigningRequestParams, PublicKeyData, SanType};
+use rcgen::PublicKeyData;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use tunnel_io::registration::pb::registration_server::Registration;
@@ -19,14 +19,12 @@ use tunnel_io::registration::REFUSED;
 
 use super::config::RegistrationConfig;
 use super::limits::{JoinLimits, Throttled};
+use super::request::{check_csr_claims, parse_csr, parse_node_ips};
 use super::state::identities::{CertificateRef, IdentityClash, IdentityStore, IssuedIdentity};
 use super::state::{unix_now, BootstrapToken, NodePool, Refusal, TokenStore};
 use super::PeerInfo;
 use crate::pki::{certificate_facts, certificate_facts_pem, Ca, CertificateFacts};
 use crate::revocation::RevocationList;
-
-/// Node IPs one certificate may carry.
-const MAX_NODE_IPS: usize = 16;
 
 /// Why a request was refused: for the audit log only.
 #[derive(Debug, Clone)]
@@ -124,9 +122,9 @@ impl RegistrationApi {
             .map_err(Denied::Throttled)?;
         let node =
             NodeName::parse(&request.node_name).map_err(|_| Denied::BadRequest("bad_node_name"))?;
-        let ips = parse_node_ips(&request.node_ips)?;
-        let csr = parse_csr(&request.csr_der)?;
-        check_csr_claims(&csr, &node, &ips)?;
+        let ips = parse_node_ips(&request.node_ips).map_err(Denied::BadRequest)?;
+        let csr = parse_csr(&request.csr_der).map_err(Denied::BadRequest)?;
+        check_csr_claims(&csr, &node, &ips).map_err(Denied::BadRequest)?;
         if let Some(created) = self.tokens.created_unix(&token.id) {
             if self.revocations.join_refused(&node, created) {
                 return Err(Denied::NodeRevoked);
@@ -209,8 +207,8 @@ impl RegistrationApi {
         if self.revocations.der_revoked(&identity.node, der.as_ref()) {
             return Err(Denied::NodeRevoked);
         }
-        let csr = parse_csr(&request.csr_der)?;
-        check_csr_claims(&csr, &identity.node, &identity.ips)?;
+        let csr = parse_csr(&request.csr_der).map_err(Denied::BadRequest)?;
+        check_csr_claims(&csr, &identity.node, &identity.ips).map_err(Denied::BadRequest)?;
         let presented = certificate_facts(der.as_ref())
             .map(|f| CertificateRef {
                 serial: f.serial,
@@ -287,72 +285,6 @@ fn peer_of<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
         .get::<PeerInfo>()
         .cloned()
         .ok_or_else(|| Status::internal("no peer information"))
-}
-
-fn parse_node_ips(texts: &[String]) -> Result<Vec<IpAddr>, Denied> {
-    if texts.len() > MAX_NODE_IPS {
-        return Err(Denied::BadRequest("too_many_ips"));
-    }
-    let mut ips = Vec::with_capacity(texts.len());
-    for text in texts {
-        let ip: IpAddr = text.parse().map_err(|_| Denied::BadRequest("bad_ip"))?;
-        let ip = ip.to_canonical();
-        // Never addresses that would route the tunnel to the server's own or shared networks.
-        let forbidden = ip.is_loopback()
-            || ip.is_unspecified()
-            || ip.is_multicast()
-            || matches!(ip, IpAddr::V4(v4) if v4.is_link_local() || v4.is_broadcast())
-            || matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
-        if forbidden {
-            return Err(Denied::BadRequest("forbidden_ip"));
-        }
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    ips.sort();
-    Ok(ips)
-}
-
-fn parse_csr(der: &[u8]) -> Result<CertificateSigningRequestParams, Denied> {
-    if der.is_empty() || der.len() > tunnel_io::registration::MAX_MESSAGE {
-        return Err(Denied::BadRequest("bad_csr"));
-    }
-    // Parses and checks the CSR's self-signature: the caller holds the private key.
-    CertificateSigningRequestParams::from_der(&der.to_vec().into())
-        .map_err(|_| Denied::BadRequest("bad_csr"))
-}
-
-/// The CSR may repeat the identity (CN = node name, DNS SAN = node name, IP SANs among the
-/// node IPs) but claim nothing else: a CSR naming another node is an attack, not a typo.
-fn check_csr_claims(
-    csr: &CertificateSigningRequestParams,
-    node: &NodeName,
-    ips: &[IpAddr],
-) -> Result<(), Denied> {
-    let mismatch = Denied::BadRequest("csr_claims_other_identity");
-    for (ty, value) in csr.params.distinguished_name.iter() {
-        let text = match value {
-            rcgen::DnValue::Utf8String(s) => s.clone(),
-            rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
-            rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
-            _ => return Err(mismatch),
-        };
-        if *ty != rcgen::DnType::CommonName || text != node.as_str() {
-            return Err(mismatch);
-        }
-    }
-    for san in &csr.params.subject_alt_names {
-        let ok = match san {
-            SanType::DnsName(name) => name.as_str() == node.as_str(),
-            SanType::IpAddress(ip) => ips.contains(&ip.to_canonical()),
-            _ => false,
-        };
-        if !ok {
-            return Err(mismatch);
-        }
-    }
-    Ok(())
 }
 
 #[tonic::async_trait]
