@@ -148,8 +148,9 @@ impl RegistrationApi {
                             .nodes
                             .iter()
                             .filter(|(name, e)| {
-                                name.as_str() == node.as_str()
-                                    || e.ips.iter().any(|ip| ips.contains(ip))
+                                e.expires_unix > now
+                                    && (name.as_str() == node.as_str()
+                                        || e.ips.iter().any(|ip| ips.contains(ip)))
                             })
                             .map(|(name, _)| name.clone())
                             .collect();
