@@ -156,6 +156,20 @@ async fn join_connect_and_renewal_under_an_open_stream_with_no_secret_in_trace_l
     server
         .wait_log(&["node certificate renewed", NODE], 1, UP)
         .await;
+    // Renewal keeps the identity and makes the new certificate the node's current one.
+    let renewed = std::fs::read_to_string(edge.state.join("cert.pem")).expect("cert");
+    let renewed = tunnel_server::pki::certificate_facts_pem(&renewed).expect("facts");
+    let registry = std::fs::read_to_string(server.dir().join("tokens.json.identities.json"))
+        .expect("identity registry");
+    let registry: serde_json::Value = serde_json::from_str(&registry).expect("json");
+    let entry = &registry["nodes"][NODE];
+    // (or its predecessor, if the 6 s certificate was renewed once more meanwhile)
+    assert!(
+        entry["serial"] == renewed.serial.as_str()
+            || entry["previous_serial"] == renewed.serial.as_str(),
+        "{registry}"
+    );
+    assert_eq!(entry["ips"], serde_json::json!([NODE_IP]), "{registry}");
     // The open stream kept flowing across the renewal; a new one works too.
     roundtrip(&mut stream, b"after renewal, same stream").await;
     let mut fresh = connect(&pki, &server, port).await.expect("CONNECT after");
