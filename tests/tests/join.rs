@@ -156,6 +156,20 @@ async fn join_connect_and_renewal_under_an_open_stream_with_no_secret_in_trace_l
     server
         .wait_log(&["node certificate renewed", NODE], 1, UP)
         .await;
+    // Renewal keeps the identity and makes the new certificate the node's current one.
+    let renewed = std::fs::read_to_string(edge.state.join("cert.pem")).expect("cert");
+    let renewed = tunnel_server::pki::certificate_facts_pem(&renewed).expect("facts");
+    let registry = std::fs::read_to_string(server.dir().join("tokens.json.identities.json"))
+        .expect("identity registry");
+    let registry: serde_json::Value = serde_json::from_str(&registry).expect("json");
+    let entry = &registry["nodes"][NODE];
+    // (or its predecessor, if the 6 s certificate was renewed once more meanwhile)
+    assert!(
+        entry["serial"] == renewed.serial.as_str()
+            || entry["previous_serial"] == renewed.serial.as_str(),
+        "{registry}"
+    );
+    assert_eq!(entry["ips"], serde_json::json!([NODE_IP]), "{registry}");
     // The open stream kept flowing across the renewal; a new one works too.
     roundtrip(&mut stream, b"after renewal, same stream").await;
     let mut fresh = connect(&pki, &server, port).await.expect("CONNECT after");
@@ -408,9 +422,9 @@ async fn revocation_closes_the_session_and_blocks_return_until_a_new_token() {
         1
     );
 
-    // A token created after the revocation does.
+    // A token created after the revocation to re-provision the node does.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let readmit = server.create_token(&[]);
+    let readmit = server.create_token(&["--reprovision", NODE]);
     let (ok, output) = edge.join(&pki, &server, &readmit, NODE, &[NODE_IP], &["--force"]);
     assert!(ok, "{output}");
     edge.stop();

@@ -1,7 +1,7 @@
 //! Edge → cloud upstreams, in process with real TLS on 127.0.0.1: a client on the edge's
 //! loopback forward port reaches an HTTPS "apiserver" that only the *server* names, with a
 //! checksummed transfer inside end-to-end TLS; an upstream the server does not list is
-//! refused.
+//! refused; revoking the node cuts an upstream stream that was already open.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -19,7 +19,8 @@ const NODE: &str = "edge-up";
 const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
 
 struct Rig {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    _echo: tether_tests::targets::EchoServer,
     server: tunnel_server::RunningServer,
     apiserver: DemoKubelet,
     apiserver_tls: Arc<rustls::ClientConfig>,
@@ -51,15 +52,19 @@ async fn start() -> Rig {
     .await
     .unwrap();
     let apiserver_tls = Arc::new(tunnel_server::client::trust_only(api_ca.cert_pem()).unwrap());
+    let echo = tether_tests::targets::EchoServer::start().await;
 
     std::fs::write(
         d.join("server.toml"),
         format!(
             "[edge]\nlisten = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
              [connect]\nunix_socket = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [upstreams]\nkube-apiserver = \"{}\"\n",
+             [upstreams]\nkube-apiserver = \"{}\"\necho = \"{}\"\n\
+             [registration]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"tokens.json\"\n\
+             ca_cert = \"ca.pem\"\nca_key = \"ca-key.pem\"\n",
             d.join("connect.sock").display(),
-            apiserver.addr
+            apiserver.addr,
+            echo.addr
         ),
     )
     .unwrap();
@@ -70,7 +75,8 @@ async fn start() -> Rig {
         format!(
             "[server]\naddress = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
              [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"kube-apiserver\"\n\
-             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"etcd\"\n",
+             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"etcd\"\n\
+             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\n",
             server.addrs.edge
         ),
     )
@@ -86,7 +92,8 @@ async fn start() -> Rig {
         .unwrap();
     tokio::spawn(edge.run(Arc::default(), cancel.clone()));
     Rig {
-        _dir: dir,
+        dir,
+        _echo: echo,
         server,
         apiserver,
         apiserver_tls,
@@ -176,6 +183,48 @@ async fn an_upstream_the_server_does_not_list_is_refused() {
     .await
     .unwrap();
     assert_eq!(status, 200);
+    rig.cancel.cancel();
+    rig.server.shutdown(Duration::from_secs(2)).await;
+}
+
+/// Finding 5: revocation closed the node's session but not its upstream connection, whose
+/// streams echoed on (15 s and more, until EOF or the 4 h idle timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_cuts_an_open_upstream_stream_within_seconds() {
+    let rig = start().await;
+    let mut stream = TcpStream::connect(rig.forwards[2]).await.unwrap();
+    let mut buf = [0u8; 5];
+    stream.write_all(b"hello").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut buf))
+        .await
+        .expect("echo through the upstream")
+        .unwrap();
+    assert_eq!(&buf, b"hello");
+    let revoked_at = Instant::now();
+    tunnel_server::revocation::revoke_node(
+        &rig.dir.path().join("revoked.json"),
+        &NodeName::parse(NODE).unwrap(),
+    )
+    .unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut byte = [0u8; 1];
+        for _ in 0..1000 {
+            if stream.write_all(b"x").await.is_err() {
+                return;
+            }
+            match stream.read(&mut byte).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        panic!("still echoing after 1000 round trips");
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the upstream stream still echoed 5 s after revocation"
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(5));
     rig.cancel.cancel();
     rig.server.shutdown(Duration::from_secs(2)).await;
 }

@@ -1,22 +1,15 @@
 //! Joining and renewing: the node's side of the registration API. `join` generates a key on
 //! the node (it never leaves), sends a CSR with the bootstrap token, and writes what comes back
 //! into the state directory; `renew` does the same authenticated by the current certificate.
-//! The state directory is what `tunnel-edge run --state-dir` reads.
-//!
-//! State directory (0700): `key.pem` (0600), `cert.pem`, `ca.pem`, `node.json` (node name,
-//! IPs, pool, labels, taints, extra ports, endpoints, registration server) and `kubelet.env`
-//! (`KUBELET_EXTRA_ARGS` with the pool's `--node-labels` and `--register-with-taints`).
+//! The state directory ([`crate::state`]) is what `tunnel-edge run --state-dir` reads.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use rustls::pki_types::ServerName;
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tunnel_io::registration::pb::registration_client::RegistrationClient;
@@ -24,77 +17,15 @@ use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
 use tunnel_io::registration::ALPN_REGISTRATION;
 use tunnel_io::secret::Secret;
 
+use crate::state::write_state;
+pub use crate::state::{NodeState, StateDir};
+
 /// Default state directory.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
 /// The registration API's default port (the load balancer's HTTPS port).
 pub const DEFAULT_REGISTRATION_PORT: u16 = 443;
 /// Deadline of one registration call, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// What the node learned when it joined, kept in `node.json`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NodeState {
-    /// The node name (the certificate's identity).
-    pub node_name: String,
-    /// The node IPs in the certificate.
-    pub node_ips: Vec<IpAddr>,
-    /// Node pool.
-    pub pool: String,
-    /// Kubelet labels of the pool.
-    pub labels: BTreeMap<String, String>,
-    /// Kubelet taints of the pool.
-    pub taints: Vec<String>,
-    /// Extra local ports the pool allows this edge to dial.
-    pub extra_ports: Vec<u16>,
-    /// Tunnel endpoints the server advertised.
-    pub tunnel_endpoints: Vec<String>,
-    /// The registration API (`host:port`), for renewal.
-    pub registration_server: String,
-    /// Name verified in the server certificate.
-    pub server_name: String,
-}
-
-/// Files of a state directory.
-#[derive(Debug, Clone)]
-pub struct StateDir {
-    /// The directory.
-    pub dir: PathBuf,
-}
-
-impl StateDir {
-    /// The state directory at `dir`.
-    pub fn new(dir: impl Into<PathBuf>) -> StateDir {
-        StateDir { dir: dir.into() }
-    }
-    /// The node's private key.
-    pub fn key(&self) -> PathBuf {
-        self.dir.join("key.pem")
-    }
-    /// The node's certificate.
-    pub fn cert(&self) -> PathBuf {
-        self.dir.join("cert.pem")
-    }
-    /// The tunnel CA bundle.
-    pub fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-    /// `node.json`.
-    pub fn node(&self) -> PathBuf {
-        self.dir.join("node.json")
-    }
-    /// `kubelet.env`.
-    pub fn kubelet_env(&self) -> PathBuf {
-        self.dir.join("kubelet.env")
-    }
-
-    /// Read `node.json`.
-    pub fn load(&self) -> anyhow::Result<NodeState> {
-        let path = self.node();
-        let bytes = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
-        serde_json::from_slice(&bytes).with_context(|| format!("parse {}", path.display()))
-    }
-}
 
 /// What `tunnel-edge join` was asked.
 #[derive(Debug, Clone)]
@@ -315,73 +246,11 @@ pub async fn renew(state_dir: &StateDir) -> anyhow::Result<()> {
     write_state(state_dir, &key, &credentials, None)
 }
 
-fn write_state(
-    state: &StateDir,
-    key: &rcgen::KeyPair,
-    credentials: &Credentials,
-    node: Option<&NodeState>,
-) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&state.dir)
-        .with_context(|| format!("create {}", state.dir.display()))?;
-    std::fs::set_permissions(&state.dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod 0700 {}", state.dir.display()))?;
-    anyhow::ensure!(
-        !tunnel_io::tls::certs_from_pem(credentials.certificate_pem.as_bytes()).is_empty()
-            && !tunnel_io::tls::certs_from_pem(credentials.ca_bundle_pem.as_bytes()).is_empty(),
-        "the server's answer holds no certificate"
-    );
-    write_file(&state.ca(), credentials.ca_bundle_pem.as_bytes(), 0o644)?;
-    // Key first, then certificate: a reader between the two renames sees a new key with the
-    // old certificate and fails the TLS setup, then retries; never a silent mix-up.
-    write_file(&state.key(), key.serialize_pem().as_bytes(), 0o600)?;
-    write_file(&state.cert(), credentials.certificate_pem.as_bytes(), 0o644)?;
-    if let Some(node) = node {
-        write_file(&state.node(), &serde_json::to_vec_pretty(node)?, 0o644)?;
-        let labels: Vec<String> = node
-            .labels
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        let mut args = Vec::new();
-        if !labels.is_empty() {
-            args.push(format!("--node-labels={}", labels.join(",")));
-        }
-        if !node.taints.is_empty() {
-            args.push(format!("--register-with-taints={}", node.taints.join(",")));
-        }
-        let env = format!("KUBELET_EXTRA_ARGS=\"{}\"\n", args.join(" "));
-        write_file(&state.kubelet_env(), env.as_bytes(), 0o644)?;
-    }
-    Ok(())
-}
-
-/// Write a file atomically with `mode` (set before it appears at its path).
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("state")
-    ));
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("create {}", tmp.display()))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-    }
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("write {}", path.display()))?;
-    Ok(())
-}
-
-/// Fill `config` from a state directory: CA, certificate and key (where not set), the server
-/// address (first advertised endpoint, where not set) and the pool's extra ports.
+/// Fill `config` from a state directory: CA, certificate and key (where not set) and the
+/// server address (first advertised endpoint, where not set). Never the allowlist: the pool's
+/// extra ports come from the cloud, and what a node exposes is its owner's decision, so they
+/// are dialed only if the edge's own `[allow] ports` lists them
+/// ([`cloud_ports_not_allowed`] names the others, for the log).
 pub fn apply_state(config: &mut crate::EdgeConfig, state: &StateDir) -> anyhow::Result<()> {
     let node = state.load()?;
     let s = &mut config.server;
@@ -394,12 +263,21 @@ pub fn apply_state(config: &mut crate::EdgeConfig, state: &StateDir) -> anyhow::
     if s.server_name.is_none() {
         s.server_name = Some(node.server_name.clone());
     }
-    for port in node.extra_ports {
-        if !config.allow.ports.contains(&port) {
-            config.allow.ports.push(port);
-        }
-    }
     Ok(())
+}
+
+/// The pool's extra ports (sent by the cloud at join) that `allow_ports`, the edge's own
+/// allowlist, does not list: they stay closed. Empty when the state cannot be read.
+pub fn cloud_ports_not_allowed(allow_ports: &[u16], state: &StateDir) -> Vec<u16> {
+    state
+        .load()
+        .map(|node| {
+            node.extra_ports
+                .into_iter()
+                .filter(|p| !allow_ports.contains(p))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Seconds since the Unix epoch.
@@ -435,6 +313,7 @@ pub fn renewal_due(issued: i64, not_after: i64, jitter: f64, unit: f64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn registration_server_forms() {
@@ -462,6 +341,31 @@ mod tests {
         assert_eq!(renewal_due(0, 300, 0.0, 0.5), 200);
         assert_eq!(renewal_due(0, 300, 0.1, 0.0), 170);
         assert_eq!(renewal_due(0, 300, 0.1, 1.0), 230);
+    }
+
+    #[test]
+    fn ports_sent_by_the_cloud_never_widen_the_edge_allowlist() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let node = NodeState {
+            node_name: "node-a".into(),
+            node_ips: vec![],
+            pool: "idc".into(),
+            labels: BTreeMap::new(),
+            taints: vec![],
+            extra_ports: vec![10255, 22],
+            tunnel_endpoints: vec!["127.0.0.1:9000".into()],
+            registration_server: "127.0.0.1:443".into(),
+            server_name: "127.0.0.1".into(),
+        };
+        std::fs::write(state.node(), serde_json::to_vec(&node).unwrap()).unwrap();
+        let mut config = crate::EdgeConfig::default();
+        let before = config.allow.ports.clone();
+        apply_state(&mut config, &state).unwrap();
+        assert_eq!(config.allow.ports, before);
+        assert_eq!(cloud_ports_not_allowed(&before, &state), vec![10255, 22]);
+        // The node's owner lists one: only the other is reported.
+        assert_eq!(cloud_ports_not_allowed(&[10250, 10255], &state), vec![22]);
     }
 
     #[test]

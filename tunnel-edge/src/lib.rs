@@ -11,6 +11,7 @@ pub mod join;
 pub mod renew;
 mod replicas;
 pub mod session;
+pub mod state;
 mod stream;
 
 pub use config::EdgeConfig;

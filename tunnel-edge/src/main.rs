@@ -180,6 +180,17 @@ fn main() -> anyhow::Result<()> {
             let state_dir = overrides.state_dir.clone();
             let config = load(overrides)?;
             tunnel_io::logging::init(config.log.format, &config.log.filter);
+            if let Some(dir) = &state_dir {
+                let state = tunnel_edge::join::StateDir::new(dir);
+                let ignored =
+                    tunnel_edge::join::cloud_ports_not_allowed(&config.allow.ports, &state);
+                if !ignored.is_empty() {
+                    tracing::warn!(
+                        ports = ?ignored,
+                        "ports sent by the server at join are not in this edge's [allow] ports and will not be dialed; list them there to expose them"
+                    );
+                }
+            }
             let edge = Arc::new(Edge::new(config)?);
             match edge.self_dial().name_host() {
                 Some(host) => {

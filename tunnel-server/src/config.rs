@@ -415,6 +415,7 @@ impl ServerConfig {
         if self.policy.allowed_ports.contains(&0) {
             return Err("key `policy.allowed_ports`: port 0 is not a port".into());
         }
+        crate::trust::check_separate_frontend_ca(self)?;
         Ok(())
     }
 }

@@ -104,17 +104,18 @@ ca_key = "ca-key.pem"
 
     // The node joins as a real one would: a one-use bootstrap token from the operator,
     // exchanged over the registration API for a certificate whose key never left the node.
-    let (token, _) = crate::tokens::create(
+    let (token, _) = crate::registration::state::create(
         &dir.join("tokens.json"),
-        crate::tokens::NodePool {
+        crate::registration::state::NodePool {
             name: "demo".into(),
             labels: [("tether.io/pool".to_string(), "demo".to_string())].into(),
             ..Default::default()
         },
-        crate::tokens::DEFAULT_TOKEN_TTL,
+        crate::registration::state::DEFAULT_TOKEN_TTL,
         Some(1),
         None,
         "demo".into(),
+        vec![],
     )?;
     let state = tunnel_edge::join::StateDir::new(dir.join("demo-node-state"));
     let registration = addrs.registration.context("no registration listener")?;

@@ -20,8 +20,9 @@ pub mod revocation;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod session_certificate;
 mod session_info;
-pub mod tokens;
+pub mod trust;
 pub mod upstream;
 
 pub use server::{BoundAddrs, RunningServer, Shared};

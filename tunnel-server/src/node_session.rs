@@ -91,4 +91,10 @@ impl Routable for NodeSession {
     fn ips(&self) -> &[IpAddr] {
         self.tunnel().ips()
     }
+    fn certificate_serial(&self) -> &str {
+        self.tunnel().certificate_serial()
+    }
+    fn certificate_current(&self) -> bool {
+        self.tunnel().certificate_current()
+    }
 }

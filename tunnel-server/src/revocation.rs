@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::tokens::{stamp, unix_now, write_json, FileStamp, StoreError};
+use crate::registration::state::files::{stamp, unix_now, write_json, FileStamp, StoreError};
 
 /// How often replicas look at the revocation file: revocation takes effect within this.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -58,6 +58,9 @@ pub fn revoke_node(path: &Path, node: &NodeName) -> Result<u64, StoreError> {
 pub struct RevocationList {
     path: PathBuf,
     state: RwLock<(Option<FileStamp>, RevocationFile)>,
+    /// Bumped whenever a refresh finds the file changed: what every live connection of a
+    /// node waits on ([`until_revoked`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl RevocationList {
@@ -67,6 +70,7 @@ impl RevocationList {
         Ok(RevocationList {
             path: path.to_owned(),
             state: RwLock::new((stamp(path), file)),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -85,13 +89,17 @@ impl RevocationList {
             }
         };
         let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
-        let changed = fresh
+        let changed: Vec<String> = fresh
             .nodes
             .iter()
             .filter(|(node, at)| state.1.nodes.get(*node) != Some(at))
             .map(|(node, _)| node.clone())
             .collect();
         *state = (now, fresh);
+        drop(state);
+        if !changed.is_empty() {
+            self.changes.send_modify(|generation| *generation += 1);
+        }
         changed
     }
 
@@ -125,6 +133,33 @@ impl RevocationList {
     pub fn join_refused(&self, node: &NodeName, token_created_unix: u64) -> bool {
         self.revoked_at(node)
             .is_some_and(|at| token_created_unix <= at)
+    }
+}
+
+/// Resolves once a certificate of `node` issued at `issued_unix` is revoked (`None`: once
+/// the node is revoked at all); never without a revocation list. Every live connection of a
+/// node waits on this, so revocation reaches what the route table no longer lists: replaced
+/// sessions still draining and edge → cloud upstream connections.
+pub async fn until_revoked(
+    list: Option<Arc<RevocationList>>,
+    node: NodeName,
+    issued_unix: Option<u64>,
+) {
+    let Some(list) = list else {
+        return std::future::pending().await;
+    };
+    let mut changes = list.changes.subscribe();
+    loop {
+        let revoked = match issued_unix {
+            Some(issued) => list.certificate_revoked(&node, issued),
+            None => list.revoked_at(&node).is_some(),
+        };
+        if revoked {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
@@ -207,5 +242,33 @@ mod tests {
         assert!(!list.certificate_revoked(&other, at));
         assert!(list.join_refused(&node, at));
         assert!(!list.join_refused(&node, at + 1));
+    }
+
+    #[tokio::test]
+    async fn until_revoked_wakes_on_the_revocation_of_its_node_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("revoked.json");
+        let list = Arc::new(RevocationList::open(&path).unwrap());
+        let node = NodeName::parse("node-a").unwrap();
+        let issued = unix_now() - 10;
+        let mut waiting = Box::pin(until_revoked(
+            Some(list.clone()),
+            node.clone(),
+            Some(issued),
+        ));
+        let mut other = Box::pin(until_revoked(
+            Some(list.clone()),
+            NodeName::parse("node-b").unwrap(),
+            Some(issued),
+        ));
+        let quiet = tokio::time::timeout(Duration::from_millis(50), &mut waiting).await;
+        assert!(quiet.is_err(), "woke before any revocation");
+        revoke_node(&path, &node).unwrap();
+        list.refresh();
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("woken by its node's revocation");
+        let still = tokio::time::timeout(Duration::from_millis(50), &mut other).await;
+        assert!(still.is_err(), "another node's connection was cut");
     }
 }

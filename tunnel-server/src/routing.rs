@@ -16,16 +16,42 @@ pub trait Routable {
     fn node(&self) -> &NodeName;
     /// The node IPs bound in its certificate.
     fn ips(&self) -> &[IpAddr];
+    /// Serial of its certificate, for audit lines (`?` when unknown).
+    fn certificate_serial(&self) -> &str {
+        "?"
+    }
+    /// Whether its certificate is the node's current one; a session with an older
+    /// certificate never replaces the node's live session.
+    fn certificate_current(&self) -> bool {
+        true
+    }
 }
 
-/// A registration refused because another node owns one of the addresses.
+/// A registration the table refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("address {ip} is already owned by node {owner}")]
-pub struct RouteConflict {
-    /// The contested address.
-    pub ip: IpAddr,
-    /// The node that owns it.
-    pub owner: NodeName,
+pub enum RouteConflict {
+    /// Another node owns one of the addresses.
+    #[error("address {ip} is already owned by node {owner} (certificate serial {owner_serial}; refused certificate serial {serial})")]
+    AddressOwned {
+        /// The contested address.
+        ip: IpAddr,
+        /// The node that owns it.
+        owner: NodeName,
+        /// Serial of the owner's certificate.
+        owner_serial: String,
+        /// Serial of the refused session's certificate.
+        serial: String,
+    },
+    /// The node has a live session and this one's certificate is not the node's current one.
+    #[error("certificate serial {serial} is not node {node}'s current certificate; the live session (serial {live_serial}) stays")]
+    NotCurrent {
+        /// The node.
+        node: NodeName,
+        /// Serial of the refused session's certificate.
+        serial: String,
+        /// Serial of the live session's certificate.
+        live_serial: String,
+    },
 }
 
 /// Node name and node IP → live session.
@@ -57,11 +83,27 @@ impl<S: Routable> RouteTable<S> {
         for ip in session.ips() {
             if let Some(owner) = inner.by_ip.get(ip) {
                 if owner != session.node() {
-                    return Err(RouteConflict {
+                    let owner_serial = inner
+                        .by_node
+                        .get(owner)
+                        .map_or("?", |s| s.certificate_serial())
+                        .to_owned();
+                    return Err(RouteConflict::AddressOwned {
                         ip: *ip,
                         owner: owner.clone(),
+                        owner_serial,
+                        serial: session.certificate_serial().to_owned(),
                     });
                 }
+            }
+        }
+        if !session.certificate_current() {
+            if let Some(live) = inner.by_node.get(session.node()) {
+                return Err(RouteConflict::NotCurrent {
+                    node: session.node().clone(),
+                    serial: session.certificate_serial().to_owned(),
+                    live_serial: live.certificate_serial().to_owned(),
+                });
             }
         }
         let replaced = inner
@@ -136,6 +178,8 @@ mod tests {
         id: u64,
         node: NodeName,
         ips: Vec<IpAddr>,
+        serial: String,
+        current: bool,
     }
     impl Routable for Fake {
         fn session_id(&self) -> u64 {
@@ -147,12 +191,20 @@ mod tests {
         fn ips(&self) -> &[IpAddr] {
             &self.ips
         }
+        fn certificate_serial(&self) -> &str {
+            &self.serial
+        }
+        fn certificate_current(&self) -> bool {
+            self.current
+        }
     }
     fn fake(id: u64, node: &str, ips: &[&str]) -> Arc<Fake> {
         Arc::new(Fake {
             id,
             node: NodeName::parse(node).unwrap(),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            serial: format!("serial-{id}"),
+            current: true,
         })
     }
     fn ip(s: &str) -> Host {
@@ -174,7 +226,11 @@ mod tests {
         let t = RouteTable::default();
         t.register(fake(1, "node-a", &["10.0.0.1"])).unwrap();
         let err = t.register(fake(2, "node-b", &["10.0.0.1"])).unwrap_err();
-        assert_eq!(err.owner.as_str(), "node-a");
+        assert!(
+            matches!(&err, RouteConflict::AddressOwned { owner, owner_serial, serial, .. }
+                if owner.as_str() == "node-a" && owner_serial == "serial-1" && serial == "serial-2"),
+            "{err}"
+        );
         assert_eq!(t.lookup(&ip("10.0.0.1")).unwrap().id, 1);
         assert_eq!(t.len(), 1);
     }
@@ -190,6 +246,21 @@ mod tests {
         assert_eq!(t.lookup(&ip("10.0.0.1")).unwrap().id, 2);
         // The address the new certificate dropped is no longer routed.
         assert!(t.lookup(&ip("10.0.0.9")).is_none());
+    }
+
+    #[test]
+    fn a_stale_certificate_never_replaces_the_live_session() {
+        let t = RouteTable::default();
+        t.register(fake(1, "node-a", &["10.0.0.1"])).unwrap();
+        let mut stale = Arc::into_inner(fake(2, "node-a", &["10.0.0.1"])).unwrap();
+        stale.current = false;
+        let stale = Arc::new(stale);
+        let err = t.register(stale.clone()).unwrap_err();
+        assert!(matches!(err, RouteConflict::NotCurrent { .. }), "{err}");
+        assert_eq!(t.lookup(&ip("10.0.0.1")).unwrap().id, 1);
+        // With no live session it may serve (the node's own older certificate).
+        assert!(t.deregister(&t.get(&stale.node).unwrap()));
+        assert!(t.register(stale).unwrap().is_none());
     }
 
     #[test]

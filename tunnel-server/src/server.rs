@@ -43,6 +43,9 @@ pub struct Shared {
     pub replica: crate::replicas::Replica,
     /// Revoked nodes (with `[registration]`): checked on every edge handshake.
     pub revocations: Option<Arc<crate::revocation::RevocationList>>,
+    /// Issued identities (with `[registration]`): a session whose certificate is not its
+    /// node's current one never replaces the node's live session.
+    pub identities: Option<Arc<dyn crate::registration::state::identities::IdentityStore>>,
 }
 
 /// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
@@ -181,6 +184,7 @@ impl RunningServer {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             revocations: registration.as_ref().map(|r| r.revocations.clone()),
+            identities: registration.as_ref().map(|r| r.identities.clone()),
         });
         shared
             .metrics

@@ -42,6 +42,8 @@ pub struct EdgeSession {
     pub(crate) retired: CancellationToken,
     /// When the peer's certificate was issued (Unix seconds), for per-stream revocation checks.
     certificate_issued: std::sync::OnceLock<u64>,
+    /// Serial and standing of the peer's certificate in the identity registry.
+    certificate: std::sync::OnceLock<crate::session_certificate::SessionCertificate>,
 }
 
 /// A stream the edge accepted: its target is dialed and bytes may flow.
@@ -85,6 +87,12 @@ impl Routable for EdgeSession {
     fn ips(&self) -> &[IpAddr] {
         &self.ips
     }
+    fn certificate_serial(&self) -> &str {
+        self.certificate.get().map_or("?", |c| c.serial.as_str())
+    }
+    fn certificate_current(&self) -> bool {
+        !matches!(self.certificate.get(), Some(c) if !c.current)
+    }
 }
 
 impl EdgeSession {
@@ -112,7 +120,21 @@ impl EdgeSession {
             closed: CancellationToken::new(),
             retired: CancellationToken::new(),
             certificate_issued: std::sync::OnceLock::new(),
+            certificate: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Record the peer certificate's serial and standing (set once, at the handshake).
+    pub(crate) fn set_certificate(
+        &self,
+        certificate: crate::session_certificate::SessionCertificate,
+    ) {
+        let _ = self.certificate.set(certificate);
+    }
+
+    /// The peer certificate's serial and standing (the default when never set).
+    pub fn certificate(&self) -> crate::session_certificate::SessionCertificate {
+        self.certificate.get().cloned().unwrap_or_default()
     }
 
     /// Resolves once the session is closed ([`EdgeSession::close`]).
@@ -328,6 +350,8 @@ async fn handshake(
         .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
     crate::revocation::check_handshake(shared, &identity.node, der.as_ref())?;
     let issued = crate::pki::issued_unix(der.as_ref());
+    let certificate =
+        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der.as_ref());
     if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
         let cert_der = der.as_ref().to_vec();
         return Ok(Accepted::Upstream {
@@ -357,6 +381,7 @@ async fn handshake(
     if let Some(issued) = issued {
         session.set_certificate_issued(issued);
     }
+    session.set_certificate(certificate);
     Ok(Accepted::Session(Box::new((
         session, connection, ping_pong,
     ))))
@@ -438,12 +463,20 @@ async fn handle_edge(
     let edge = &shared.config.edge;
     let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
     tokio::pin!(keepalive);
+    // Also after the session was replaced: a retired session still draining is the node's too.
+    let revoked = crate::revocation::until_revoked(
+        shared.revocations.clone(),
+        session.node.clone(),
+        session.certificate_issued(),
+    );
+    tokio::pin!(revoked);
     let mut draining = false;
     let ended = loop {
         tokio::select! {
             biased;
             _ = stop.hard.cancelled() => break "server shut down".to_string(),
             _ = session.closed.cancelled() => break "session closed by the server".to_string(),
+            _ = &mut revoked => break "node revoked".to_string(),
             _ = stop.drain.cancelled(), if !draining => {
                 // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
                 draining = true;

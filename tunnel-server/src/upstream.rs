@@ -79,10 +79,24 @@ pub async fn serve<T>(
     };
     info!(%node, %peer, "upstream connection established");
     let streams = tokio_util::task::TaskTracker::new();
+    // Cuts this connection's streams: at hard stop, or when the node is revoked (a stream
+    // opened before the revocation must not echo on until EOF or the idle timeout).
+    let cut = stop.hard.child_token();
+    let revoked = crate::revocation::until_revoked(
+        shared.revocations.clone(),
+        node.clone(),
+        crate::pki::issued_unix(&cert_der),
+    );
+    tokio::pin!(revoked);
     loop {
         tokio::select! {
             biased;
             _ = stop.hard.cancelled() => break,
+            _ = &mut revoked => {
+                warn!(target: "audit", event = "node_revoked", %node, %peer, open_streams = streams.len(), "node revoked: upstream connection and its streams closed");
+                cut.cancel();
+                break;
+            }
             _ = stop.drain.cancelled() => {
                 connection.graceful_shutdown();
                 while let Some(Ok(_)) = connection.accept().await {}
@@ -92,10 +106,10 @@ pub async fn serve<T>(
                 Some(Ok((request, respond))) => {
                     let shared = shared.clone();
                     let node = node.clone();
-                    let hard = stop.hard.clone();
+                    let cut = cut.clone();
                     let der = cert_der.clone();
                     streams.spawn(async move {
-                        forward(request, respond, &node, &der, &shared, &hard).await;
+                        forward(request, respond, &node, &der, &shared, &cut).await;
                     });
                 }
                 Some(Err(error)) => {

@@ -76,6 +76,10 @@ struct Refusal {
 struct Admitted {
     agent_id: String,
     identity: EdgeIdentity,
+    /// Serial and registry standing of its certificate.
+    certificate: crate::session_certificate::SessionCertificate,
+    /// When its certificate was issued (Unix seconds), for revocation.
+    issued: Option<u64>,
 }
 
 #[tonic::async_trait]
@@ -127,6 +131,10 @@ impl AgentService for AgentEndpoint {
             peer,
             send_request,
         );
+        tunnel.set_certificate(admitted.certificate);
+        if let Some(issued) = admitted.issued {
+            tunnel.set_certificate_issued(issued);
+        }
         let konnectivity = shared.config.konnectivity.as_ref();
         let buffer_limit = konnectivity.map_or(4 << 20, |k| k.agent_connection_buffer);
         let (mux, queues) = Mux::new(
@@ -173,9 +181,11 @@ impl AgentService for AgentEndpoint {
 fn owner_conflict(shared: &Shared, identity: &EdgeIdentity) -> Option<RouteConflict> {
     identity.ips.iter().find_map(|ip| {
         let owner = shared.routes.lookup(&protocol::Host::Ip(*ip))?;
-        (owner.node() != &identity.node).then(|| RouteConflict {
+        (owner.node() != &identity.node).then(|| RouteConflict::AddressOwned {
             ip: *ip,
             owner: owner.node().clone(),
+            owner_serial: owner.certificate_serial().to_owned(),
+            serial: "?".to_owned(),
         })
     })
 }
@@ -248,7 +258,15 @@ fn admit(
         };
         return fail("identifiers", code, e.to_string());
     }
-    Ok(Admitted { agent_id, identity })
+    let certificate =
+        crate::session_certificate::SessionCertificate::of(shared, &identity.node, cert.as_ref());
+    let issued = crate::pki::issued_unix(cert.as_ref());
+    Ok(Admitted {
+        agent_id,
+        identity,
+        certificate,
+        issued,
+    })
 }
 
 /// `serverid` and `servercount`.

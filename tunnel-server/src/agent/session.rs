@@ -141,6 +141,13 @@ pub(super) async fn run(attached: Attached, shared: Arc<Shared>, stop: Stop, tra
         return;
     }
 
+    // Also once replaced: a retired agent session still serving connections is the node's.
+    let revoked = crate::revocation::until_revoked(
+        shared.revocations.clone(),
+        agent.tunnel.node().clone(),
+        agent.tunnel.certificate_issued(),
+    );
+    tokio::pin!(revoked);
     let mut draining = false;
     let (reason, status) = loop {
         tokio::select! {
@@ -150,6 +157,9 @@ pub(super) async fn run(attached: Attached, shared: Arc<Shared>, stop: Stop, tra
             }
             _ = agent.tunnel.closed() => {
                 break ("session closed by the server".to_string(), Some(Status::unavailable("session closed by the server")));
+            }
+            _ = &mut revoked => {
+                break ("node revoked".to_string(), Some(Status::permission_denied("node revoked")));
             }
             _ = stop.drain.cancelled(), if !draining => {
                 // No new dials here; open connections run on, then the stream ends.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::config::ServerConfig;
-use crate::tokens::{self, NodePool, DEFAULT_TOKEN_TTL};
+use crate::registration::state::{self as tokens, NodePool, DEFAULT_TOKEN_TTL};
 
 /// Which file to work on.
 #[derive(Args, Debug)]
@@ -39,7 +39,8 @@ pub enum TokenCommand {
         /// Kubelet taint for nodes of the pool, `key=value:Effect`; repeatable.
         #[arg(long = "taint")]
         taints: Vec<String>,
-        /// Extra local port the pool's edges may dial on themselves; repeatable.
+        /// Extra local port the pool's nodes are expected to expose; an edge dials it only if
+        /// its own `[allow] ports` lists it; repeatable.
         #[arg(long = "extra-port")]
         extra_ports: Vec<u16>,
         /// A network the joining node's IPs must lie in, e.g. 10.8.0.0/16; repeatable
@@ -58,6 +59,10 @@ pub enum TokenCommand {
         /// Free text.
         #[arg(long, default_value = "")]
         description: String,
+        /// A joined node this token may re-provision: the join may take its name and IPs,
+        /// which a join otherwise never can; repeatable.
+        #[arg(long = "reprovision", value_name = "NODE")]
+        reprovision: Vec<String>,
     },
     /// List tokens (IDs, pools, expiry, uses; never secrets).
     List {
@@ -76,8 +81,9 @@ pub enum TokenCommand {
 /// Nodes.
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Remove a node: close its sessions, refuse its certificates and its re-joins until it
-    /// is re-admitted with a token created after now.
+    /// Remove a node: close its sessions and upstream streams, refuse its certificates and
+    /// its re-joins until it is re-admitted with a token created after now with
+    /// `--reprovision NAME` (its IPs stay taken until its certificates expire or then).
     Revoke {
         #[command(flatten)]
         files: FileArgs,
@@ -129,6 +135,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             usage_limit,
             node_name_pattern,
             description,
+            reprovision,
         } => {
             let path = token_file(&files)?;
             let mut label_map = BTreeMap::new();
@@ -160,6 +167,13 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 usage_limit,
                 node_name_pattern,
                 description,
+                reprovision
+                    .iter()
+                    .map(|n| {
+                        protocol::NodeName::parse(n)
+                            .map_err(|e| anyhow::anyhow!("--reprovision {n:?}: {e}"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
             )?;
             eprintln!(
                 "token {} for pool {:?} in {} (expires at Unix time {})",

@@ -6,7 +6,9 @@
 pub mod cli;
 pub mod config;
 pub mod limits;
+mod request;
 pub mod service;
+pub mod state;
 
 use std::io;
 use std::net::SocketAddr;
@@ -55,6 +57,8 @@ pub struct Registration {
     api: service::RegistrationApi,
     /// The revocation list, shared with the edge listener's handshake check.
     pub revocations: Arc<RevocationList>,
+    /// Issued identities, shared with the edge listener (current certificate per node).
+    pub identities: Arc<dyn state::identities::IdentityStore>,
     /// Where it listens.
     pub addr: SocketAddr,
 }
@@ -83,7 +87,11 @@ pub async fn bind(
     tls.alpn_protocols = vec![ALPN_REGISTRATION.to_vec()];
     tls.send_tls13_tickets = 0;
     let revocations = Arc::new(RevocationList::open(&config.revocation_path())?);
-    let api = service::RegistrationApi::load(config, revocations.clone())?;
+    let identities: Arc<dyn state::identities::IdentityStore> =
+        Arc::new(state::identities::FileIdentityStore::open(
+            &state::identities::identities_path(&config.token_file),
+        )?);
+    let api = service::RegistrationApi::load(config, revocations.clone(), identities.clone())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind registration listener {}", config.listen))?;
@@ -93,6 +101,7 @@ pub async fn bind(
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         api,
         revocations,
+        identities,
     })
 }
 

@@ -6,11 +6,11 @@
 //! claims anything else is refused.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use protocol::NodeName;
-use rcgen::{CertificateSigningRequestParams, PublicKeyData, SanType};
+use rcgen::PublicKeyData;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use tunnel_io::registration::pb::registration_server::Registration;
@@ -19,32 +19,53 @@ use tunnel_io::registration::REFUSED;
 
 use super::config::RegistrationConfig;
 use super::limits::{JoinLimits, Throttled};
+use super::request::{check_csr_claims, parse_csr, parse_node_ips};
+use super::state::identities::{CertificateRef, IdentityClash, IdentityStore, IssuedIdentity};
+use super::state::{unix_now, BootstrapToken, NodePool, Refusal, TokenStore};
 use super::PeerInfo;
-use crate::pki::Ca;
+use crate::pki::{certificate_facts, certificate_facts_pem, Ca, CertificateFacts};
 use crate::revocation::RevocationList;
-use crate::tokens::{unix_now, BootstrapToken, NodePool, Refusal, TokenStore};
-
-/// Node IPs one certificate may carry.
-const MAX_NODE_IPS: usize = 16;
 
 /// Why a request was refused: for the audit log only.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Denied {
     Throttled(Throttled),
     Token(Refusal),
     BadRequest(&'static str),
     NodeRevoked,
+    /// The name or an IP belongs to another issued identity, or the certificate is stale.
+    Identity(IdentityClash),
 }
 
 impl Denied {
-    fn label(self) -> &'static str {
+    fn label(&self) -> &'static str {
         match self {
             Denied::Throttled(t) => t.label(),
             Denied::Token(r) => r.label(),
             Denied::BadRequest(what) => what,
             Denied::NodeRevoked => "node_revoked",
+            Denied::Identity(clash) => clash.label(),
         }
     }
+
+    /// More for the audit line than the label says (whose name or address), if anything.
+    fn detail(&self) -> String {
+        match self {
+            Denied::Identity(clash) => clash.to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// A successful join, for the audit line.
+struct Joined {
+    node: NodeName,
+    ips: Vec<IpAddr>,
+    token_id: String,
+    serial: String,
+    /// Nodes whose name or IPs this join took over (the token allowed it).
+    reprovisioned: Vec<String>,
+    credentials: Credentials,
 }
 
 /// The registration service of one replica.
@@ -55,6 +76,10 @@ pub struct RegistrationApi {
     limits: JoinLimits,
     lifetime: Duration,
     endpoints: Vec<String>,
+    identities: Arc<dyn IdentityStore>,
+    /// Held from the identity check to the identity record of one join or renewal, so two
+    /// concurrent joins cannot both claim a free name or address.
+    issuing: Mutex<()>,
 }
 
 impl RegistrationApi {
@@ -62,6 +87,7 @@ impl RegistrationApi {
     pub fn load(
         config: &RegistrationConfig,
         revocations: Arc<RevocationList>,
+        identities: Arc<dyn IdentityStore>,
     ) -> anyhow::Result<RegistrationApi> {
         Ok(RegistrationApi {
             ca: Ca::load(&config.ca_cert, &config.ca_key)?,
@@ -70,6 +96,8 @@ impl RegistrationApi {
             limits: JoinLimits::new(&config.rate),
             lifetime: config.cert_lifetime,
             endpoints: config.tunnel_endpoints.clone(),
+            identities,
+            issuing: Mutex::new(()),
         })
     }
 
@@ -86,10 +114,7 @@ impl RegistrationApi {
         }
     }
 
-    fn try_join(
-        &self,
-        request: &JoinRequest,
-    ) -> Result<(NodeName, Vec<IpAddr>, String, Credentials), Denied> {
+    fn try_join(&self, request: &JoinRequest) -> Result<Joined, Denied> {
         let token =
             BootstrapToken::parse(&request.token).map_err(|_| Denied::Token(Refusal::Malformed))?;
         self.limits
@@ -97,24 +122,76 @@ impl RegistrationApi {
             .map_err(Denied::Throttled)?;
         let node =
             NodeName::parse(&request.node_name).map_err(|_| Denied::BadRequest("bad_node_name"))?;
-        let ips = parse_node_ips(&request.node_ips)?;
-        let csr = parse_csr(&request.csr_der)?;
-        check_csr_claims(&csr, &node, &ips)?;
+        let ips = parse_node_ips(&request.node_ips).map_err(Denied::BadRequest)?;
+        let csr = parse_csr(&request.csr_der).map_err(Denied::BadRequest)?;
+        check_csr_claims(&csr, &node, &ips).map_err(Denied::BadRequest)?;
         if let Some(created) = self.tokens.created_unix(&token.id) {
             if self.revocations.join_refused(&node, created) {
                 return Err(Denied::NodeRevoked);
             }
         }
+        let key = csr.public_key.der_bytes().to_vec();
+        let now = unix_now();
+        let _issuing = self.issuing.lock().unwrap_or_else(|p| p.into_inner());
+        // Token first (nothing used up yet), then the registry, then the use counts.
         let admission = self
             .tokens
-            .admit(&token, &node, &ips, csr.public_key.der_bytes(), unix_now())
+            .check(&token, &node, &ips, &key, now)
+            .map_err(Denied::Token)?;
+        let mut clash = None;
+        let mut reprovisioned = Vec::new();
+        self.identities
+            .update(&mut |registry| {
+                match registry.check_join(&node, &ips, &admission.reprovision, now) {
+                    Ok(()) => {
+                        reprovisioned = registry
+                            .nodes
+                            .iter()
+                            .filter(|(name, e)| {
+                                e.expires_unix > now
+                                    && (name.as_str() == node.as_str()
+                                        || e.ips.iter().any(|ip| ips.contains(ip)))
+                            })
+                            .map(|(name, _)| name.clone())
+                            .collect();
+                    }
+                    Err(c) => clash = Some(c),
+                }
+                false
+            })
+            .map_err(|_| Denied::BadRequest("identity_registry"))?;
+        if let Some(clash) = clash {
+            return Err(Denied::Identity(clash));
+        }
+        let certificate_expires = now.saturating_add(self.lifetime.as_secs());
+        let admission = self
+            .tokens
+            .admit(&token, &node, &ips, &key, now, certificate_expires)
             .map_err(Denied::Token)?;
         let pem = self
             .ca
             .issue_edge_for_key(csr.public_key, &node, &ips, self.lifetime)
             .map_err(|_| Denied::BadRequest("issue_failed"))?;
+        let facts = certificate_facts_pem(&pem).ok_or(Denied::BadRequest("issue_failed"))?;
+        let serial = facts.serial.clone();
+        let issued = issued_identity(&ips, facts, &admission.pool.name, &admission.token_id);
+        let recorded = self.identities.update(&mut |registry| {
+            registry.record_join(&node, issued.clone());
+            true
+        });
+        if let Err(error) = recorded {
+            // The in-memory registry holds the join; this replica keeps enforcing it.
+            warn!(%error, "could not persist the identity registry");
+        }
         let credentials = self.credentials(pem, Some(&admission.pool));
-        Ok((node, ips, admission.token_id, credentials))
+        Ok(Joined {
+            node,
+            ips,
+            token_id: admission.token_id,
+            serial,
+            reprovisioned,
+            credentials,
+        })
     }
 
     fn try_renew(
@@ -131,17 +208,69 @@ impl RegistrationApi {
         if self.revocations.der_revoked(&identity.node, der.as_ref()) {
             return Err(Denied::NodeRevoked);
         }
-        let csr = parse_csr(&request.csr_der)?;
-        check_csr_claims(&csr, &identity.node, &identity.ips)?;
-        if !self.tokens.remember_key(csr.public_key.der_bytes()) {
+        let csr = parse_csr(&request.csr_der).map_err(Denied::BadRequest)?;
+        check_csr_claims(&csr, &identity.node, &identity.ips).map_err(Denied::BadRequest)?;
+        let presented = certificate_facts(der.as_ref())
+            .map(|f| CertificateRef {
+                serial: f.serial,
+                key_sha256: f.key_sha256,
+            })
+            .ok_or(Denied::BadRequest("bad_identity"))?;
+        let now = unix_now();
+        let _issuing = self.issuing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut clash = None;
+        self.identities
+            .update(&mut |registry| {
+                clash = registry
+                    .check_renewal(&identity.node, &identity.ips, &presented, now)
+                    .err();
+                false
+            })
+            .map_err(|_| Denied::BadRequest("identity_registry"))?;
+        if let Some(clash) = clash {
+            return Err(Denied::Identity(clash));
+        }
+        let certificate_expires = now.saturating_add(self.lifetime.as_secs());
+        if !self
+            .tokens
+            .remember_key(csr.public_key.der_bytes(), now, certificate_expires)
+        {
             return Err(Denied::Token(Refusal::KeyReused));
         }
         let pem = self
             .ca
             .issue_edge_for_key(csr.public_key, &identity.node, &identity.ips, self.lifetime)
             .map_err(|_| Denied::BadRequest("issue_failed"))?;
+        let facts = certificate_facts_pem(&pem).ok_or(Denied::BadRequest("issue_failed"))?;
+        // Renewal keeps the identity: same name and IPs, the new certificate is current.
+        let issued = issued_identity(&identity.ips, facts, "", "");
+        let recorded = self.identities.update(&mut |registry| {
+            registry.record_renewal(&identity.node, &presented, issued.clone());
+            true
+        });
+        if let Err(error) = recorded {
+            warn!(%error, "could not persist the identity registry");
+        }
         let credentials = self.credentials(pem, None);
         Ok((identity.node, identity.ips, credentials))
+    }
+}
+
+fn issued_identity(
+    ips: &[IpAddr],
+    facts: CertificateFacts,
+    pool: &str,
+    token_id: &str,
+) -> IssuedIdentity {
+    IssuedIdentity {
+        ips: ips.to_vec(),
+        serial: facts.serial,
+        key_sha256: facts.key_sha256,
+        previous_serial: None,
+        pool: pool.to_owned(),
+        token_id: token_id.to_owned(),
+        issued_unix: facts.issued_unix,
+        expires_unix: facts.expires_unix,
     }
 }
 
@@ -159,72 +288,6 @@ fn peer_of<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
         .ok_or_else(|| Status::internal("no peer information"))
 }
 
-fn parse_node_ips(texts: &[String]) -> Result<Vec<IpAddr>, Denied> {
-    if texts.len() > MAX_NODE_IPS {
-        return Err(Denied::BadRequest("too_many_ips"));
-    }
-    let mut ips = Vec::with_capacity(texts.len());
-    for text in texts {
-        let ip: IpAddr = text.parse().map_err(|_| Denied::BadRequest("bad_ip"))?;
-        let ip = ip.to_canonical();
-        // Never addresses that would route the tunnel to the server's own or shared networks.
-        let forbidden = ip.is_loopback()
-            || ip.is_unspecified()
-            || ip.is_multicast()
-            || matches!(ip, IpAddr::V4(v4) if v4.is_link_local() || v4.is_broadcast())
-            || matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80);
-        if forbidden {
-            return Err(Denied::BadRequest("forbidden_ip"));
-        }
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    ips.sort();
-    Ok(ips)
-}
-
-fn parse_csr(der: &[u8]) -> Result<CertificateSigningRequestParams, Denied> {
-    if der.is_empty() || der.len() > tunnel_io::registration::MAX_MESSAGE {
-        return Err(Denied::BadRequest("bad_csr"));
-    }
-    // Parses and checks the CSR's self-signature: the caller holds the private key.
-    CertificateSigningRequestParams::from_der(&der.to_vec().into())
-        .map_err(|_| Denied::BadRequest("bad_csr"))
-}
-
-/// The CSR may repeat the identity (CN = node name, DNS SAN = node name, IP SANs among the
-/// node IPs) but claim nothing else: a CSR naming another node is an attack, not a typo.
-fn check_csr_claims(
-    csr: &CertificateSigningRequestParams,
-    node: &NodeName,
-    ips: &[IpAddr],
-) -> Result<(), Denied> {
-    let mismatch = Denied::BadRequest("csr_claims_other_identity");
-    for (ty, value) in csr.params.distinguished_name.iter() {
-        let text = match value {
-            rcgen::DnValue::Utf8String(s) => s.clone(),
-            rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
-            rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
-            _ => return Err(mismatch),
-        };
-        if *ty != rcgen::DnType::CommonName || text != node.as_str() {
-            return Err(mismatch);
-        }
-    }
-    for san in &csr.params.subject_alt_names {
-        let ok = match san {
-            SanType::DnsName(name) => name.as_str() == node.as_str(),
-            SanType::IpAddress(ip) => ips.contains(&ip.to_canonical()),
-            _ => false,
-        };
-        if !ok {
-            return Err(mismatch);
-        }
-    }
-    Ok(())
-}
-
 #[tonic::async_trait]
 impl Registration for RegistrationApi {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<Credentials>, Status> {
@@ -238,9 +301,20 @@ impl Registration for RegistrationApi {
         }
         let request = request.into_inner();
         match self.try_join(&request) {
-            Ok((node, ips, token_id, credentials)) => {
+            Ok(joined) => {
                 self.limits.succeeded(source);
-                info!(target: "audit", event = "node_joined", %node, ?ips, token = %token_id, pool = %credentials.pool, peer = %peer.addr, "node joined");
+                let Joined {
+                    node,
+                    ips,
+                    token_id,
+                    serial,
+                    reprovisioned,
+                    credentials,
+                } = joined;
+                info!(target: "audit", event = "node_joined", %node, ?ips, token = %token_id, pool = %credentials.pool, serial, peer = %peer.addr, "node joined");
+                if !reprovisioned.is_empty() {
+                    warn!(target: "audit", event = "node_reprovisioned", %node, ?ips, token = %token_id, replaced = ?reprovisioned, serial, "node re-provisioned: the token allowed taking these identities");
+                }
                 Ok(Response::new(credentials))
             }
             Err(denied) => {
@@ -253,7 +327,7 @@ impl Registration for RegistrationApi {
                     .map(|(id, _)| id)
                     .filter(|id| id.len() <= 6 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
                     .unwrap_or("?");
-                warn!(target: "audit", event = "join_refused", peer = %peer.addr, node = %request.node_name.escape_default(), token = token_id, reason = denied.label(), locked_out = locked, "join refused");
+                warn!(target: "audit", event = "join_refused", peer = %peer.addr, node = %request.node_name.escape_default(), token = token_id, reason = denied.label(), detail = denied.detail(), locked_out = locked, "join refused");
                 Err(refused())
             }
         }
@@ -274,7 +348,7 @@ impl Registration for RegistrationApi {
             }
             Err(denied) => {
                 self.limits.failed(source, now);
-                warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = denied.label(), "renewal refused");
+                warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = denied.label(), detail = denied.detail(), "renewal refused");
                 Err(refused())
             }
         }
