@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod data;
 pub mod edge;
 pub mod fake_edge;
+pub mod flood;
 pub mod frontend;
 pub mod ha;
 pub mod haproxy;

@@ -25,6 +25,8 @@ pub struct RegistrationOptions {
     pub log_filter: &'static str,
     /// `registration.proxy_protocol`.
     pub proxy_protocol: bool,
+    /// More `[registration]` lines (limits, timeouts), verbatim.
+    pub registration_extra: String,
 }
 
 impl Default for RegistrationOptions {
@@ -35,6 +37,7 @@ impl Default for RegistrationOptions {
             allowed_ports: vec![10250],
             log_filter: "info",
             proxy_protocol: false,
+            registration_extra: String::new(),
         }
     }
 }
@@ -97,6 +100,7 @@ ca_cert = "{ca}"
 ca_key = "{ca_key}"
 cert_lifetime = "{lifetime}"
 proxy_protocol = {proxy_protocol}
+{registration_extra}
 
 [registration.rate]
 per_source_per_minute = 600
@@ -113,6 +117,7 @@ filter = "{filter}"
             ca = l.ca_cert().display(),
             ca_key = l.ca_key().display(),
             proxy_protocol = options.proxy_protocol,
+            registration_extra = options.registration_extra,
             frontend_ca = l.frontend_ca_cert().display(),
             lifetime = options.cert_lifetime,
             lockout_after = options.lockout_after,

@@ -47,6 +47,8 @@ pub struct ServerOptions {
     pub max_pending_dials: Option<usize>,
     /// `--shutdown-grace`.
     pub shutdown_grace: Duration,
+    /// More `[edge]` lines (limits, timeouts), verbatim.
+    pub edge_extra: String,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +65,7 @@ impl Default for ServerOptions {
             idle_timeout: None,
             max_pending_dials: None,
             shutdown_grace: Duration::from_secs(1),
+            edge_extra: String::new(),
         }
     }
 }
@@ -122,6 +125,7 @@ ping_interval = "{ping_interval}"
 ping_misses = {ping_misses}
 proxy_protocol = {proxy_protocol}
 {max_pending}
+{edge_extra}
 
 [connect]
 unix_socket = "{socket}"
@@ -156,6 +160,7 @@ filter = "info"
             ping_interval = toml_duration(options.ping_interval),
             ping_misses = options.ping_misses,
             proxy_protocol = options.proxy_protocol,
+            edge_extra = options.edge_extra,
             max_pending = options
                 .max_pending_dials
                 .map(|n| format!("max_pending_dials = {n}"))

@@ -71,9 +71,13 @@ pub struct EdgeListenerConfig {
     pub key: PathBuf,
     /// CA that issues edge certificates (PEM).
     pub client_ca: PathBuf,
-    /// Time allowed for TCP accept to finished TLS and HTTP/2 handshakes.
+    /// Time from TCP accept to a confirmed session (PROXY header, TLS, HTTP/2, session info).
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Time from TCP accept to the first byte: a connection that never speaks goes early
+    /// instead of holding a handshake slot for the whole `handshake_timeout`.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
     /// Interval between liveness PINGs on each session.
     #[serde(default = "default_ping_interval", with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -90,9 +94,15 @@ pub struct EdgeListenerConfig {
     /// take the edge's address from it (connections without one are refused).
     #[serde(default)]
     pub proxy_protocol: bool,
-    /// Concurrent edge handshakes in progress (TLS exhaustion guard).
+    /// Concurrent edge handshakes in progress (TLS exhaustion guard); beyond, new
+    /// connections are closed at once.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
+    /// Concurrent handshakes from one source address (IPv6: one /64; the PROXY header's
+    /// source with `proxy_protocol`), so one machine cannot hold every handshake slot. Many
+    /// nodes of one site may share a NAT address, so this is not tiny.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
 }
 
 /// The HTTP CONNECT frontend (kube-apiserver's `HTTPConnect` egress).
@@ -186,6 +196,12 @@ fn default_max_pending_dials() -> usize {
 }
 fn default_max_handshakes() -> usize {
     1024
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_handshakes_per_source() -> usize {
+    64
 }
 fn default_socket_mode() -> u32 {
     0o600
@@ -339,12 +355,20 @@ impl ServerConfig {
         if e.ping_misses == 0 {
             return Err("key `edge.ping_misses` must be >= 1".into());
         }
-        if e.handshake_timeout.is_zero() {
-            return Err("key `edge.handshake_timeout` must be > 0".into());
-        }
-        if e.max_streams_per_edge == 0 || e.max_handshakes == 0 {
+        if e.handshake_timeout.is_zero() || e.first_byte_timeout.is_zero() {
             return Err(
-                "keys `edge.max_streams_per_edge` and `edge.max_handshakes` must be > 0".into(),
+                "keys `edge.handshake_timeout` and `edge.first_byte_timeout` must be > 0".into(),
+            );
+        }
+        if e.first_byte_timeout > e.handshake_timeout {
+            return Err(
+                "key `edge.first_byte_timeout` must not exceed `edge.handshake_timeout`".into(),
+            );
+        }
+        if e.max_streams_per_edge == 0 || e.max_handshakes == 0 || e.max_handshakes_per_source == 0
+        {
+            return Err(
+                "keys `edge.max_streams_per_edge`, `edge.max_handshakes` and `edge.max_handshakes_per_source` must be > 0".into(),
             );
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
@@ -589,6 +613,17 @@ mod tests {
         );
         let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
         assert!(err.to_string().contains("edge.ping_misses"), "{err}");
+    }
+
+    #[test]
+    fn first_byte_deadline_beyond_the_handshake_deadline_is_refused() {
+        let dir = dir_with_pems();
+        let text = MINIMAL.replace(
+            "client_ca = \"ca.pem\"",
+            "client_ca = \"ca.pem\"\nfirst_byte_timeout = \"20s\"",
+        );
+        let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        assert!(err.to_string().contains("edge.first_byte_timeout"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod node_session;
 pub mod pki;
 pub mod policy;
+pub mod prelude;
 pub mod proxy_protocol;
 pub mod registration;
 pub mod replicas;
@@ -21,6 +22,7 @@ pub mod routing;
 pub mod server;
 pub mod session;
 mod session_info;
+pub mod source_limit;
 pub mod tokens;
 pub mod upstream;
 

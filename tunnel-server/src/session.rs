@@ -17,10 +17,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
+use crate::prelude::{Prelude, PreludeError};
 use crate::routing::Routable;
 use crate::session_info::{announce_changes, announce_once};
+use crate::source_limit::{SourceLimit, SourceSlot};
 use crate::Shared;
 
 /// One live edge session, as the route table and the frontends see it.
@@ -246,7 +248,10 @@ impl EdgeSession {
 }
 
 /// Accept edge connections until draining starts. Per-connection failures are logged and skipped;
-/// accept errors (such as running out of file descriptors) back off and retry.
+/// accept errors (such as running out of file descriptors) back off and retry. A connection
+/// holds a handshake slot (global, and one of its source's) from accept until its session is
+/// confirmed, and must send its first byte within `first_byte_timeout`: connections that never
+/// speak cannot hold the listener.
 pub async fn serve_edges(
     listener: TcpListener,
     acceptor: TlsAcceptor,
@@ -254,7 +259,13 @@ pub async fn serve_edges(
     stop: crate::server::Stop,
     tracker: TaskTracker,
 ) {
-    let handshakes = Arc::new(Semaphore::new(shared.config.edge.max_handshakes));
+    let edge = &shared.config.edge;
+    let handshakes = Arc::new(Semaphore::new(edge.max_handshakes));
+    let sources = Arc::new(SourceLimit::new(edge.max_handshakes_per_source));
+    let prelude = Prelude {
+        first_byte_timeout: edge.first_byte_timeout,
+        proxy_protocol: edge.proxy_protocol,
+    };
     let mut retry = tunnel_io::accept::AcceptRetry::new("edge");
     loop {
         let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
@@ -262,10 +273,15 @@ pub async fn serve_edges(
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             shared.metrics.handshake("overloaded");
-            warn!(%peer, "too many edge handshakes in progress; connection dropped");
+            debug!(%peer, "too many edge handshakes in progress; connection dropped");
             continue;
         };
         let span = tracing::info_span!("edge", %peer, node = tracing::field::Empty);
+        let admission = Admission {
+            prelude: prelude.clone(),
+            sources: sources.clone(),
+            _global: permit,
+        };
         tracker.spawn(
             handle_edge(
                 tcp,
@@ -273,11 +289,55 @@ pub async fn serve_edges(
                 acceptor.clone(),
                 shared.clone(),
                 stop.clone(),
-                permit,
+                admission,
             )
             .instrument(span),
         );
     }
+}
+
+/// What a connection needs before TLS: the listener's pre-TLS rules, the per-source counts,
+/// and its global handshake slot (released with it).
+struct Admission {
+    prelude: Prelude,
+    sources: Arc<SourceLimit>,
+    _global: OwnedSemaphorePermit,
+}
+
+/// A slot of the source's, then the first byte and PROXY header within the handshake
+/// deadline. Without PROXY the source is known at accept and counted before anything is
+/// awaited, so a flood from one address never waits on a global slot.
+async fn admit(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    admission: &Admission,
+) -> Result<(SocketAddr, SourceSlot), (&'static str, String)> {
+    let source = |ip| {
+        admission.sources.try_acquire(ip).ok_or((
+            "source_limit",
+            "too many handshakes in progress from this source".to_string(),
+        ))
+    };
+    let early = match admission.prelude.proxy_protocol {
+        false => Some(source(peer.ip())?),
+        true => None,
+    };
+    let client = admission
+        .prelude
+        .read(tcp, peer)
+        .await
+        .map_err(|e| match e {
+            PreludeError::Proxy(e) => ("proxy_protocol", format!("{e} (from {peer})")),
+            e => ("silent", e.to_string()),
+        })?;
+    if client != peer {
+        tracing::Span::current().record("peer", tracing::field::display(client));
+    }
+    let slot = match early {
+        Some(slot) => slot,
+        None => source(client.ip())?,
+    };
+    Ok((client, slot))
 }
 
 type Handshaken = (
@@ -305,15 +365,6 @@ async fn handshake(
     acceptor: TlsAcceptor,
     shared: &Shared,
 ) -> Result<Accepted, (&'static str, String)> {
-    tunnel_io::set_session_socket_options(&tcp);
-    let mut tcp = tcp;
-    let mut peer = peer;
-    if shared.config.edge.proxy_protocol {
-        peer = crate::proxy_protocol::client_address(&mut tcp, peer)
-            .await
-            .map_err(|e| ("proxy_protocol", format!("{e} (from {peer})")))?;
-        tracing::Span::current().record("peer", tracing::field::display(peer));
-    }
     let tls = acceptor
         .accept(tcp)
         .await
@@ -368,11 +419,40 @@ async fn handle_edge(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     stop: crate::server::Stop,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
 ) {
     let limit = shared.config.edge.handshake_timeout;
-    let handshaken = tokio::time::timeout(limit, handshake(tcp, peer, acceptor, &shared)).await;
-    drop(permit);
+    let deadline = tokio::time::Instant::now() + limit;
+    tunnel_io::set_session_socket_options(&tcp);
+    let mut tcp = tcp;
+    let (peer, source_slot) = match tokio::time::timeout_at(
+        deadline,
+        admit(&mut tcp, peer, &admission),
+    )
+    .await
+    {
+        Ok(Ok(admitted)) => admitted,
+        Ok(Err((kind, reason))) => {
+            shared.metrics.handshake(kind);
+            if kind == "proxy_protocol" {
+                warn!(target: "audit", event = "edge_refused", %peer, reason, "edge session refused");
+            } else {
+                // At debug: under a flood of silent connections this is every connection.
+                debug!(%peer, reason, "edge connection refused before TLS");
+            }
+            return;
+        }
+        Err(_) => {
+            shared.metrics.handshake("timeout");
+            debug!(%peer, "edge PROXY header timed out");
+            return;
+        }
+    };
+    // Both slots are held until the session is confirmed (or the connection turns out to be
+    // an upstream connection): the confirm step is part of the handshake.
+    let slots = (admission, source_slot);
+    let handshaken =
+        tokio::time::timeout_at(deadline, handshake(tcp, peer, acceptor, &shared)).await;
     let (session, mut connection, ping_pong) = match handshaken {
         Ok(Ok(Accepted::Session(h))) => *h,
         Ok(Ok(Accepted::Upstream {
@@ -382,6 +462,7 @@ async fn handle_edge(
             peer,
         })) => {
             tracing::Span::current().record("node", node.as_str());
+            drop(slots);
             crate::upstream::serve(tls, node, cert_der, peer, shared, stop).await;
             return;
         }
@@ -405,9 +486,10 @@ async fn handle_edge(
     let confirmed = tokio::select! {
         r = confirm => r,
         r = &mut connection => Err(format!("session ended before confirming: {r:?}")),
-        _ = tokio::time::sleep(limit) => Err("edge did not confirm the session".to_string()),
+        _ = tokio::time::sleep_until(deadline) => Err(format!("edge did not confirm the session within {limit:?} of connecting")),
         _ = stop.drain.cancelled() => Err("server draining".to_string()),
     };
+    drop(slots);
     if let Err(reason) = confirmed {
         shared.metrics.handshake("unconfirmed");
         info!(node = %session.node, %peer, reason, "edge session not established");
