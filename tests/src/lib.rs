@@ -17,6 +17,7 @@ pub mod ha;
 pub mod haproxy;
 pub mod pki;
 pub mod process;
+pub mod raw_edge;
 pub mod registration;
 pub mod relay;
 pub mod server;

@@ -8,3 +8,4 @@
 
 mod edge_flood;
 mod registration_flood;
+mod session_abuse;
