@@ -103,6 +103,24 @@ pub struct EdgeListenerConfig {
     /// nodes of one site may share a NAT address, so this is not tiny.
     #[serde(default = "default_max_handshakes_per_source")]
     pub max_handshakes_per_source: usize,
+    /// PING and SETTINGS frames per second an edge may send on one connection (session or
+    /// upstream). Legitimate traffic is one PING and one PING ACK per `ping_interval`; a peer
+    /// above the rate has its connection closed.
+    #[serde(default = "default_control_frames_per_second")]
+    pub control_frames_per_second: u32,
+    /// Control frames allowed at once before `control_frames_per_second` applies.
+    #[serde(default = "default_control_frames_burst")]
+    pub control_frames_burst: u32,
+}
+
+impl EdgeListenerConfig {
+    /// The control-frame limit of every edge connection.
+    pub fn control_frame_quota(&self) -> tunnel_io::control_frames::ControlFrameQuota {
+        tunnel_io::control_frames::ControlFrameQuota {
+            per_second: self.control_frames_per_second,
+            burst: self.control_frames_burst,
+        }
+    }
 }
 
 /// The HTTP CONNECT frontend (kube-apiserver's `HTTPConnect` egress).
@@ -202,6 +220,12 @@ fn default_first_byte_timeout() -> Duration {
 }
 fn default_max_handshakes_per_source() -> usize {
     64
+}
+fn default_control_frames_per_second() -> u32 {
+    10
+}
+fn default_control_frames_burst() -> u32 {
+    50
 }
 fn default_socket_mode() -> u32 {
     0o600
@@ -369,6 +393,12 @@ impl ServerConfig {
         {
             return Err(
                 "keys `edge.max_streams_per_edge`, `edge.max_handshakes` and `edge.max_handshakes_per_source` must be > 0".into(),
+            );
+        }
+        if e.control_frames_per_second == 0 || e.control_frames_burst == 0 {
+            return Err(
+                "keys `edge.control_frames_per_second` and `edge.control_frames_burst` must be > 0"
+                    .into(),
             );
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;

@@ -24,6 +24,7 @@ use crate::routing::Routable;
 use crate::session_info::{announce_changes, announce_once};
 use crate::source_limit::{SourceLimit, SourceSlot};
 use crate::Shared;
+use tunnel_io::control_frames::ControlFrameLimit;
 
 /// One live edge session, as the route table and the frontends see it.
 pub struct EdgeSession {
@@ -340,9 +341,12 @@ async fn admit(
     Ok((client, slot))
 }
 
+/// A session connection: TLS with its control-frame rate limit.
+type SessionIo = ControlFrameLimit<tokio_rustls::server::TlsStream<TcpStream>>;
+
 type Handshaken = (
     Arc<EdgeSession>,
-    h2::client::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+    h2::client::Connection<SessionIo, Bytes>,
     PingPong,
 );
 
@@ -388,11 +392,12 @@ async fn handshake(
             peer,
         });
     }
+    let limited = ControlFrameLimit::from_server(tls, shared.config.edge.control_frame_quota());
     let (send_request, mut connection) = shared
         .config
         .h2
         .client_builder()
-        .handshake(tls)
+        .handshake(limited)
         .await
         .map_err(|e| ("h2", format!("HTTP/2 handshake failed: {e}")))?;
     let ping_pong = connection
@@ -463,7 +468,9 @@ async fn handle_edge(
         })) => {
             tracing::Span::current().record("node", node.as_str());
             drop(slots);
-            crate::upstream::serve(tls, node, cert_der, peer, shared, stop).await;
+            let quota = shared.config.edge.control_frame_quota();
+            let limited = ControlFrameLimit::from_client(tls, quota);
+            crate::upstream::serve(limited, node, cert_der, peer, shared, stop).await;
             return;
         }
         Ok(Err((kind, reason))) => {

@@ -1,15 +1,18 @@
 //! Abuse of an edge session by a node certificate holder, with HTTP/2 written by hand.
 //! Issue 11 point 4: an edge answering the session confirm with endless headers grew the
 //! server by ~16 MiB per connection (h2's default header list limit), and the handshake slot
-//! was already released.
+//! was already released. Point 9: PING and SETTINGS floods, answered by h2 itself, cost every
+//! other node's CONNECT latency (2 ms → 100–180 ms).
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether_tests::raw_edge::{self, RawEdge, CONTINUATION, END_HEADERS, HEADERS};
-use tether_tests::{Pki, ServerOptions, ServerProc};
+use tether_tests::raw_edge::{self, RawEdge, CONTINUATION, END_HEADERS, HEADERS, PING};
+use tether_tests::targets::EchoServer;
+use tether_tests::{within, EdgeOptions, EdgeProc, Pki, ServerOptions, ServerProc, NODE, NODE_IP};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The server process's resident memory, KiB.
 fn vm_rss_kib(pid: u32) -> u64 {
@@ -110,4 +113,111 @@ async fn endless_confirm_headers_cannot_exhaust_server_memory() {
         "the server grew {growth_mib} MiB under {ATTACKERS} header floods"
     );
     assert!(!server.has_edge_session("greedy-0"));
+}
+
+/// One CONNECT through the mTLS frontend to the echo target and a 1 KiB round trip.
+async fn connect_roundtrip(pki: &Pki, server: &ServerProc, port: u16) -> Duration {
+    let started = Instant::now();
+    let mut tunnel = tunnel_server::client::connect_tls(
+        server.addrs.connect_tcp,
+        pki.frontend_client_tls(),
+        &format!("{NODE_IP}:{port}"),
+    )
+    .await
+    .expect("CONNECT through the other node");
+    let message = [7u8; 1024];
+    tunnel.write_all(&message).await.expect("write");
+    let mut back = [0u8; 1024];
+    tunnel.read_exact(&mut back).await.expect("echo");
+    started.elapsed()
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+#[tokio::test]
+async fn ping_and_settings_flood_closes_the_session_and_spares_other_nodes() {
+    let pki = Pki::new();
+    let echo = EchoServer::start().await;
+    let port = echo.addr.port();
+    let server = ServerProc::start(
+        &pki,
+        &ServerOptions {
+            allowed_ports: vec![port],
+            ..Default::default()
+        },
+    )
+    .await;
+    let _edge = EdgeProc::start(
+        &pki,
+        server.addrs.edge,
+        &EdgeOptions {
+            files: pki.issue_edge(NODE, &[NODE_IP]),
+            allow_ports: vec![port],
+        },
+    );
+    server.wait_for_edge_session(NODE).await;
+    let mut quiet = Vec::new();
+    for _ in 0..20 {
+        quiet.push(connect_roundtrip(&pki, &server, port).await);
+    }
+
+    let mut flooder = RawEdge::connect(
+        &pki,
+        server.addrs.edge,
+        "flooder",
+        &[IpAddr::from([192, 0, 2, 77])],
+    )
+    .await
+    .expect("flooder connects");
+    let stream = flooder.next_request().await.expect("session-info request");
+    flooder.answer_ok(stream).await.expect("confirm");
+    server.wait_for_edge_session("flooder").await;
+    // Batches of 500 PINGs and 500 SETTINGS, as fast as the socket takes them.
+    let mut batch = Vec::new();
+    for i in 0..500u64 {
+        batch.extend(raw_edge::frame(PING, 0, 0, &i.to_be_bytes()));
+        batch.extend(raw_edge::frame(raw_edge::SETTINGS, 0, 0, &[]));
+    }
+    let flood = tokio::spawn(async move {
+        let started = Instant::now();
+        let mut batches = 0u32;
+        while started.elapsed() < Duration::from_secs(10) {
+            if flooder.write_raw(&batch).await.is_err() {
+                break;
+            }
+            batches += 1;
+        }
+        let cut = tokio::time::timeout(Duration::from_secs(10), flooder.until_closed())
+            .await
+            .is_ok();
+        (started.elapsed(), batches, cut)
+    });
+    let mut busy = Vec::new();
+    for _ in 0..20 {
+        busy.push(connect_roundtrip(&pki, &server, port).await);
+    }
+    let (cut_after, batches, cut) = within("flood ends", Duration::from_secs(25), flood)
+        .await
+        .expect("flood task");
+    let (quiet, busy) = (median(quiet), median(busy));
+    eprintln!(
+        "flooder cut after {cut_after:?} ({batches} batches of 1000 control frames); \
+         CONNECT round trip median {quiet:?} quiet, {busy:?} during the flood"
+    );
+    assert!(cut, "the flooding session was closed");
+    assert!(
+        cut_after < Duration::from_secs(3),
+        "the flood ran for {cut_after:?}"
+    );
+    assert!(
+        server.log().contains("PING/SETTINGS flood"),
+        "the reason is logged"
+    );
+    assert!(
+        busy < quiet * 3 + Duration::from_millis(10),
+        "other nodes' CONNECTs slowed from {quiet:?} to {busy:?}"
+    );
 }
