@@ -100,6 +100,7 @@ ca_cert = "{ca}"
 ca_key = "{ca_key}"
 cert_lifetime = "{lifetime}"
 proxy_protocol = {proxy_protocol}
+{proxy_from}
 {registration_extra}
 
 [registration.rate]
@@ -117,6 +118,12 @@ filter = "{filter}"
             ca = l.ca_cert().display(),
             ca_key = l.ca_key().display(),
             proxy_protocol = options.proxy_protocol,
+            // haproxy connects from 127.0.0.1; other 127/8 sources play direct clients.
+            proxy_from = if options.proxy_protocol {
+                "proxy_protocol_from = [\"127.0.0.1/32\"]"
+            } else {
+                ""
+            },
             registration_extra = options.registration_extra,
             frontend_ca = l.frontend_ca_cert().display(),
             lifetime = options.cert_lifetime,

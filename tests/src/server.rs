@@ -124,6 +124,7 @@ handshake_timeout = "5s"
 ping_interval = "{ping_interval}"
 ping_misses = {ping_misses}
 proxy_protocol = {proxy_protocol}
+{proxy_from}
 {max_pending}
 {edge_extra}
 
@@ -160,6 +161,12 @@ filter = "info"
             ping_interval = toml_duration(options.ping_interval),
             ping_misses = options.ping_misses,
             proxy_protocol = options.proxy_protocol,
+            // haproxy connects from 127.0.0.1; other 127/8 sources play direct clients.
+            proxy_from = if options.proxy_protocol {
+                "proxy_protocol_from = [\"127.0.0.1/32\"]"
+            } else {
+                ""
+            },
             edge_extra = options.edge_extra,
             max_pending = options
                 .max_pending_dials

@@ -94,6 +94,11 @@ pub struct EdgeListenerConfig {
     /// take the edge's address from it (connections without one are refused).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Networks of the load balancers whose PROXY headers are believed (required with
+    /// `proxy_protocol`). A header from elsewhere refuses the connection; a direct TLS
+    /// connection from elsewhere is served under its own address.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Concurrent edge handshakes in progress (TLS exhaustion guard); beyond, new
     /// connections are closed at once.
     #[serde(default = "default_max_handshakes")]
@@ -395,6 +400,11 @@ impl ServerConfig {
                 "keys `edge.max_streams_per_edge`, `edge.max_handshakes` and `edge.max_handshakes_per_source` must be > 0".into(),
             );
         }
+        crate::registration::config::check_proxy_from(
+            "edge",
+            e.proxy_protocol,
+            &e.proxy_protocol_from,
+        )?;
         if e.control_frames_per_second == 0 || e.control_frames_burst == 0 {
             return Err(
                 "keys `edge.control_frames_per_second` and `edge.control_frames_burst` must be > 0"
@@ -643,6 +653,37 @@ mod tests {
         );
         let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
         assert!(err.to_string().contains("edge.ping_misses"), "{err}");
+    }
+
+    #[test]
+    fn proxy_protocol_without_balancer_networks_fails_closed() {
+        let dir = dir_with_pems();
+        let with = |extra: &str| {
+            MINIMAL.replace(
+                "client_ca = \"ca.pem\"",
+                &format!("client_ca = \"ca.pem\"\n{extra}"),
+            )
+        };
+        let err =
+            ServerConfig::parse(&with("proxy_protocol = true"), "t.toml", dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("edge.proxy_protocol_from"),
+            "{err}"
+        );
+        let err = ServerConfig::parse(
+            &with("proxy_protocol_from = [\"10.0.0.0/8\"]"),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("edge.proxy_protocol"), "{err}");
+        let c = ServerConfig::parse(
+            &with("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\"]"),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.edge.proxy_protocol_from.len(), 1);
     }
 
     #[test]

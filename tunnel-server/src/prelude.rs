@@ -2,6 +2,11 @@
 //! that never speaks is dropped in seconds, not after the whole handshake timeout), then the
 //! PROXY header where the listener takes one. Returns the client's address, which the
 //! per-source caps and the audit log use. Owns no slot and no TLS state.
+//!
+//! A PROXY header is believed only from the balancer networks (`proxy_protocol_from`): from
+//! there it is required; from anywhere else a connection that starts with one is refused,
+//! and a connection that starts with TLS is served under its own TCP address (it cannot
+//! choose an apparent address, and direct access from inside the cluster keeps working).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -25,6 +30,9 @@ pub enum PreludeError {
     /// The PROXY header was missing or malformed.
     #[error(transparent)]
     Proxy(#[from] ProxyHeaderError),
+    /// A PROXY header from outside the balancer networks.
+    #[error("PROXY header from {0}, which is not in `proxy_protocol_from`")]
+    UntrustedProxy(std::net::IpAddr),
 }
 
 /// A listener's pre-TLS rules.
@@ -34,6 +42,8 @@ pub struct Prelude {
     pub first_byte_timeout: Duration,
     /// Expect a PROXY header from the load balancer.
     pub proxy_protocol: bool,
+    /// Where PROXY headers may come from (the balancers' networks).
+    pub proxy_from: Vec<ipnet::IpNet>,
 }
 
 impl Prelude {
@@ -44,11 +54,24 @@ impl Prelude {
         tcp: &mut TcpStream,
         peer: SocketAddr,
     ) -> Result<SocketAddr, PreludeError> {
-        first_byte_within(tcp, self.first_byte_timeout).await?;
+        let first = first_byte_within(tcp, self.first_byte_timeout).await?;
         if !self.proxy_protocol {
             return Ok(peer);
         }
-        Ok(crate::proxy_protocol::client_address(tcp, peer).await?)
+        if self.trusts(peer.ip()) {
+            return Ok(crate::proxy_protocol::client_address(tcp, peer).await?);
+        }
+        // `PROXY ` (v1) and `\r\n\r\n…` (v2) cannot start a TLS record (0x16).
+        if first == b'P' || first == b'\r' {
+            return Err(PreludeError::UntrustedProxy(peer.ip()));
+        }
+        Ok(peer)
+    }
+
+    /// Whether `ip` is a balancer whose PROXY headers are taken (and required).
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.proxy_protocol && self.proxy_from.iter().any(|net| net.contains(&ip))
     }
 }
 
@@ -83,6 +106,7 @@ mod tests {
         let prelude = Prelude {
             first_byte_timeout: Duration::from_millis(50),
             proxy_protocol: false,
+            proxy_from: Vec::new(),
         };
         let started = std::time::Instant::now();
         let r = prelude.read(&mut server, peer).await;
@@ -97,10 +121,60 @@ mod tests {
         let prelude = Prelude {
             first_byte_timeout: Duration::from_secs(1),
             proxy_protocol: false,
+            proxy_from: Vec::new(),
         };
         assert_eq!(prelude.read(&mut server, peer).await.unwrap(), peer);
         let mut buf = [0u8; 3];
         server.peek(&mut buf).await.unwrap();
         assert_eq!(&buf, b"\x16\x03\x01");
+    }
+
+    fn behind(net: &str) -> Prelude {
+        Prelude {
+            first_byte_timeout: Duration::from_secs(1),
+            proxy_protocol: true,
+            proxy_from: vec![net.parse().unwrap()],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_proxy_header_from_the_balancer_gives_the_client_address() {
+        let (mut client, mut server, peer) = pair().await;
+        client
+            .write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 9000\r\n\x16")
+            .await
+            .unwrap();
+        let got = behind("127.0.0.0/8").read(&mut server, peer).await.unwrap();
+        assert_eq!(got, "198.51.100.7:40000".parse().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_proxy_header_from_elsewhere_is_refused() {
+        let (mut client, mut server, peer) = pair().await;
+        client
+            .write_all(b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 9000\r\n\x16")
+            .await
+            .unwrap();
+        let r = behind("10.0.0.0/8").read(&mut server, peer).await;
+        assert!(matches!(r, Err(PreludeError::UntrustedProxy(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn tls_from_elsewhere_is_served_under_its_own_address() {
+        let (mut client, mut server, peer) = pair().await;
+        client.write_all(b"\x16\x03\x01").await.unwrap();
+        let got = behind("10.0.0.0/8").read(&mut server, peer).await.unwrap();
+        assert_eq!(got, peer);
+    }
+
+    #[tokio::test]
+    async fn tls_from_the_balancer_without_a_header_is_refused() {
+        let (mut client, mut server, peer) = pair().await;
+        client
+            .write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\x00")
+            .await
+            .unwrap();
+        let r = behind("127.0.0.0/8").read(&mut server, peer).await;
+        assert!(matches!(r, Err(PreludeError::Proxy(_))), "{r:?}");
     }
 }

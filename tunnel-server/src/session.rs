@@ -266,6 +266,7 @@ pub async fn serve_edges(
     let prelude = Prelude {
         first_byte_timeout: edge.first_byte_timeout,
         proxy_protocol: edge.proxy_protocol,
+        proxy_from: edge.proxy_protocol_from.clone(),
     };
     let mut retry = tunnel_io::accept::AcceptRetry::new("edge");
     loop {
@@ -306,8 +307,8 @@ struct Admission {
 }
 
 /// A slot of the source's, then the first byte and PROXY header within the handshake
-/// deadline. Without PROXY the source is known at accept and counted before anything is
-/// awaited, so a flood from one address never waits on a global slot.
+/// deadline. Unless the peer is a trusted balancer, the source is known at accept and counted
+/// before anything is awaited, so a flood from one address never waits on a global slot.
 async fn admit(
     tcp: &mut TcpStream,
     peer: SocketAddr,
@@ -319,7 +320,7 @@ async fn admit(
             "too many handshakes in progress from this source".to_string(),
         ))
     };
-    let early = match admission.prelude.proxy_protocol {
+    let early = match admission.prelude.trusts(peer.ip()) {
         false => Some(source(peer.ip())?),
         true => None,
     };
@@ -329,6 +330,7 @@ async fn admit(
         .await
         .map_err(|e| match e {
             PreludeError::Proxy(e) => ("proxy_protocol", format!("{e} (from {peer})")),
+            e @ PreludeError::UntrustedProxy(_) => ("proxy_protocol", e.to_string()),
             e => ("silent", e.to_string()),
         })?;
     if client != peer {

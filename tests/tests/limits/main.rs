@@ -7,5 +7,6 @@
 //! (or its descriptor limit) with the other end-to-end tests.
 
 mod edge_flood;
+mod proxy_trust;
 mod registration_flood;
 mod session_abuse;

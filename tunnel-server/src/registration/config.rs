@@ -68,6 +68,11 @@ pub struct RegistrationConfig {
     /// header are refused.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Networks of the load balancers whose PROXY headers are believed (required with
+    /// `proxy_protocol`). A header from elsewhere refuses the connection; a direct TLS
+    /// connection from elsewhere is served under its own address.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Join throttling.
     #[serde(default)]
     pub rate: RateConfig,
@@ -215,6 +220,11 @@ impl RegistrationConfig {
                 "key `registration.first_byte_timeout` must not exceed `handshake_timeout`".into(),
             );
         }
+        check_proxy_from(
+            "registration",
+            self.proxy_protocol,
+            &self.proxy_protocol_from,
+        )?;
         let r = &self.rate;
         if r.per_source_per_minute == 0
             || r.per_token_per_minute == 0
@@ -224,5 +234,20 @@ impl RegistrationConfig {
             return Err("keys in `registration.rate` must be > 0".into());
         }
         Ok(())
+    }
+}
+
+/// `proxy_protocol = true` needs the balancers' networks, and the networks mean nothing
+/// without it: fail closed rather than believe PROXY headers from anyone.
+pub fn check_proxy_from(section: &str, enabled: bool, from: &[ipnet::IpNet]) -> Result<(), String> {
+    match (enabled, from.is_empty()) {
+        (true, true) => Err(format!(
+            "key `{section}.proxy_protocol_from` is required with `{section}.proxy_protocol = true`: \
+             list the load balancers' networks (PROXY headers from anywhere else are refused)"
+        )),
+        (false, false) => Err(format!(
+            "key `{section}.proxy_protocol_from` is set but `{section}.proxy_protocol` is not"
+        )),
+        _ => Ok(()),
     }
 }

@@ -118,6 +118,7 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     let prelude = Prelude {
         first_byte_timeout: config.first_byte_timeout,
         proxy_protocol: config.proxy_protocol,
+        proxy_from: config.proxy_protocol_from.clone(),
     };
     tracker.spawn(accept(
         registration.listener,
@@ -185,8 +186,9 @@ async fn accept(
         tracker.spawn(async move {
             let deadline = tokio::time::Instant::now() + admission.handshake_timeout;
             let (mut tcp, mut peer) = (tcp, peer);
-            // Without PROXY the source is known now: count it before waiting on anything.
-            let early = match prelude.proxy_protocol {
+            // Unless the peer is a trusted balancer, the source is known now: count it before
+            // waiting on anything.
+            let early = match prelude.trusts(peer.ip()) {
                 false => match admission.source(peer.ip()) {
                     Ok(slot) => Some(slot),
                     Err(refusal) => {
@@ -202,7 +204,7 @@ async fn accept(
             };
             match before_tls {
                 Ok(Ok(client)) => peer = client,
-                Ok(Err(error @ PreludeError::Proxy(_))) => {
+                Ok(Err(error @ (PreludeError::Proxy(_) | PreludeError::UntrustedProxy(_)))) => {
                     warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration refused: bad PROXY protocol header");
                     return;
                 }
