@@ -49,6 +49,8 @@ pub struct ServerOptions {
     pub shutdown_grace: Duration,
     /// More `[edge]` lines (limits, timeouts), verbatim.
     pub edge_extra: String,
+    /// More sections (`[upstreams]`, say) at the end of the file, verbatim.
+    pub extra_sections: String,
 }
 
 impl Default for ServerOptions {
@@ -66,6 +68,7 @@ impl Default for ServerOptions {
             max_pending_dials: None,
             shutdown_grace: Duration::from_secs(1),
             edge_extra: String::new(),
+            extra_sections: String::new(),
         }
     }
 }
@@ -150,6 +153,7 @@ listen = "127.0.0.1:0"
 format = "{format}"
 filter = "info"
 {replica}
+{extra_sections}
 "#,
             cert = layout.server_cert().display(),
             key = layout.server_key().display(),
@@ -168,6 +172,7 @@ filter = "info"
                 ""
             },
             edge_extra = options.edge_extra,
+            extra_sections = options.extra_sections,
             max_pending = options
                 .max_pending_dials
                 .map(|n| format!("max_pending_dials = {n}"))

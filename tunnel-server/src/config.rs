@@ -116,6 +116,13 @@ pub struct EdgeListenerConfig {
     /// Control frames allowed at once before `control_frames_per_second` applies.
     #[serde(default = "default_control_frames_burst")]
     pub control_frames_burst: u32,
+    /// Edge → cloud upstream streams one node may have open on this server (each holds a
+    /// server descriptor); beyond, new streams are refused with 503.
+    #[serde(default = "default_max_upstream_streams_per_node")]
+    pub max_upstream_streams_per_node: usize,
+    /// Upstream dials of one node in progress at once; beyond, refused with 503.
+    #[serde(default = "default_max_upstream_dials_per_node")]
+    pub max_upstream_dials_per_node: usize,
 }
 
 impl EdgeListenerConfig {
@@ -231,6 +238,12 @@ fn default_control_frames_per_second() -> u32 {
 }
 fn default_control_frames_burst() -> u32 {
     50
+}
+fn default_max_upstream_streams_per_node() -> usize {
+    256
+}
+fn default_max_upstream_dials_per_node() -> usize {
+    32
 }
 fn default_socket_mode() -> u32 {
     0o600
@@ -405,6 +418,9 @@ impl ServerConfig {
             e.proxy_protocol,
             &e.proxy_protocol_from,
         )?;
+        if e.max_upstream_streams_per_node == 0 || e.max_upstream_dials_per_node == 0 {
+            return Err("keys `edge.max_upstream_streams_per_node` and `edge.max_upstream_dials_per_node` must be > 0".into());
+        }
         if e.control_frames_per_second == 0 || e.control_frames_burst == 0 {
             return Err(
                 "keys `edge.control_frames_per_second` and `edge.control_frames_burst` must be > 0"

@@ -43,6 +43,8 @@ pub struct Shared {
     pub replica: crate::replicas::Replica,
     /// Revoked nodes (with `[registration]`): checked on every edge handshake.
     pub revocations: Option<Arc<crate::revocation::RevocationList>>,
+    /// Upstream stream and dial budgets per node.
+    pub upstreams: crate::upstream::NodeUpstreams,
 }
 
 /// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
@@ -168,6 +170,7 @@ impl RunningServer {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             revocations: registration.as_ref().map(|r| r.revocations.clone()),
+            upstreams: crate::upstream::NodeUpstreams::default(),
         });
         let tracker = TaskTracker::new();
         let admin_tracker = TaskTracker::new();

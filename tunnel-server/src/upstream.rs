@@ -4,9 +4,9 @@
 //! with the usual roles (edge = HTTP/2 client); each stream is a CONNECT whose authority is
 //! an upstream name. Names not in the config are refused; the edge never picks an address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use protocol::stream::{sanitize_reason, DialFailure, REASON_HEADER};
 use protocol::NodeName;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 use tunnel_io::pipe::{pipe, PipeConfig};
 
@@ -24,6 +25,36 @@ use crate::Shared;
 
 /// `[upstreams]`: name → address the server dials for edges.
 pub type UpstreamMap = BTreeMap<String, String>;
+
+/// Upstream budgets per node, shared by all of a node's upstream connections to this server:
+/// each open upstream stream and each dial in progress holds a server descriptor, and any
+/// local process on a node can open them (the edge's forward port is on loopback).
+#[derive(Default)]
+pub struct NodeUpstreams {
+    nodes: Mutex<HashMap<NodeName, Arc<NodeBudget>>>,
+}
+
+/// One node's upstream budget.
+struct NodeBudget {
+    streams: Arc<Semaphore>,
+    dials: Semaphore,
+}
+
+impl NodeUpstreams {
+    fn budget(&self, node: &NodeName, shared: &Shared) -> Arc<NodeBudget> {
+        let edge = &shared.config.edge;
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(node.clone())
+            .or_insert_with(|| {
+                Arc::new(NodeBudget {
+                    streams: Arc::new(Semaphore::new(edge.max_upstream_streams_per_node)),
+                    dials: Semaphore::new(edge.max_upstream_dials_per_node),
+                })
+            })
+            .clone()
+    }
+}
 
 /// Check upstream names and addresses; the message names the key.
 pub fn validate(upstreams: &UpstreamMap) -> Result<(), String> {
@@ -78,6 +109,7 @@ pub async fn serve<T>(
         }
     };
     info!(%node, %peer, "upstream connection established");
+    let budget = shared.upstreams.budget(&node, &shared);
     let streams = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
@@ -90,12 +122,19 @@ pub async fn serve<T>(
             }
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
+                    let Ok(slot) = budget.streams.clone().try_acquire_owned() else {
+                        let limit = shared.config.edge.max_upstream_streams_per_node;
+                        refuse(respond, DialFailure::Overloaded, &format!("{limit} upstream streams of this node already open"));
+                        continue;
+                    };
+                    let budget = budget.clone();
                     let shared = shared.clone();
                     let node = node.clone();
                     let hard = stop.hard.clone();
                     let der = cert_der.clone();
                     streams.spawn(async move {
-                        forward(request, respond, &node, &der, &shared, &hard).await;
+                        forward(request, respond, &node, &der, &shared, &budget, &hard).await;
+                        drop(slot);
                     });
                 }
                 Some(Err(error)) => {
@@ -126,6 +165,7 @@ async fn forward(
     node: &NodeName,
     cert_der: &[u8],
     shared: &Shared,
+    budget: &NodeBudget,
     cancel: &tokio_util::sync::CancellationToken,
 ) {
     let started = Instant::now();
@@ -161,8 +201,31 @@ async fn forward(
         );
         return;
     };
+    let Ok(dialing) = budget.dials.try_acquire() else {
+        let limit = shared.config.edge.max_upstream_dials_per_node;
+        refuse(
+            respond,
+            DialFailure::Overloaded,
+            &format!("{limit} upstream dials of this node already pending"),
+        );
+        return;
+    };
+    let mut respond = respond;
     let timeout = shared.config.connect.dial_timeout;
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
+    let dial = tokio::time::timeout(timeout, TcpStream::connect(address.as_str()));
+    // A stream reset by the edge cancels its dial (and a stream reset before this point is
+    // never dialed): rapid reset must not turn into server descriptors.
+    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+    let dialed = tokio::select! {
+        biased;
+        _ = reset => {
+            debug!(%node, upstream = name, "upstream stream reset by the edge; dial cancelled");
+            return;
+        }
+        dialed = dial => dialed,
+    };
+    drop(dialing);
+    let tcp = match dialed {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             let reason = format!("connect upstream {name} ({address}): {e}");
@@ -178,7 +241,6 @@ async fn forward(
         }
     };
     tunnel_io::set_nodelay(&tcp);
-    let mut respond = respond;
     let send = match Response::builder().status(StatusCode::OK).body(()) {
         Ok(ok) => match respond.send_response(ok, false) {
             Ok(send) => send,

@@ -10,3 +10,4 @@ mod edge_flood;
 mod proxy_trust;
 mod registration_flood;
 mod session_abuse;
+mod upstream_reset;
