@@ -123,6 +123,10 @@ pub struct EdgeListenerConfig {
     /// Upstream dials of one node in progress at once; beyond, refused with 503.
     #[serde(default = "default_max_upstream_dials_per_node")]
     pub max_upstream_dials_per_node: usize,
+    /// Upstream streams of all nodes together; absent = a quarter of the process's open-file
+    /// limit, so the rest stays available to the listeners, sessions and frontends.
+    #[serde(default)]
+    pub max_upstream_streams: Option<usize>,
 }
 
 impl EdgeListenerConfig {
@@ -418,8 +422,11 @@ impl ServerConfig {
             e.proxy_protocol,
             &e.proxy_protocol_from,
         )?;
-        if e.max_upstream_streams_per_node == 0 || e.max_upstream_dials_per_node == 0 {
-            return Err("keys `edge.max_upstream_streams_per_node` and `edge.max_upstream_dials_per_node` must be > 0".into());
+        if e.max_upstream_streams_per_node == 0
+            || e.max_upstream_dials_per_node == 0
+            || e.max_upstream_streams == Some(0)
+        {
+            return Err("keys `edge.max_upstream_streams_per_node`, `edge.max_upstream_dials_per_node` and `edge.max_upstream_streams` must be > 0".into());
         }
         if e.control_frames_per_second == 0 || e.control_frames_burst == 0 {
             return Err(

@@ -29,9 +29,35 @@ pub type UpstreamMap = BTreeMap<String, String>;
 /// Upstream budgets per node, shared by all of a node's upstream connections to this server:
 /// each open upstream stream and each dial in progress holds a server descriptor, and any
 /// local process on a node can open them (the edge's forward port is on loopback).
+/// All nodes together share one more budget, a part of the process's open-file limit, so
+/// the descriptors kept in reserve stay available to the listeners, sessions and frontends.
 #[derive(Default)]
 pub struct NodeUpstreams {
     nodes: Mutex<HashMap<NodeName, Arc<NodeBudget>>>,
+    total: std::sync::OnceLock<(usize, Arc<Semaphore>)>,
+}
+
+/// Share of the open-file limit upstream streams may use when `edge.max_upstream_streams`
+/// is not set: a quarter, leaving three quarters for edge sessions, frontend tunnels (two
+/// descriptors each on the server: client socket, plus the session they share) and the
+/// listeners.
+pub const UPSTREAM_SHARE_OF_FILE_LIMIT: usize = 4;
+/// Budget when the open-file limit cannot be read (or is unlimited).
+const UPSTREAM_FALLBACK_BUDGET: usize = 4096;
+
+/// The soft open-file limit of this process, from `/proc/self/limits` (Linux).
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_file_limit(&limits)
+}
+
+fn parse_open_file_limit(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// One node's upstream budget.
@@ -41,6 +67,19 @@ struct NodeBudget {
 }
 
 impl NodeUpstreams {
+    /// The server-wide upstream stream budget: `edge.max_upstream_streams`, or a quarter of
+    /// the open-file limit.
+    fn total(&self, shared: &Shared) -> &(usize, Arc<Semaphore>) {
+        self.total.get_or_init(|| {
+            let n = shared.config.edge.max_upstream_streams.unwrap_or_else(|| {
+                open_file_limit()
+                    .map(|limit| (limit / UPSTREAM_SHARE_OF_FILE_LIMIT).max(1))
+                    .unwrap_or(UPSTREAM_FALLBACK_BUDGET)
+            });
+            (n, Arc::new(Semaphore::new(n)))
+        })
+    }
+
     fn budget(&self, node: &NodeName, shared: &Shared) -> Arc<NodeBudget> {
         let edge = &shared.config.edge;
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,6 +166,12 @@ pub async fn serve<T>(
                         refuse(respond, DialFailure::Overloaded, &format!("{limit} upstream streams of this node already open"));
                         continue;
                     };
+                    let (total, all) = shared.upstreams.total(&shared);
+                    let Ok(global) = all.clone().try_acquire_owned() else {
+                        warn!(%node, total, "upstream refused: the server's upstream budget is exhausted");
+                        refuse(respond, DialFailure::Overloaded, &format!("the server's {total} upstream streams are all in use"));
+                        continue;
+                    };
                     let budget = budget.clone();
                     let shared = shared.clone();
                     let node = node.clone();
@@ -134,7 +179,7 @@ pub async fn serve<T>(
                     let der = cert_der.clone();
                     streams.spawn(async move {
                         forward(request, respond, &node, &der, &shared, &budget, &hard).await;
-                        drop(slot);
+                        drop((slot, global));
                     });
                 }
                 Some(Err(error)) => {
@@ -279,6 +324,18 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             62987                62987                processes \n\
+                      Max open files            4096                 524288               files     \n";
+        assert_eq!(parse_open_file_limit(limits), Some(4096));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_open_file_limit(unlimited), None);
+        assert!(open_file_limit().is_some_and(|n| n > 0));
+    }
 
     #[test]
     fn upstream_names_and_addresses_are_checked() {

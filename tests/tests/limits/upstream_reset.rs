@@ -1,7 +1,7 @@
 //! Descriptor exhaustion through the edge → cloud upstream path (issue 11 point 3): a reset
 //! upstream stream still dialed its upstream (~21,800 dials in 12 s under rapid reset), and
-//! nothing bounded one node's upstream streams or dials. Now a reset cancels the dial and
-//! each node has its own stream and dial budget.
+//! nothing bounded one node's upstream streams or dials. Now a reset cancels the dial, each
+//! node has its own stream and dial budget, and all nodes share a server-wide one.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -137,4 +137,48 @@ async fn rapid_reset_of_upstream_streams_leaves_no_dials_behind() {
         peak - before
     );
     drop(black_hole);
+}
+
+#[tokio::test]
+async fn upstream_streams_of_all_nodes_stay_within_the_server_budget() {
+    let echo = EchoServer::start().await;
+    let pki = Pki::new();
+    let server = ServerProc::start(
+        &pki,
+        &ServerOptions {
+            edge_extra: "max_upstream_streams = 2\n".into(),
+            extra_sections: format!("[upstreams]\nfast = \"{}\"\n", echo.addr),
+            ..Default::default()
+        },
+    )
+    .await;
+    let open = |node: &'static str| {
+        let pki = &pki;
+        let edge = server.addrs.edge;
+        async move {
+            let client = upstream_connection(pki, edge, node).await;
+            let mut ready = client.ready().await.expect("connection alive");
+            let (response, send) = ready
+                .send_request(connect_to("fast:443"), false)
+                .expect("stream opened");
+            let response = within("upstream answer", Duration::from_secs(3), response)
+                .await
+                .expect("response");
+            (response, send, ready)
+        }
+    };
+    // Two nodes take the whole budget; a third node's stream is refused, not dialed.
+    let a = open("budget-a").await;
+    let b = open("budget-b").await;
+    assert_eq!(
+        (a.0.status(), b.0.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let c = open("budget-c").await;
+    assert_eq!(c.0.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let reason = c.0.headers()["tether-reason"].to_str().unwrap_or_default();
+    assert!(
+        reason.contains("upstream streams are all in use"),
+        "{reason}"
+    );
 }
