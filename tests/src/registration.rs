@@ -27,6 +27,8 @@ pub struct RegistrationOptions {
     pub proxy_protocol: bool,
     /// `--shutdown-grace`.
     pub shutdown_grace: &'static str,
+    /// More `[registration]` lines (limits, timeouts), verbatim.
+    pub registration_extra: String,
 }
 
 impl Default for RegistrationOptions {
@@ -38,6 +40,7 @@ impl Default for RegistrationOptions {
             log_filter: "info",
             proxy_protocol: false,
             shutdown_grace: "1s",
+            registration_extra: String::new(),
         }
     }
 }
@@ -100,6 +103,8 @@ ca_cert = "{ca}"
 ca_key = "{ca_key}"
 cert_lifetime = "{lifetime}"
 proxy_protocol = {proxy_protocol}
+{proxy_from}
+{registration_extra}
 
 [registration.rate]
 per_source_per_minute = 600
@@ -116,6 +121,13 @@ filter = "{filter}"
             ca = l.ca_cert().display(),
             ca_key = l.ca_key().display(),
             proxy_protocol = options.proxy_protocol,
+            // haproxy connects from 127.0.0.1; other 127/8 sources play direct clients.
+            proxy_from = if options.proxy_protocol {
+                "proxy_protocol_from = [\"127.0.0.1/32\"]"
+            } else {
+                ""
+            },
+            registration_extra = options.registration_extra,
             frontend_ca = l.frontend_ca_cert().display(),
             lifetime = options.cert_lifetime,
             lockout_after = options.lockout_after,

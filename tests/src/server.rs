@@ -47,6 +47,10 @@ pub struct ServerOptions {
     pub max_pending_dials: Option<usize>,
     /// `--shutdown-grace`.
     pub shutdown_grace: Duration,
+    /// More `[edge]` lines (limits, timeouts), verbatim.
+    pub edge_extra: String,
+    /// More sections (`[upstreams]`, say) at the end of the file, verbatim.
+    pub extra_sections: String,
 }
 
 impl Default for ServerOptions {
@@ -63,6 +67,8 @@ impl Default for ServerOptions {
             idle_timeout: None,
             max_pending_dials: None,
             shutdown_grace: Duration::from_secs(1),
+            edge_extra: String::new(),
+            extra_sections: String::new(),
         }
     }
 }
@@ -121,7 +127,9 @@ handshake_timeout = "5s"
 ping_interval = "{ping_interval}"
 ping_misses = {ping_misses}
 proxy_protocol = {proxy_protocol}
+{proxy_from}
 {max_pending}
+{edge_extra}
 
 [connect]
 unix_socket = "{socket}"
@@ -145,6 +153,7 @@ listen = "127.0.0.1:0"
 format = "{format}"
 filter = "info"
 {replica}
+{extra_sections}
 "#,
             cert = layout.server_cert().display(),
             key = layout.server_key().display(),
@@ -156,6 +165,14 @@ filter = "info"
             ping_interval = toml_duration(options.ping_interval),
             ping_misses = options.ping_misses,
             proxy_protocol = options.proxy_protocol,
+            // haproxy connects from 127.0.0.1; other 127/8 sources play direct clients.
+            proxy_from = if options.proxy_protocol {
+                "proxy_protocol_from = [\"127.0.0.1/32\"]"
+            } else {
+                ""
+            },
+            edge_extra = options.edge_extra,
+            extra_sections = options.extra_sections,
             max_pending = options
                 .max_pending_dials
                 .map(|n| format!("max_pending_dials = {n}"))

@@ -1,7 +1,8 @@
 //! Edge → cloud upstreams, in process with real TLS on 127.0.0.1: a client on the edge's
 //! loopback forward port reaches an HTTPS "apiserver" that only the *server* names, with a
 //! checksummed transfer inside end-to-end TLS; an upstream the server does not list is
-//! refused; revoking the node cuts an upstream stream that was already open.
+//! refused; revoking the node cuts an upstream stream that was already open; a forward
+//! port serves no more than its `max_connections` at once.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use tunnel_server::demo_kubelet::DemoKubelet;
 use tunnel_server::pki::{self, Ca};
 
 const NODE: &str = "edge-up";
+/// `max_connections` of the third forward port.
+const FORWARD_CAP: usize = 4;
 const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
 
 struct Rig {
@@ -76,7 +79,8 @@ async fn start() -> Rig {
             "[server]\naddress = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
              [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"kube-apiserver\"\n\
              [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"etcd\"\n\
-             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\n",
+             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\n\
+             [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"kube-apiserver\"\nmax_connections = {FORWARD_CAP}\n",
             server.addrs.edge
         ),
     )
@@ -227,4 +231,58 @@ async fn revocation_cuts_an_open_upstream_stream_within_seconds() {
     assert!(revoked_at.elapsed() < Duration::from_secs(5));
     rig.cancel.cancel();
     rig.server.shutdown(Duration::from_secs(2)).await;
+}
+#[tokio::test]
+async fn local_connection_flood_on_a_forward_port_is_capped() {
+    let rig = start().await;
+    let port = rig.forwards[3];
+    // FORWARD_CAP local clients hold TLS sessions to the apiserver through the port.
+    let mut held = Vec::new();
+    for _ in 0..FORWARD_CAP {
+        let tcp = TcpStream::connect(port).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_rustls::TlsConnector::from(rig.apiserver_tls.clone()).connect(name, tcp),
+        )
+        .await
+        .expect("TLS through the forward port within 10 s")
+        .unwrap();
+        held.push(tls);
+    }
+    // One more is closed at once, without reaching the server.
+    let mut extra = TcpStream::connect(port).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        .await
+        .expect("the connection over the cap is closed promptly");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // A slot freed is a slot usable again.
+    held.pop();
+    let (status, _) = healthz_retrying(&rig, port).await;
+    assert_eq!(status, 200);
+    rig.cancel.cancel();
+    rig.server.shutdown(Duration::from_secs(2)).await;
+}
+
+/// `GET /healthz` through `port`, retried for up to 5 s while a freed slot is released.
+async fn healthz_retrying(rig: &Rig, port: SocketAddr) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tunnel = TcpStream::connect(port).await.unwrap();
+        match tunnel_server::client::https_get(
+            tunnel,
+            rig.apiserver_tls.clone(),
+            "localhost",
+            "/healthz",
+        )
+        .await
+        {
+            Ok(answer) => return answer,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no slot came back: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

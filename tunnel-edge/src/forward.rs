@@ -3,6 +3,12 @@
 //! bootstrap, registration, status and watches). One extra TLS connection to the server
 //! (ALPN `tether-up/1`, the usual HTTP/2 roles: the edge is the client) is opened on first
 //! use and shared by every forwarded connection; each is one CONNECT stream.
+//!
+//! Who can use a forward port: any process on the node (it listens on loopback only, so no
+//! other host can). It reaches nothing but the upstreams the server names, and the upstream
+//! still authenticates the caller (the apiserver checks the kubelet's credentials). Each
+//! listener serves at most `max_connections` at once, so one local process cannot exhaust
+//! the node's or the server's descriptors (the server has its own per-node caps as well).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,11 +36,25 @@ pub struct ForwardRule {
     pub listen: SocketAddr,
     /// Upstream name, as configured in the server's `[upstreams]`.
     pub upstream: String,
+    /// Connections this listener forwards at once; beyond, new ones are closed at once.
+    #[serde(default = "default_forward_connections")]
+    pub max_connections: usize,
+}
+
+/// Default of `forward.max_connections`: a kubelet keeps a handful of apiserver connections
+/// (one HTTP/2 connection plus watches); matches the server's per-node upstream stream cap.
+pub const DEFAULT_FORWARD_CONNECTIONS: usize = 256;
+
+fn default_forward_connections() -> usize {
+    DEFAULT_FORWARD_CONNECTIONS
 }
 
 /// Check the rules; the message names the key.
 pub fn validate(rules: &[ForwardRule]) -> Result<(), String> {
     for (i, rule) in rules.iter().enumerate() {
+        if rule.max_connections == 0 {
+            return Err(format!("key `forward[{i}].max_connections` must be > 0"));
+        }
         if !rule.listen.ip().is_loopback() {
             return Err(format!(
                 "key `forward[{i}].listen`: {} is not a loopback address",
@@ -90,6 +110,7 @@ impl Forwarder {
             tracker.spawn(self.clone().serve(
                 listener,
                 rule.upstream.clone(),
+                rule.max_connections,
                 tracker.clone(),
                 cancel.clone(),
             ));
@@ -101,16 +122,23 @@ impl Forwarder {
         self: Arc<Self>,
         listener: TcpListener,
         upstream: String,
+        max_connections: usize,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
         let mut retry = tunnel_io::accept::AcceptRetry::new("forward");
         while let Some((socket, client)) = retry.next(&cancel, || listener.accept()).await {
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                warn!(%client, upstream, max_connections, "forward listener full; connection closed");
+                continue;
+            };
             let this = self.clone();
             let upstream = upstream.clone();
             let cancel = cancel.clone();
             tracker.spawn(async move {
                 this.forward(socket, client, &upstream, &cancel).await;
+                drop(slot);
             });
         }
     }
@@ -224,8 +252,14 @@ mod tests {
         let ok = ForwardRule {
             listen: "127.0.0.1:6443".parse().unwrap(),
             upstream: "kube-apiserver".into(),
+            max_connections: DEFAULT_FORWARD_CONNECTIONS,
         };
         assert!(validate(std::slice::from_ref(&ok)).is_ok());
+        let none = ForwardRule {
+            max_connections: 0,
+            ..ok.clone()
+        };
+        assert!(validate(&[none]).unwrap_err().contains("max_connections"));
         let open = ForwardRule {
             listen: "0.0.0.0:6443".parse().unwrap(),
             ..ok.clone()

@@ -50,6 +50,11 @@ const AGENT_CONNECTION_WINDOW: u32 = 32 << 20;
 const AGENT_MAX_FRAME: u32 = 1 << 20;
 /// `Connect` streams on one agent connection: an agent opens one per server.
 const AGENT_STREAMS_PER_CONNECTION: u32 = 4;
+/// Largest header list (bytes, as HTTP/2 counts them) on the gRPC listeners (Konnectivity
+/// frontend and agents). A call carries gRPC's own headers, agent metadata and perhaps a
+/// service-account bearer token (1-2 KiB); h2's default of 16 MiB would let any client make
+/// the server buffer 16 MiB per connection.
+pub(crate) const GRPC_MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// One attached Konnectivity agent, as the route table sees it (through
 /// [`NodeSession::Agent`](crate::node_session::NodeSession::Agent)).
@@ -158,6 +163,7 @@ pub fn spawn(listener: AgentListener, shared: Arc<Shared>, stop: Stop, tracker: 
         .initial_stream_window_size(AGENT_STREAM_WINDOW)
         .initial_connection_window_size(AGENT_CONNECTION_WINDOW)
         .max_frame_size(AGENT_MAX_FRAME)
+        .http2_max_header_list_size(GRPC_MAX_HEADER_LIST)
         // Same liveness rule as edge sessions: silent for ping_interval × ping_misses is dead.
         .http2_keepalive_interval(Some(edge.ping_interval))
         .http2_keepalive_timeout(Some(edge.ping_interval * edge.ping_misses));

@@ -71,9 +71,13 @@ pub struct EdgeListenerConfig {
     pub key: PathBuf,
     /// CA that issues edge certificates (PEM).
     pub client_ca: PathBuf,
-    /// Time allowed for TCP accept to finished TLS and HTTP/2 handshakes.
+    /// Time from TCP accept to a confirmed session (PROXY header, TLS, HTTP/2, session info).
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Time from TCP accept to the first byte: a connection that never speaks goes early
+    /// instead of holding a handshake slot for the whole `handshake_timeout`.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
     /// Interval between liveness PINGs on each session.
     #[serde(default = "default_ping_interval", with = "humantime_serde")]
     pub ping_interval: Duration,
@@ -90,9 +94,49 @@ pub struct EdgeListenerConfig {
     /// take the edge's address from it (connections without one are refused).
     #[serde(default)]
     pub proxy_protocol: bool,
-    /// Concurrent edge handshakes in progress (TLS exhaustion guard).
+    /// Networks of the load balancers whose PROXY headers are believed (required with
+    /// `proxy_protocol`). A header from elsewhere refuses the connection; a direct TLS
+    /// connection from elsewhere is served under its own address.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
+    /// Concurrent edge handshakes in progress (TLS exhaustion guard); beyond, new
+    /// connections are closed at once.
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
+    /// Concurrent handshakes from one source address (IPv6: one /64; the PROXY header's
+    /// source with `proxy_protocol`), so one machine cannot hold every handshake slot. Many
+    /// nodes of one site may share a NAT address, so this is not tiny.
+    #[serde(default = "default_max_handshakes_per_source")]
+    pub max_handshakes_per_source: usize,
+    /// PING and SETTINGS frames per second an edge may send on one connection (session or
+    /// upstream). Legitimate traffic is one PING and one PING ACK per `ping_interval`; a peer
+    /// above the rate has its connection closed.
+    #[serde(default = "default_control_frames_per_second")]
+    pub control_frames_per_second: u32,
+    /// Control frames allowed at once before `control_frames_per_second` applies.
+    #[serde(default = "default_control_frames_burst")]
+    pub control_frames_burst: u32,
+    /// Edge → cloud upstream streams one node may have open on this server (each holds a
+    /// server descriptor); beyond, new streams are refused with 503.
+    #[serde(default = "default_max_upstream_streams_per_node")]
+    pub max_upstream_streams_per_node: usize,
+    /// Upstream dials of one node in progress at once; beyond, refused with 503.
+    #[serde(default = "default_max_upstream_dials_per_node")]
+    pub max_upstream_dials_per_node: usize,
+    /// Upstream streams of all nodes together; absent = a quarter of the process's open-file
+    /// limit, so the rest stays available to the listeners, sessions and frontends.
+    #[serde(default)]
+    pub max_upstream_streams: Option<usize>,
+}
+
+impl EdgeListenerConfig {
+    /// The control-frame limit of every edge connection.
+    pub fn control_frame_quota(&self) -> tunnel_io::control_frames::ControlFrameQuota {
+        tunnel_io::control_frames::ControlFrameQuota {
+            per_second: self.control_frames_per_second,
+            burst: self.control_frames_burst,
+        }
+    }
 }
 
 /// The HTTP CONNECT frontend (kube-apiserver's `HTTPConnect` egress).
@@ -186,6 +230,24 @@ fn default_max_pending_dials() -> usize {
 }
 fn default_max_handshakes() -> usize {
     1024
+}
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_handshakes_per_source() -> usize {
+    64
+}
+fn default_control_frames_per_second() -> u32 {
+    10
+}
+fn default_control_frames_burst() -> u32 {
+    50
+}
+fn default_max_upstream_streams_per_node() -> usize {
+    256
+}
+fn default_max_upstream_dials_per_node() -> usize {
+    32
 }
 fn default_socket_mode() -> u32 {
     0o600
@@ -339,12 +401,37 @@ impl ServerConfig {
         if e.ping_misses == 0 {
             return Err("key `edge.ping_misses` must be >= 1".into());
         }
-        if e.handshake_timeout.is_zero() {
-            return Err("key `edge.handshake_timeout` must be > 0".into());
-        }
-        if e.max_streams_per_edge == 0 || e.max_handshakes == 0 {
+        if e.handshake_timeout.is_zero() || e.first_byte_timeout.is_zero() {
             return Err(
-                "keys `edge.max_streams_per_edge` and `edge.max_handshakes` must be > 0".into(),
+                "keys `edge.handshake_timeout` and `edge.first_byte_timeout` must be > 0".into(),
+            );
+        }
+        if e.first_byte_timeout > e.handshake_timeout {
+            return Err(
+                "key `edge.first_byte_timeout` must not exceed `edge.handshake_timeout`".into(),
+            );
+        }
+        if e.max_streams_per_edge == 0 || e.max_handshakes == 0 || e.max_handshakes_per_source == 0
+        {
+            return Err(
+                "keys `edge.max_streams_per_edge`, `edge.max_handshakes` and `edge.max_handshakes_per_source` must be > 0".into(),
+            );
+        }
+        crate::registration::config::check_proxy_from(
+            "edge",
+            e.proxy_protocol,
+            &e.proxy_protocol_from,
+        )?;
+        if e.max_upstream_streams_per_node == 0
+            || e.max_upstream_dials_per_node == 0
+            || e.max_upstream_streams == Some(0)
+        {
+            return Err("keys `edge.max_upstream_streams_per_node`, `edge.max_upstream_dials_per_node` and `edge.max_upstream_streams` must be > 0".into());
+        }
+        if e.control_frames_per_second == 0 || e.control_frames_burst == 0 {
+            return Err(
+                "keys `edge.control_frames_per_second` and `edge.control_frames_burst` must be > 0"
+                    .into(),
             );
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
@@ -590,6 +677,48 @@ mod tests {
         );
         let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
         assert!(err.to_string().contains("edge.ping_misses"), "{err}");
+    }
+
+    #[test]
+    fn proxy_protocol_without_balancer_networks_fails_closed() {
+        let dir = dir_with_pems();
+        let with = |extra: &str| {
+            MINIMAL.replace(
+                "client_ca = \"ca.pem\"",
+                &format!("client_ca = \"ca.pem\"\n{extra}"),
+            )
+        };
+        let err =
+            ServerConfig::parse(&with("proxy_protocol = true"), "t.toml", dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("edge.proxy_protocol_from"),
+            "{err}"
+        );
+        let err = ServerConfig::parse(
+            &with("proxy_protocol_from = [\"10.0.0.0/8\"]"),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("edge.proxy_protocol"), "{err}");
+        let c = ServerConfig::parse(
+            &with("proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\"]"),
+            "t.toml",
+            dir.path(),
+        )
+        .unwrap();
+        assert_eq!(c.edge.proxy_protocol_from.len(), 1);
+    }
+
+    #[test]
+    fn first_byte_deadline_beyond_the_handshake_deadline_is_refused() {
+        let dir = dir_with_pems();
+        let text = MINIMAL.replace(
+            "client_ca = \"ca.pem\"",
+            "client_ca = \"ca.pem\"\nfirst_byte_timeout = \"20s\"",
+        );
+        let err = ServerConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        assert!(err.to_string().contains("edge.first_byte_timeout"), "{err}");
     }
 
     #[test]

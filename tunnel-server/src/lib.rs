@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod node_session;
 pub mod pki;
 pub mod policy;
+pub mod prelude;
 pub mod proxy_protocol;
 pub mod registration;
 pub mod replicas;
@@ -22,6 +23,7 @@ pub mod server;
 pub mod session;
 pub mod session_certificate;
 mod session_info;
+pub mod source_limit;
 pub mod trust;
 pub mod upstream;
 

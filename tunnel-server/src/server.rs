@@ -46,6 +46,8 @@ pub struct Shared {
     /// Issued identities (with `[registration]`): a session whose certificate is not its
     /// node's current one never replaces the node's live session.
     pub identities: Option<Arc<dyn crate::registration::state::identities::IdentityStore>>,
+    /// Upstream stream and dial budgets per node.
+    pub upstreams: crate::upstream::NodeUpstreams,
 }
 
 /// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
@@ -185,6 +187,7 @@ impl RunningServer {
             draining: AtomicBool::new(false),
             revocations: registration.as_ref().map(|r| r.revocations.clone()),
             identities: registration.as_ref().map(|r| r.identities.clone()),
+            upstreams: crate::upstream::NodeUpstreams::default(),
         });
         shared
             .metrics

@@ -1,6 +1,6 @@
-//! Edge sessions on the server: accepting an edge's TLS connection, taking its identity from
-//! the verified certificate, running HTTP/2 as the *client* over it, keeping it alive with
-//! PINGs, and opening one stream per tunneled connection. Owns nothing of the frontends.
+//! Edge sessions on the server: an authenticated edge's HTTP/2 connection, with the server
+//! as the *client*, and opening one stream per tunneled connection on it. Accepting and
+//! running sessions is in [`listener`]. Owns nothing of the frontends.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -8,20 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::{PingPong, RecvStream, SendStream};
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use protocol::stream::{sanitize_reason, DialFailure, CLIENT_HEADER, REASON_HEADER};
 use protocol::{NodeName, Target};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{info, warn, Instrument};
 
 use crate::routing::Routable;
-use crate::session_info::{announce_changes, announce_once};
 use crate::Shared;
+
+mod listener;
+pub use listener::serve_edges;
 
 /// One live edge session, as the route table and the frontends see it.
 pub struct EdgeSession {
@@ -265,242 +263,6 @@ impl EdgeSession {
             },
         }
     }
-}
-
-/// Accept edge connections until draining starts. Per-connection failures are logged and skipped;
-/// accept errors (such as running out of file descriptors) back off and retry.
-pub async fn serve_edges(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    stop: crate::server::Stop,
-    tracker: TaskTracker,
-) {
-    let handshakes = Arc::new(Semaphore::new(shared.config.edge.max_handshakes));
-    let mut retry = tunnel_io::accept::AcceptRetry::new("edge");
-    loop {
-        let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
-            return;
-        };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-            shared.metrics.handshake("overloaded");
-            warn!(%peer, "too many edge handshakes in progress; connection dropped");
-            continue;
-        };
-        let span = tracing::info_span!("edge", %peer, node = tracing::field::Empty);
-        tracker.spawn(
-            handle_edge(
-                tcp,
-                peer,
-                acceptor.clone(),
-                shared.clone(),
-                stop.clone(),
-                permit,
-            )
-            .instrument(span),
-        );
-    }
-}
-
-type Handshaken = (
-    Arc<EdgeSession>,
-    h2::client::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
-    PingPong,
-);
-
-/// What an authenticated connection on the edge listener turned out to be (by ALPN).
-enum Accepted {
-    /// A tunnel session (`tether-h2/1`).
-    Session(Box<Handshaken>),
-    /// An edge → cloud upstream connection (`tether-up/1`).
-    Upstream {
-        tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
-        node: NodeName,
-        cert_der: Vec<u8>,
-        peer: SocketAddr,
-    },
-}
-
-async fn handshake(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: &Shared,
-) -> Result<Accepted, (&'static str, String)> {
-    tunnel_io::set_session_socket_options(&tcp);
-    let mut tcp = tcp;
-    let mut peer = peer;
-    if shared.config.edge.proxy_protocol {
-        peer = crate::proxy_protocol::client_address(&mut tcp, peer)
-            .await
-            .map_err(|e| ("proxy_protocol", format!("{e} (from {peer})")))?;
-        tracing::Span::current().record("peer", tracing::field::display(peer));
-    }
-    let tls = acceptor
-        .accept(tcp)
-        .await
-        .map_err(|e| ("tls", format!("TLS handshake failed: {e}")))?;
-    let der = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .ok_or(("identity", "no client certificate".to_string()))?;
-    let identity = crate::pki::edge_identity_from_der(der.as_ref())
-        .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
-    crate::revocation::check_handshake(shared, &identity.node, der.as_ref())?;
-    let issued = crate::pki::issued_unix(der.as_ref());
-    let certificate =
-        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der.as_ref());
-    if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
-        let cert_der = der.as_ref().to_vec();
-        return Ok(Accepted::Upstream {
-            tls: Box::new(tls),
-            node: identity.node,
-            cert_der,
-            peer,
-        });
-    }
-    let (send_request, mut connection) = shared
-        .config
-        .h2
-        .client_builder()
-        .handshake(tls)
-        .await
-        .map_err(|e| ("h2", format!("HTTP/2 handshake failed: {e}")))?;
-    let ping_pong = connection
-        .ping_pong()
-        .ok_or(("h2", "PING handle unavailable".to_string()))?;
-    let session = Arc::new(EdgeSession::new(
-        shared,
-        identity.node,
-        identity.ips,
-        peer,
-        send_request,
-    ));
-    if let Some(issued) = issued {
-        session.set_certificate_issued(issued);
-    }
-    session.set_certificate(certificate);
-    Ok(Accepted::Session(Box::new((
-        session, connection, ping_pong,
-    ))))
-}
-
-async fn handle_edge(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    acceptor: TlsAcceptor,
-    shared: Arc<Shared>,
-    stop: crate::server::Stop,
-    permit: OwnedSemaphorePermit,
-) {
-    let limit = shared.config.edge.handshake_timeout;
-    let handshaken = tokio::time::timeout(limit, handshake(tcp, peer, acceptor, &shared)).await;
-    drop(permit);
-    let (session, mut connection, ping_pong) = match handshaken {
-        Ok(Ok(Accepted::Session(h))) => *h,
-        Ok(Ok(Accepted::Upstream {
-            tls,
-            node,
-            cert_der,
-            peer,
-        })) => {
-            tracing::Span::current().record("node", node.as_str());
-            crate::upstream::serve(tls, node, cert_der, peer, shared, stop).await;
-            return;
-        }
-        Ok(Err((kind, reason))) => {
-            shared.metrics.handshake(kind);
-            warn!(target: "audit", event = "edge_refused", %peer, reason, "edge session refused");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.handshake("timeout");
-            warn!(target: "audit", event = "edge_refused", %peer, "edge handshake timed out after {limit:?}");
-            return;
-        }
-    };
-    tracing::Span::current().record("node", session.node.as_str());
-    // Behind a PROXY-protocol balancer this is the edge's own address, not the balancer's.
-    let peer = session.peer;
-    // The edge confirms before the session is routed: a duplicate session to this replica
-    // (another of the edge's sessions already holds it) is refused without disturbing it.
-    let confirm = announce_once(&session, &shared, shared.replica.count());
-    let confirmed = tokio::select! {
-        r = confirm => r,
-        r = &mut connection => Err(format!("session ended before confirming: {r:?}")),
-        _ = tokio::time::sleep(limit) => Err("edge did not confirm the session".to_string()),
-        _ = stop.drain.cancelled() => Err("server draining".to_string()),
-    };
-    if let Err(reason) = confirmed {
-        shared.metrics.handshake("unconfirmed");
-        info!(node = %session.node, %peer, reason, "edge session not established");
-        return;
-    }
-    let routed = Arc::new(crate::node_session::NodeSession::Tether(session.clone()));
-    let replaced = match shared.routes.register(routed.clone()) {
-        Ok(replaced) => replaced,
-        Err(conflict) => {
-            shared.metrics.handshake("conflict");
-            warn!(target: "audit", event = "edge_refused", %peer, node = %session.node, reason = %conflict, "edge session refused");
-            return;
-        }
-    };
-    if let Some(old) = replaced {
-        info!(old_peer = %old.peer(), old_kind = old.kind(), "new session replaces the node's previous one");
-        old.retire();
-    }
-    shared.metrics.handshake("ok");
-    shared
-        .metrics
-        .edges_connected
-        .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
-
-    let announce = announce_changes(&session, &shared);
-    tokio::pin!(announce);
-    let edge = &shared.config.edge;
-    let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
-    tokio::pin!(keepalive);
-    // Also after the session was replaced: a retired session still draining is the node's too.
-    let revoked = crate::revocation::until_revoked(
-        shared.revocations.clone(),
-        session.node.clone(),
-        session.certificate_issued(),
-    );
-    tokio::pin!(revoked);
-    let mut draining = false;
-    let ended = loop {
-        tokio::select! {
-            biased;
-            _ = stop.hard.cancelled() => break "server shut down".to_string(),
-            _ = session.closed.cancelled() => break "session closed by the server".to_string(),
-            _ = &mut revoked => break "node revoked".to_string(),
-            _ = stop.drain.cancelled(), if !draining => {
-                // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
-                draining = true;
-                session.retire();
-                shared.routes.deregister(&routed);
-            }
-            result = &mut connection => break match result {
-                Ok(()) => "session closed after its last stream".to_string(),
-                Err(e) => format!("session error: {e}"),
-            },
-            reason = &mut keepalive => break reason,
-            reason = &mut announce => break reason,
-            _ = streams_done(&session) => {
-                break "retired; its streams are done".to_string()
-            }
-        }
-    };
-    session.closed.cancel();
-    shared.routes.deregister(&routed);
-    shared
-        .metrics
-        .edges_connected
-        .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_disconnected", node = %session.node, %peer, reason = ended, "edge session ended");
 }
 
 /// Resolves once a retired session has no stream left, so its connection can be dropped.

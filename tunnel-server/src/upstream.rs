@@ -4,9 +4,9 @@
 //! with the usual roles (edge = HTTP/2 client); each stream is a CONNECT whose authority is
 //! an upstream name. Names not in the config are refused; the edge never picks an address.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -16,6 +16,7 @@ use http::{Method, Request, Response, StatusCode};
 use protocol::stream::{sanitize_reason, DialFailure, REASON_HEADER};
 use protocol::NodeName;
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
 
@@ -24,6 +25,75 @@ use crate::Shared;
 
 /// `[upstreams]`: name → address the server dials for edges.
 pub type UpstreamMap = BTreeMap<String, String>;
+
+/// Upstream budgets per node, shared by all of a node's upstream connections to this server:
+/// each open upstream stream and each dial in progress holds a server descriptor, and any
+/// local process on a node can open them (the edge's forward port is on loopback).
+/// All nodes together share one more budget, a part of the process's open-file limit, so
+/// the descriptors kept in reserve stay available to the listeners, sessions and frontends.
+#[derive(Default)]
+pub struct NodeUpstreams {
+    nodes: Mutex<HashMap<NodeName, Arc<NodeBudget>>>,
+    total: std::sync::OnceLock<(usize, Arc<Semaphore>)>,
+}
+
+/// Share of the open-file limit upstream streams may use when `edge.max_upstream_streams`
+/// is not set: a quarter, leaving three quarters for edge sessions, frontend tunnels (two
+/// descriptors each on the server: client socket, plus the session they share) and the
+/// listeners.
+pub const UPSTREAM_SHARE_OF_FILE_LIMIT: usize = 4;
+/// Budget when the open-file limit cannot be read (or is unlimited).
+const UPSTREAM_FALLBACK_BUDGET: usize = 4096;
+
+/// The soft open-file limit of this process, from `/proc/self/limits` (Linux).
+pub fn open_file_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    parse_open_file_limit(&limits)
+}
+
+fn parse_open_file_limit(limits: &str) -> Option<usize> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One node's upstream budget.
+struct NodeBudget {
+    streams: Arc<Semaphore>,
+    dials: Semaphore,
+}
+
+impl NodeUpstreams {
+    /// The server-wide upstream stream budget: `edge.max_upstream_streams`, or a quarter of
+    /// the open-file limit.
+    fn total(&self, shared: &Shared) -> &(usize, Arc<Semaphore>) {
+        self.total.get_or_init(|| {
+            let n = shared.config.edge.max_upstream_streams.unwrap_or_else(|| {
+                open_file_limit()
+                    .map(|limit| (limit / UPSTREAM_SHARE_OF_FILE_LIMIT).max(1))
+                    .unwrap_or(UPSTREAM_FALLBACK_BUDGET)
+            });
+            (n, Arc::new(Semaphore::new(n)))
+        })
+    }
+
+    fn budget(&self, node: &NodeName, shared: &Shared) -> Arc<NodeBudget> {
+        let edge = &shared.config.edge;
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .entry(node.clone())
+            .or_insert_with(|| {
+                Arc::new(NodeBudget {
+                    streams: Arc::new(Semaphore::new(edge.max_upstream_streams_per_node)),
+                    dials: Semaphore::new(edge.max_upstream_dials_per_node),
+                })
+            })
+            .clone()
+    }
+}
 
 /// Check upstream names and addresses; the message names the key.
 pub fn validate(upstreams: &UpstreamMap) -> Result<(), String> {
@@ -78,6 +148,7 @@ pub async fn serve<T>(
         }
     };
     info!(%node, %peer, "upstream connection established");
+    let budget = shared.upstreams.budget(&node, &shared);
     let streams = tokio_util::task::TaskTracker::new();
     // Cuts this connection's streams: at hard stop, or when the node is revoked (a stream
     // opened before the revocation must not echo on until EOF or the idle timeout).
@@ -104,12 +175,25 @@ pub async fn serve<T>(
             }
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
+                    let Ok(slot) = budget.streams.clone().try_acquire_owned() else {
+                        let limit = shared.config.edge.max_upstream_streams_per_node;
+                        refuse(respond, DialFailure::Overloaded, &format!("{limit} upstream streams of this node already open"));
+                        continue;
+                    };
+                    let (total, all) = shared.upstreams.total(&shared);
+                    let Ok(global) = all.clone().try_acquire_owned() else {
+                        warn!(%node, total, "upstream refused: the server's upstream budget is exhausted");
+                        refuse(respond, DialFailure::Overloaded, &format!("the server's {total} upstream streams are all in use"));
+                        continue;
+                    };
+                    let budget = budget.clone();
                     let shared = shared.clone();
                     let node = node.clone();
                     let cut = cut.clone();
                     let der = cert_der.clone();
                     streams.spawn(async move {
-                        forward(request, respond, &node, &der, &shared, &cut).await;
+                        forward(request, respond, &node, &der, &shared, &budget, &cut).await;
+                        drop((slot, global));
                     });
                 }
                 Some(Err(error)) => {
@@ -140,6 +224,7 @@ async fn forward(
     node: &NodeName,
     cert_der: &[u8],
     shared: &Shared,
+    budget: &NodeBudget,
     cancel: &tokio_util::sync::CancellationToken,
 ) {
     let started = Instant::now();
@@ -175,8 +260,31 @@ async fn forward(
         );
         return;
     };
+    let Ok(dialing) = budget.dials.try_acquire() else {
+        let limit = shared.config.edge.max_upstream_dials_per_node;
+        refuse(
+            respond,
+            DialFailure::Overloaded,
+            &format!("{limit} upstream dials of this node already pending"),
+        );
+        return;
+    };
+    let mut respond = respond;
     let timeout = shared.config.connect.dial_timeout;
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(address.as_str())).await {
+    let dial = tokio::time::timeout(timeout, TcpStream::connect(address.as_str()));
+    // A stream reset by the edge cancels its dial (and a stream reset before this point is
+    // never dialed): rapid reset must not turn into server descriptors.
+    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+    let dialed = tokio::select! {
+        biased;
+        _ = reset => {
+            debug!(%node, upstream = name, "upstream stream reset by the edge; dial cancelled");
+            return;
+        }
+        dialed = dial => dialed,
+    };
+    drop(dialing);
+    let tcp = match dialed {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             let reason = format!("connect upstream {name} ({address}): {e}");
@@ -192,7 +300,6 @@ async fn forward(
         }
     };
     tunnel_io::set_nodelay(&tcp);
-    let mut respond = respond;
     let send = match Response::builder().status(StatusCode::OK).body(()) {
         Ok(ok) => match respond.send_response(ok, false) {
             Ok(send) => send,
@@ -232,6 +339,18 @@ async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc_limits() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             62987                62987                processes \n\
+                      Max open files            4096                 524288               files     \n";
+        assert_eq!(parse_open_file_limit(limits), Some(4096));
+        let unlimited =
+            "Max open files            unlimited            unlimited            files\n";
+        assert_eq!(parse_open_file_limit(unlimited), None);
+        assert!(open_file_limit().is_some_and(|n| n > 0));
+    }
 
     #[test]
     fn upstream_names_and_addresses_are_checked() {

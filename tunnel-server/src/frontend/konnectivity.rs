@@ -166,6 +166,7 @@ pub fn spawn(listeners: Listeners, shared: Arc<Shared>, stop: Stop, tracker: &Ta
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
+        .http2_max_header_list_size(crate::agent::GRPC_MAX_HEADER_LIST)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     let drain = stop.drain.clone();

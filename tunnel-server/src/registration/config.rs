@@ -37,18 +37,42 @@ pub struct RegistrationConfig {
     /// Tunnel endpoints told to joining nodes (`host:port`, the load balancer's port 9000).
     #[serde(default)]
     pub tunnel_endpoints: Vec<String>,
-    /// Time allowed for a TLS handshake.
+    /// Time from accept to a finished TLS handshake (PROXY header included).
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// Connections served at once.
+    /// Time from accept to the first byte: a connection that sends nothing goes early.
+    #[serde(default = "default_first_byte_timeout", with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// A connection that receives nothing for this long is closed, request in flight or not
+    /// (a Join or Renew call finishes in milliseconds; clients open a connection per call).
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections in their TLS handshake at once; beyond, new connections are closed.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// Connections without a client certificate (joins) served at once. When full, the
+    /// longest-silent one (silent ≥ 1 s) is closed to make room.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections with a valid node certificate (renewals) served at once: a separate pool,
+    /// so a join flood cannot keep nodes from renewing.
+    #[serde(default = "default_max_renewal_connections")]
+    pub max_renewal_connections: usize,
+    /// Unauthenticated connections (handshaking or joining) from one source address (IPv6:
+    /// one /64) at once. The source is the PROXY header's with `proxy_protocol`.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
     /// Expect a PROXY protocol v1 or v2 header on every connection (the load balancer sends
     /// it) and take the client's address from it: the per-source rate limit and lockout then
     /// see each node's own address instead of the balancer's. Connections without a valid
     /// header are refused.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Networks of the load balancers whose PROXY headers are believed (required with
+    /// `proxy_protocol`). A header from elsewhere refuses the connection; a direct TLS
+    /// connection from elsewhere is served under its own address.
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Join throttling.
     #[serde(default)]
     pub rate: RateConfig,
@@ -84,8 +108,23 @@ fn default_cert_lifetime() -> Duration {
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn default_first_byte_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
 fn default_max_connections() -> usize {
     1024
+}
+fn default_max_renewal_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_source() -> usize {
+    16
 }
 fn default_per_source() -> u32 {
     30
@@ -160,12 +199,32 @@ impl RegistrationConfig {
         if self.cert_lifetime < Duration::from_secs(2) {
             return Err("key `registration.cert_lifetime` must be at least 2s".into());
         }
-        if self.handshake_timeout.is_zero() || self.max_connections == 0 {
+        for (key, zero) in [
+            ("handshake_timeout", self.handshake_timeout.is_zero()),
+            ("first_byte_timeout", self.first_byte_timeout.is_zero()),
+            ("idle_timeout", self.idle_timeout.is_zero()),
+            ("max_handshakes", self.max_handshakes == 0),
+            ("max_connections", self.max_connections == 0),
+            ("max_renewal_connections", self.max_renewal_connections == 0),
+            (
+                "max_connections_per_source",
+                self.max_connections_per_source == 0,
+            ),
+        ] {
+            if zero {
+                return Err(format!("key `registration.{key}` must be > 0"));
+            }
+        }
+        if self.first_byte_timeout > self.handshake_timeout {
             return Err(
-                "keys `registration.handshake_timeout` and `registration.max_connections` must be > 0"
-                    .into(),
+                "key `registration.first_byte_timeout` must not exceed `handshake_timeout`".into(),
             );
         }
+        check_proxy_from(
+            "registration",
+            self.proxy_protocol,
+            &self.proxy_protocol_from,
+        )?;
         let r = &self.rate;
         if r.per_source_per_minute == 0
             || r.per_token_per_minute == 0
@@ -175,5 +234,20 @@ impl RegistrationConfig {
             return Err("keys in `registration.rate` must be > 0".into());
         }
         Ok(())
+    }
+}
+
+/// `proxy_protocol = true` needs the balancers' networks, and the networks mean nothing
+/// without it: fail closed rather than believe PROXY headers from anyone.
+pub fn check_proxy_from(section: &str, enabled: bool, from: &[ipnet::IpNet]) -> Result<(), String> {
+    match (enabled, from.is_empty()) {
+        (true, true) => Err(format!(
+            "key `{section}.proxy_protocol_from` is required with `{section}.proxy_protocol = true`: \
+             list the load balancers' networks (PROXY headers from anywhere else are refused)"
+        )),
+        (false, false) => Err(format!(
+            "key `{section}.proxy_protocol_from` is set but `{section}.proxy_protocol` is not"
+        )),
+        _ => Ok(()),
     }
 }

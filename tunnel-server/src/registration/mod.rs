@@ -3,6 +3,7 @@
 //! none yet, and `Renew` demands one (verified against the tunnel CA by rustls; an invalid one
 //! fails the handshake). The service logic is in [`service`]; throttling in [`limits`].
 
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod limits;
@@ -22,23 +23,30 @@ use rustls::pki_types::CertificateDer;
 use rustls::server::WebPkiClientVerifier;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 use tunnel_io::registration::pb::registration_server::RegistrationServer;
 use tunnel_io::registration::{ALPN_REGISTRATION, MAX_MESSAGE};
 
+use admission::{Admission, Watched};
 pub use config::RegistrationConfig;
 
+use crate::prelude::{Prelude, PreludeError};
 use crate::revocation::RevocationList;
 use crate::server::Stop;
 use crate::Shared;
 
 /// Finished TLS connections waiting for tonic to pick them up.
 const HANDOFF_QUEUE: usize = 64;
+/// Largest header list (bytes, as HTTP/2 counts them) a registration request may carry: a
+/// gRPC call sends a few hundred; h2's default would let one connection buffer 16 MiB.
+const MAX_HEADER_LIST: u32 = 16 << 10;
+/// Longest life of a registration connection; then it is closed once its call is done.
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(60);
 
 /// Who called: the source address and the verified client certificate, if one was presented.
 #[derive(Clone, Debug)]
@@ -118,14 +126,16 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
         stop.hard.clone(),
     ));
     let (handoff, mut incoming) = mpsc::channel::<io::Result<RegistrationConn>>(HANDOFF_QUEUE);
+    let prelude = Prelude {
+        first_byte_timeout: config.first_byte_timeout,
+        proxy_protocol: config.proxy_protocol,
+        proxy_from: config.proxy_protocol_from.clone(),
+    };
     tracker.spawn(accept(
         registration.listener,
         registration.acceptor,
-        Before {
-            handshake_timeout: config.handshake_timeout,
-            proxy_protocol: config.proxy_protocol,
-        },
-        Arc::new(Semaphore::new(config.max_connections)),
+        prelude,
+        Arc::new(Admission::new(&config)),
         handoff,
         stop.clone(),
         tracker.clone(),
@@ -139,6 +149,10 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
         async move {
             let served = tonic::transport::Server::builder()
                 .timeout(Duration::from_secs(30))
+                // A Join or Renew call needs a few hundred bytes of headers.
+                .http2_max_header_list_size(MAX_HEADER_LIST)
+                // Clients open a connection per call; none needs to outlive this.
+                .max_connection_age(MAX_CONNECTION_AGE)
                 .serve_with_incoming_shutdown(api, incoming, drain.cancelled_owned())
                 .await;
             if let Err(error) = served {
@@ -150,61 +164,82 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     info!(addr = %registration.addr, "registration API listening");
 }
 
-/// What happens on a connection before it is handed to the API.
-#[derive(Clone, Copy)]
-struct Before {
-    /// Time for the PROXY header (if expected) and the TLS handshake together.
-    handshake_timeout: Duration,
-    /// Read a PROXY protocol header first and take the client's address from it.
-    proxy_protocol: bool,
-}
-
+/// Accept until draining; each connection gets its own task through the prelude (first
+/// byte, PROXY header), TLS and admission (see [`admission`]).
 async fn accept(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    before: Before,
-    slots: Arc<Semaphore>,
+    prelude: Prelude,
+    admission: Arc<Admission>,
     handoff: mpsc::Sender<io::Result<RegistrationConn>>,
     stop: Stop,
     tracker: TaskTracker,
 ) {
     let mut retry = tunnel_io::accept::AcceptRetry::new("registration");
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let Some((tcp, peer)) = retry.next(&stop.drain, || listener.accept()).await else {
             return;
+        };
+        let handshake = match admission.handshake() {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                // At debug: under a flood this is every connection.
+                debug!(%peer, %refusal, "registration connection closed");
+                continue;
+            }
         };
         tunnel_io::set_nodelay(&tcp);
         let acceptor = acceptor.clone();
         let handoff = handoff.clone();
         let drain = stop.drain.clone();
+        let admission = admission.clone();
+        let prelude = prelude.clone();
         tracker.spawn(async move {
-            let deadline = tokio::time::Instant::now() + before.handshake_timeout;
+            let deadline = tokio::time::Instant::now() + admission.handshake_timeout;
             let (mut tcp, mut peer) = (tcp, peer);
-            if before.proxy_protocol {
-                let header = tokio::select! {
-                    _ = drain.cancelled() => return,
-                    h = tokio::time::timeout_at(deadline, crate::proxy_protocol::client_address(&mut tcp, peer)) => h,
-                };
-                match header {
-                    Ok(Ok(client)) => peer = client,
-                    Ok(Err(error)) => {
-                        warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration refused: bad PROXY protocol header");
+            // Unless the peer is a trusted balancer, the source is known now: count it before
+            // waiting on anything.
+            let early = match prelude.trusts(peer.ip()) {
+                false => match admission.source(peer.ip()) {
+                    Ok(slot) => Some(slot),
+                    Err(refusal) => {
+                        debug!(%peer, %refusal, "registration connection closed");
                         return;
                     }
-                    Err(_) => {
-                        warn!(%peer, "registration PROXY protocol header timed out");
-                        return;
-                    }
+                },
+                true => None,
+            };
+            let before_tls = tokio::select! {
+                _ = drain.cancelled() => return,
+                r = tokio::time::timeout_at(deadline, prelude.read(&mut tcp, peer)) => r,
+            };
+            match before_tls {
+                Ok(Ok(client)) => peer = client,
+                Ok(Err(error @ (PreludeError::Proxy(_) | PreludeError::UntrustedProxy(_)))) => {
+                    warn!(target: "audit", event = "registration_refused", %peer, reason = %error, "registration refused: bad PROXY protocol header");
+                    return;
+                }
+                Ok(Err(error)) => {
+                    debug!(%peer, %error, "registration connection closed before TLS");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "registration PROXY protocol header timed out");
+                    return;
                 }
             }
+            let source = match early.map_or_else(|| admission.source(peer.ip()), Ok) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    debug!(%peer, %refusal, "registration connection closed");
+                    return;
+                }
+            };
             let tls = match tunnel_io::tls::accept_within(&acceptor, tcp, deadline, &drain).await {
                 Ok(tls) => tls,
                 Err(tunnel_io::tls::HandshakeError::Cancelled) => return,
                 Err(tunnel_io::tls::HandshakeError::TimedOut) => {
-                    warn!(%peer, "registration TLS handshake timed out");
+                    debug!(%peer, "registration TLS handshake timed out");
                     return;
                 }
                 Err(error) => {
@@ -213,22 +248,29 @@ async fn accept(
                     return;
                 }
             };
+            drop(handshake);
             let cert = tunnel_io::tls::peer_certificate(&tls);
+            let io = match admission.admit(Box::new(tls), cert.is_some(), source) {
+                Ok(io) => io,
+                Err(refusal) => {
+                    debug!(%peer, %refusal, "registration connection closed");
+                    return;
+                }
+            };
             let conn = RegistrationConn {
-                io: Box::new(tls),
+                io,
                 info: PeerInfo { addr: peer, cert },
-                _slot: slot,
             };
             let _ = handoff.send(Ok(conn)).await;
         });
     }
 }
 
-/// One accepted connection as tonic sees it; holds a connection slot until dropped.
+/// One accepted connection as tonic sees it; holds its admission slot until dropped and
+/// closes itself when idle (see [`admission::Watched`]).
 struct RegistrationConn {
-    io: Box<TlsStream<TcpStream>>,
+    io: Watched<Box<TlsStream<TcpStream>>>,
     info: PeerInfo,
-    _slot: OwnedSemaphorePermit,
 }
 
 impl Connected for RegistrationConn {
@@ -245,7 +287,7 @@ impl AsyncRead for RegistrationConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().io.as_mut()).poll_read(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -255,14 +297,14 @@ impl AsyncWrite for RegistrationConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().io.as_mut()).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().io.as_mut()).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(self.get_mut().io.as_mut()).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
