@@ -110,8 +110,20 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
         Some(path) => EdgeConfig::load(path)?,
         None => EdgeConfig::default(),
     };
-    if let Some(dir) = &o.state_dir {
-        tunnel_edge::join::apply_state(&mut config, &tunnel_edge::join::StateDir::new(dir))?;
+    // The flag wins over the file's `state_dir`; either way the rest of the run (renewal
+    // included) uses the one that was applied.
+    if o.state_dir.is_some() {
+        config.state_dir = o.state_dir.clone();
+    }
+    if let Some(dir) = config.state_dir.clone() {
+        tunnel_edge::join::apply_state(&mut config, &tunnel_edge::join::StateDir::new(&dir))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "state_dir {}: {e:#} (run `tunnel-edge join --state-dir {}` first)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
     }
     let s = &mut config.server;
     s.address = o.server.or(s.address.take());
@@ -159,8 +171,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Join(args) => join(args),
         Command::Run(overrides) => {
-            let state_dir = overrides.state_dir.clone();
             let config = load(overrides)?;
+            let state_dir = config.state_dir.clone();
             tunnel_io::logging::init(config.log.format, &config.log.filter);
             let edge = Arc::new(Edge::new(config)?);
             tracing::info!(node = %edge.node(), "tunnel-edge starting");
