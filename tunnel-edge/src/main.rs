@@ -225,6 +225,13 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             .to_owned(),
         (None, None) => anyhow::bail!("give --token, --token-file or TETHER_JOIN_TOKEN"),
     };
+    if args.node_ips.is_empty() {
+        eprintln!(
+            "warning: no --node-ip given: node {} is reachable by name only; kube-apiserver \
+             dials node IPs by default, so give --node-ip for each InternalIP of this node",
+            args.node_name
+        );
+    }
     let options = tunnel_edge::join::JoinOptions {
         server: args.server,
         server_name: args.server_name,
