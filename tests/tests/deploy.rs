@@ -31,8 +31,8 @@ async fn joined_node_runs_from_the_shipped_unit_and_example_config() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let unit = std::fs::read_to_string(root.join("deploy/systemd/tunnel-edge.service"))
         .expect("read the unit");
-    let example = std::fs::read_to_string(root.join("deploy/examples/edge.toml"))
-        .expect("read the example");
+    let example =
+        std::fs::read_to_string(root.join("deploy/examples/edge.toml")).expect("read the example");
 
     let pki = Pki::new();
     let echo = EchoServer::start().await;
@@ -50,6 +50,7 @@ async fn joined_node_runs_from_the_shipped_unit_and_example_config() {
     let node = JoinedEdge::new();
     let (ok, output) = node.join(&pki, &server, &token, NODE, &[], &[]);
     assert!(ok, "join failed: {output}");
+    assert!(output.contains("reachable by name only"), "{output}");
 
     // A real install edits the server address; the state directory is the one join wrote.
     let dir = tempfile::tempdir().expect("config directory");
@@ -60,6 +61,38 @@ async fn joined_node_runs_from_the_shipped_unit_and_example_config() {
         .replace("tether.example.com:9000", &server.edge.to_string())
         .replace(shipped_state, &node.state.display().to_string());
     std::fs::write(&config, text).expect("write edge.toml");
+
+    // README: check the config before enabling the unit; it loads what join wrote.
+    let checked = Command::new(tether_tests::binary("tunnel-edge"))
+        .arg("check-config")
+        .arg(&config)
+        .output()
+        .expect("run check-config");
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        report.contains(&format!("ok (node {NODE})")) && report.contains("renewal on"),
+        "{report}"
+    );
+    // `--state-dir` overrides the file's: an empty directory is named as not joined.
+    let empty = dir.path().join("not-joined");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let refused = Command::new(tether_tests::binary("tunnel-edge"))
+        .arg("check-config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(&empty)
+        .output()
+        .expect("run check-config");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("tunnel-edge join --state-dir"),
+        "{stderr}"
+    );
 
     let words = exec_start(&unit);
     assert_eq!(words[0], "/usr/local/bin/tunnel-edge", "{words:?}");

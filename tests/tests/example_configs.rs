@@ -64,7 +64,10 @@ fn table_fields(parse: Parser, path: &str) -> Option<Vec<String>> {
 
 /// Every accepted key as `section.key`, recursing into tables.
 fn accepted_keys(parse: Parser, path: &str, depth: usize, keys: &mut BTreeSet<String>) {
-    assert!(depth <= MAX_DEPTH, "config nesting deeper than {MAX_DEPTH} at {path}");
+    assert!(
+        depth <= MAX_DEPTH,
+        "config nesting deeper than {MAX_DEPTH} at {path}"
+    );
     let fields = table_fields(parse, path)
         .unwrap_or_else(|| panic!("probing `{path}` found no struct fields"));
     for field in fields {
@@ -115,11 +118,16 @@ fn documented_keys(text: &str) -> BTreeSet<String> {
 }
 
 fn check(parse: Parser, example: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(example);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(example);
     let text = std::fs::read_to_string(&path).expect("read the example");
     let mut accepted = BTreeSet::new();
     accepted_keys(parse, "", 0, &mut accepted);
-    assert!(accepted.len() > 10, "probing found too few keys: {accepted:?}");
+    assert!(
+        accepted.len() > 10,
+        "probing found too few keys: {accepted:?}"
+    );
     let documented = documented_keys(&text);
     let missing: Vec<_> = accepted.difference(&documented).collect();
     assert!(
@@ -131,7 +139,10 @@ fn check(parse: Parser, example: &str) {
         .iter()
         .filter(|k| !accepted.contains(*k) && !k.starts_with("upstreams."))
         .collect();
-    assert!(unknown.is_empty(), "{example} documents unknown keys: {unknown:?}");
+    assert!(
+        unknown.is_empty(),
+        "{example} documents unknown keys: {unknown:?}"
+    );
 }
 
 #[test]
@@ -148,7 +159,12 @@ fn edge_example_documents_every_accepted_key() {
 fn probing_finds_nested_tables_and_arrays_of_tables() {
     let mut keys = BTreeSet::new();
     accepted_keys(edge_parser, "", 0, &mut keys);
-    for key in ["state_dir", "server.address", "allow.extra.cidr", "forward.upstream"] {
+    for key in [
+        "state_dir",
+        "server.address",
+        "allow.extra.cidr",
+        "forward.upstream",
+    ] {
         assert!(keys.contains(key), "{key} not found in {keys:?}");
     }
 }

@@ -43,7 +43,10 @@ async fn malformed_token_is_refused_before_any_network_call() {
     }
     // The processes have exited: a connection they made would be waiting in the backlog.
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
-    assert!(accepted.is_err(), "join connected before checking the token");
+    assert!(
+        accepted.is_err(),
+        "join connected before checking the token"
+    );
 }
 
 #[tokio::test]

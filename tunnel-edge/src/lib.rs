@@ -5,6 +5,7 @@
 
 pub mod allow;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;

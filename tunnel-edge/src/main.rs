@@ -26,10 +26,14 @@ enum Command {
     /// Join the cluster: exchange a bootstrap token for this node's certificate and write it,
     /// the CA and the node pool's labels and taints into the state directory.
     Join(JoinArgs),
-    /// Validate a config file and exit.
+    /// Validate a config file and every file it names (CA, certificate, key: parsed, matched,
+    /// within validity), print what was found, and exit.
     CheckConfig {
         /// The config file.
         file: PathBuf,
+        /// State directory written by `tunnel-edge join` (overrides the file's `state_dir`).
+        #[arg(long, env = "TETHER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -152,9 +156,9 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::CheckConfig { file } => {
+        Command::CheckConfig { file, state_dir } => {
             let config = load(Overrides {
-                state_dir: None,
+                state_dir,
                 config: Some(file.clone()),
                 server: None,
                 server_name: None,
@@ -165,8 +169,12 @@ fn main() -> anyhow::Result<()> {
                 allow_ports: vec![],
                 log_format: None,
             })?;
+            let lines = tunnel_edge::check::check_files(&config, tunnel_io::check::unix_now())?;
             let edge = Edge::new(config)?;
             println!("{}: ok (node {})", file.display(), edge.node());
+            for line in lines {
+                println!("  {line}");
+            }
             Ok(())
         }
         Command::Join(args) => join(args),
