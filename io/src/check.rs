@@ -150,17 +150,20 @@ pub fn readable_file(key: &str, path: &Path) -> Result<(), CheckError> {
 /// The directory a Unix socket (config key `key`) would be created in exists, is a directory,
 /// and this process may create files there.
 pub fn socket_dir(key: &str, socket: &Path) -> Result<(), CheckError> {
+    parent_dir(key, socket, "socket directory")
+}
+
+/// The directory a file (config key `key`) is written in exists and is writable.
+pub fn file_dir(key: &str, file: &Path) -> Result<(), CheckError> {
+    parent_dir(key, file, "directory")
+}
+
+fn parent_dir(key: &str, socket: &Path, what: &str) -> Result<(), CheckError> {
     let dir = match socket.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let directory_error = |m: String| {
-        fail(
-            key,
-            socket,
-            format!("socket directory {}: {m}", dir.display()),
-        )
-    };
+    let directory_error = |m: String| fail(key, socket, format!("{what} {}: {m}", dir.display()));
     let meta = std::fs::metadata(dir).map_err(|e| directory_error(format!("{e}")))?;
     if !meta.is_dir() {
         return Err(directory_error("not a directory".into()));
