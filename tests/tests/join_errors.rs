@@ -1,6 +1,6 @@
 //! What `tunnel-edge join` tells the operator when something is off: a malformed token is
 //! refused on the node before any network call, and a join without node IPs warns that the
-//! node is reachable by name only.
+//! node is reachable by name only; times it prints are RFC 3339, not Unix seconds.
 
 use std::process::Command;
 use std::time::Duration;
@@ -62,4 +62,57 @@ async fn join_without_node_ip_warns_reachable_by_name_only() {
         JoinedEdge::new().join(&pki, &server, &token, "idc-node-3", &["192.0.2.13"], &[]);
     assert!(ok, "join failed: {output}");
     assert!(!output.contains("by name only"), "{output}");
+}
+
+/// Whether `text` holds an RFC 3339 UTC time (`2026-11-29T11:28:16Z`).
+fn has_rfc3339(text: &str) -> bool {
+    text.as_bytes().windows(20).any(|w| {
+        let digits = |r: std::ops::Range<usize>| w[r].iter().all(u8::is_ascii_digit);
+        digits(0..4)
+            && w[4] == b'-'
+            && digits(5..7)
+            && w[7] == b'-'
+            && digits(8..10)
+            && w[10] == b'T'
+            && digits(11..13)
+            && w[13] == b':'
+            && digits(14..16)
+            && w[16] == b':'
+            && digits(17..19)
+            && w[19] == b'Z'
+    })
+}
+
+#[tokio::test]
+async fn cli_times_are_rfc3339_not_unix_seconds() {
+    let pki = Pki::new();
+    let server = RegistrationServer::start(&pki, &RegistrationOptions::default()).await;
+    let created = Command::new(tether_tests::binary("tunnel-server"))
+        .args(["token", "create", "--config"])
+        .arg(&server.config)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("token create");
+    assert!(created.status.success());
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    assert!(
+        has_rfc3339(&stderr) && !stderr.contains("Unix time"),
+        "token create: {stderr}"
+    );
+    let token = String::from_utf8_lossy(&created.stdout).trim().to_owned();
+    let listed = server.admin(&["token", "list"]);
+    assert!(has_rfc3339(&listed), "token list: {listed}");
+
+    let (ok, output) =
+        JoinedEdge::new().join(&pki, &server, &token, "idc-node-4", &["192.0.2.14"], &[]);
+    assert!(
+        ok && output.contains("valid until") && has_rfc3339(&output),
+        "join: {output}"
+    );
+
+    let revoked = server.admin(&["node", "revoke", "idc-node-4"]);
+    assert!(
+        has_rfc3339(&revoked) && !revoked.contains("Unix time"),
+        "node revoke: {revoked}"
+    );
 }

@@ -255,17 +255,27 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .build()?;
     match runtime.block_on(tunnel_edge::join::join(&options))? {
         tunnel_edge::join::Joined::Joined => println!(
-            "joined as {}; credentials in {}",
+            "joined as {}; certificate valid until {}; credentials in {}",
             options.node_name,
+            valid_until(&options.state),
             args.state_dir.display()
         ),
         tunnel_edge::join::Joined::AlreadyJoined => println!(
-            "already joined as {} ({} holds a valid certificate); --force joins again",
+            "already joined as {} ({} holds a certificate valid until {}); --force joins again",
             options.node_name,
-            args.state_dir.display()
+            args.state_dir.display(),
+            valid_until(&options.state)
         ),
     }
     Ok(())
+}
+
+/// The expiry of the state directory's certificate, RFC 3339.
+fn valid_until(state: &tunnel_edge::join::StateDir) -> String {
+    match tunnel_edge::join::certificate_window(&state.cert()) {
+        Ok((_, not_after)) => tunnel_io::check::rfc3339(not_after),
+        Err(e) => format!("<unreadable: {e}>"),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {
