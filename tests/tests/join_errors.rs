@@ -116,3 +116,54 @@ async fn cli_times_are_rfc3339_not_unix_seconds() {
         "node revoke: {revoked}"
     );
 }
+
+#[tokio::test]
+async fn edge_pointed_at_the_wrong_port_says_it_is_not_an_edge_listener() {
+    let pki = Pki::new();
+    let server = RegistrationServer::start(&pki, &RegistrationOptions::default()).await;
+    let files = pki.issue_edge("idc-node-5", &[]);
+    let dir = tempfile::tempdir().expect("dir");
+    for (what, address) in [
+        ("registration", server.registration),
+        ("CONNECT", server.connect_tcp),
+        ("admin", server.admin),
+    ] {
+        let mut command = Command::new(tether_tests::binary("tunnel-edge"));
+        command
+            .arg("run")
+            .arg("--server")
+            .arg(address.to_string())
+            .arg("--server-name")
+            .arg("127.0.0.1")
+            .arg("--ca")
+            .arg(pki.layout.ca_cert())
+            .arg("--cert")
+            .arg(&files.cert)
+            .arg("--key")
+            .arg(&files.key)
+            .env("RUST_LOG", "info");
+        let edge = tether_tests::process::ChildGuard::spawn(
+            &format!("tunnel-edge ({what} port)"),
+            command,
+            &dir.path().join(format!("{what}.log")),
+        );
+        tether_tests::poll_until(
+            &format!("the edge at the {what} port to say what is wrong"),
+            Duration::from_secs(10),
+            Duration::from_millis(50),
+            || {
+                std::future::ready(
+                    edge.log()
+                        .contains("is not a Tether edge listener")
+                        .then_some(()),
+                )
+            },
+        )
+        .await;
+        let log = edge.log();
+        assert!(
+            !log.contains("NoApplicationProtocol") && !log.contains("UnknownCA"),
+            "{what}: {log}"
+        );
+    }
+}
