@@ -167,3 +167,34 @@ async fn edge_pointed_at_the_wrong_port_says_it_is_not_an_edge_listener() {
         );
     }
 }
+
+#[tokio::test]
+async fn join_after_a_lockout_says_when_it_ends() {
+    let pki = Pki::new();
+    let server = RegistrationServer::start(
+        &pki,
+        &RegistrationOptions {
+            lockout_after: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let good = server.create_token(&[]);
+    let id = good.split_once('.').expect("id.secret").0;
+    let node = JoinedEdge::new();
+    for i in 0..2 {
+        let guess = format!("{id}.{i:016}");
+        let (ok, _) = node.join(&pki, &server, &guess, "idc-node-6", &["192.0.2.16"], &[]);
+        assert!(!ok, "a wrong secret joined");
+    }
+    let (ok, output) = node.join(&pki, &server, &good, "idc-node-6", &["192.0.2.16"], &[]);
+    assert!(!ok, "joined while locked out");
+    assert!(
+        output.contains("locked out until") && has_rfc3339(&output),
+        "{output}"
+    );
+    assert!(
+        !output.contains(good.split_once('.').expect("id.secret").1),
+        "{output}"
+    );
+}
