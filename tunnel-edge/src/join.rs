@@ -126,34 +126,6 @@ pub enum Joined {
     AlreadyJoined,
 }
 
-/// Lengths of a bootstrap token's two parts, `<id>.<secret>` (as Kubernetes bootstrap tokens).
-const TOKEN_ID_LEN: usize = 6;
-/// See [`TOKEN_ID_LEN`].
-const TOKEN_SECRET_LEN: usize = 16;
-
-/// Check the form of a bootstrap token (`[a-z0-9]{6}.[a-z0-9]{16}`) before anything is sent:
-/// a typo fails here with a message saying what a token looks like, rather than as a refused
-/// attempt that counts towards the server's lockout. The message never repeats the token.
-pub fn check_token_format(token: &str) -> Result<(), String> {
-    let part_ok = |part: &str, len: usize| {
-        part.len() == len
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-    };
-    match token.split_once('.') {
-        Some((id, secret)) if part_ok(id, TOKEN_ID_LEN) && part_ok(secret, TOKEN_SECRET_LEN) => {
-            Ok(())
-        }
-        _ => Err(format!(
-            "malformed bootstrap token ({} characters): expected <id>.<secret>, {TOKEN_ID_LEN} \
-             and {TOKEN_SECRET_LEN} characters of [a-z0-9] (like 07401b.f395accd246ae52d), as \
-             printed by `tunnel-server token create`; nothing was sent",
-            token.chars().count()
-        )),
-    }
-}
-
 /// Split `https://host[:port]` or `host[:port]` (port 443 by default).
 pub fn parse_registration_server(server: &str) -> anyhow::Result<(String, u16)> {
     let rest = server
@@ -260,7 +232,7 @@ fn already_joined(state: &StateDir, node: &str, ips: &[IpAddr]) -> bool {
 pub async fn join(options: &JoinOptions) -> anyhow::Result<Joined> {
     protocol::NodeName::parse(&options.node_name)
         .map_err(|e| anyhow::anyhow!("--node-name {:?}: {e}", options.node_name))?;
-    check_token_format(options.token.expose()).map_err(anyhow::Error::msg)?;
+    crate::token::check_token_format(options.token.expose()).map_err(anyhow::Error::msg)?;
     if !options.force && already_joined(&options.state, &options.node_name, &options.node_ips) {
         return Ok(Joined::AlreadyJoined);
     }
@@ -464,28 +436,6 @@ pub fn renewal_due(issued: i64, not_after: i64, jitter: f64, unit: f64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn malformed_tokens_are_refused_without_repeating_them() {
-        assert!(check_token_format("abcdef.0123456789abcdef").is_ok());
-        for bad in [
-            "",
-            "abcdef",
-            "abcdef.0123456789abcde",
-            "abcdef.0123456789abcdef0",
-            "ABCDEF.0123456789abcdef",
-            "abcde.0123456789abcdefg",
-            "abcdef.0123456789abcdef\n",
-            "abcdef:0123456789abcdef",
-            "abcdef.0123456789abcd.f",
-        ] {
-            let err = check_token_format(bad).unwrap_err();
-            assert!(err.starts_with("malformed bootstrap token"), "{err}");
-            if !bad.is_empty() {
-                assert!(!err.contains(bad), "the message repeats the token: {err}");
-            }
-        }
-    }
 
     #[test]
     fn registration_server_forms() {

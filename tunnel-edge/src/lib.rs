@@ -13,6 +13,7 @@ pub mod renew;
 mod replicas;
 pub mod session;
 mod stream;
+pub mod token;
 mod wrong_port;
 
 pub use config::EdgeConfig;
