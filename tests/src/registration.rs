@@ -53,6 +53,8 @@ pub struct RegistrationServer {
     pub connect_tcp: SocketAddr,
     /// Registration API.
     pub registration: SocketAddr,
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
+    pub admin: SocketAddr,
     /// The config file (for `token`/`node` commands).
     pub config: PathBuf,
     child: ChildGuard,
@@ -161,6 +163,7 @@ filter = "{filter}"
             edge: addr("edge"),
             connect_tcp: addr("connect_tcp"),
             registration: addr("registration"),
+            admin: addr("admin"),
             config,
             child,
             dir,

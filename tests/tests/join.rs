@@ -297,7 +297,11 @@ async fn brute_force_from_one_source_is_locked_out_without_checking() {
     let started = Instant::now();
     let refused = join_raw(&pki, &server, request(&good, "idc-a")).await;
     let took = started.elapsed();
-    assert_eq!(refused.expect_err("locked out").1, REFUSED);
+    let message = refused.expect_err("locked out").1;
+    assert!(
+        message.starts_with(REFUSED) && message.contains("locked out until 20"),
+        "{message}"
+    );
     assert!(
         took < Duration::from_secs(2),
         "locked-out attempt took {took:?}"
@@ -335,11 +339,12 @@ async fn behind_a_proxy_protocol_balancer_the_lockout_keys_on_each_nodes_own_add
         let refused = join_at(&pki, via_a, request(&guess, "idc-a")).await;
         assert_eq!(refused.expect("reachable").expect_err("guess").1, REFUSED);
     }
-    // Node A's own address is locked out, even with the right token...
+    // Node A's own address is locked out, even with the right token, and is told until when...
     let refused = join_at(&pki, via_a, request(&good, "idc-a")).await;
-    assert_eq!(
-        refused.expect("reachable").expect_err("locked out").1,
-        REFUSED
+    let message = refused.expect("reachable").expect_err("locked out").1;
+    assert!(
+        message.starts_with(REFUSED) && message.contains("locked out until 20"),
+        "{message}"
     );
     assert_eq!(
         server.log_lines_with(&["join refused", "peer=203.0.113.7:", "reason=\"locked_out\""]),

@@ -28,6 +28,11 @@ pub struct ConfigError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeConfig {
+    /// The directory `tunnel-edge join` wrote (`--state-dir` overrides it). When set, the CA,
+    /// certificate and key default to its `ca.pem`, `cert.pem` and `key.pem`, the pool's extra
+    /// ports are allowed, and the certificate is renewed before it expires. Without it a
+    /// joined node stops connecting when its certificate runs out.
+    pub state_dir: Option<PathBuf>,
     /// Where and how to reach tunnel-server.
     #[serde(default)]
     pub server: ServerSection,
@@ -241,6 +246,7 @@ impl EdgeConfig {
         // `0s` means "no idle timeout".
         config.dial.idle_timeout = config.dial.idle_timeout.filter(|d| !d.is_zero());
         for p in [
+            &mut config.state_dir,
             &mut config.server.ca,
             &mut config.server.cert,
             &mut config.server.key,

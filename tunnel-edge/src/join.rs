@@ -163,6 +163,7 @@ fn already_joined(state: &StateDir, node: &str, ips: &[IpAddr]) -> bool {
 pub async fn join(options: &JoinOptions) -> anyhow::Result<Joined> {
     protocol::NodeName::parse(&options.node_name)
         .map_err(|e| anyhow::anyhow!("--node-name {:?}: {e}", options.node_name))?;
+    crate::token::check_token_format(options.token.expose()).map_err(anyhow::Error::msg)?;
     if !options.force && already_joined(&options.state, &options.node_name, &options.node_ips) {
         return Ok(Joined::AlreadyJoined);
     }

@@ -5,6 +5,7 @@
 
 pub mod allow;
 pub mod backoff;
+pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;
@@ -13,6 +14,8 @@ mod replicas;
 pub mod session;
 pub mod state;
 mod stream;
+pub mod token;
+mod wrong_port;
 
 pub use config::EdgeConfig;
 pub use session::{Edge, EdgeStatus};

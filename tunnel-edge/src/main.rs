@@ -26,10 +26,14 @@ enum Command {
     /// Join the cluster: exchange a bootstrap token for this node's certificate and write it,
     /// the CA and the node pool's labels and taints into the state directory.
     Join(JoinArgs),
-    /// Validate a config file and exit.
+    /// Validate a config file and every file it names (CA, certificate, key: parsed, matched,
+    /// within validity), print what was found, and exit.
     CheckConfig {
         /// The config file.
         file: PathBuf,
+        /// State directory written by `tunnel-edge join` (overrides the file's `state_dir`).
+        #[arg(long, env = "TETHER_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Print shell completions to stdout (`completions bash > /etc/bash_completion.d/tunnel-edge`).
     Completions {
@@ -118,8 +122,20 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
         Some(path) => EdgeConfig::load(path)?,
         None => EdgeConfig::default(),
     };
-    if let Some(dir) = &o.state_dir {
-        tunnel_edge::join::apply_state(&mut config, &tunnel_edge::join::StateDir::new(dir))?;
+    // The flag wins over the file's `state_dir`; either way the rest of the run (renewal
+    // included) uses the one that was applied.
+    if o.state_dir.is_some() {
+        config.state_dir = o.state_dir.clone();
+    }
+    if let Some(dir) = config.state_dir.clone() {
+        tunnel_edge::join::apply_state(&mut config, &tunnel_edge::join::StateDir::new(&dir))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "state_dir {}: {e:#} (run `tunnel-edge join --state-dir {}` first)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
     }
     let s = &mut config.server;
     s.address = o.server.or(s.address.take());
@@ -158,9 +174,9 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Man => Ok(clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?),
-        Command::CheckConfig { file } => {
+        Command::CheckConfig { file, state_dir } => {
             let config = load(Overrides {
-                state_dir: None,
+                state_dir,
                 config: Some(file.clone()),
                 server: None,
                 server_name: None,
@@ -171,14 +187,18 @@ fn main() -> anyhow::Result<()> {
                 allow_ports: vec![],
                 log_format: None,
             })?;
+            let lines = tunnel_edge::check::check_files(&config, tunnel_io::check::unix_now())?;
             let edge = Edge::new(config)?;
             println!("{}: ok (node {})", file.display(), edge.node());
+            for line in lines {
+                println!("  {line}");
+            }
             Ok(())
         }
         Command::Join(args) => join(args),
         Command::Run(overrides) => {
-            let state_dir = overrides.state_dir.clone();
             let config = load(overrides)?;
+            let state_dir = config.state_dir.clone();
             tunnel_io::logging::init(config.log.format, &config.log.filter);
             if let Some(dir) = &state_dir {
                 let state = tunnel_edge::join::StateDir::new(dir);
@@ -251,6 +271,13 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
             .to_owned(),
         (None, None) => anyhow::bail!("give --token, --token-file or TETHER_JOIN_TOKEN"),
     };
+    if args.node_ips.is_empty() {
+        eprintln!(
+            "warning: no --node-ip given: node {} is reachable by name only; kube-apiserver \
+             dials node IPs by default, so give --node-ip for each InternalIP of this node",
+            args.node_name
+        );
+    }
     let options = tunnel_edge::join::JoinOptions {
         server: args.server,
         server_name: args.server_name,
@@ -266,17 +293,27 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         .build()?;
     match runtime.block_on(tunnel_edge::join::join(&options))? {
         tunnel_edge::join::Joined::Joined => println!(
-            "joined as {}; credentials in {}",
+            "joined as {}; certificate valid until {}; credentials in {}",
             options.node_name,
+            valid_until(&options.state),
             args.state_dir.display()
         ),
         tunnel_edge::join::Joined::AlreadyJoined => println!(
-            "already joined as {} ({} holds a valid certificate); --force joins again",
+            "already joined as {} ({} holds a certificate valid until {}); --force joins again",
             options.node_name,
-            args.state_dir.display()
+            args.state_dir.display(),
+            valid_until(&options.state)
         ),
     }
     Ok(())
+}
+
+/// The expiry of the state directory's certificate, RFC 3339.
+fn valid_until(state: &tunnel_edge::join::StateDir) -> String {
+    match tunnel_edge::join::certificate_window(&state.cert()) {
+        Ok((_, not_after)) => tunnel_io::check::rfc3339(not_after),
+        Err(e) => format!("<unreadable: {e}>"),
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

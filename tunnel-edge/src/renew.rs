@@ -10,6 +10,8 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use tunnel_io::check::rfc3339;
+
 use crate::join::{certificate_window, renew, renewal_due, unix_now, StateDir};
 use crate::Edge;
 
@@ -46,8 +48,9 @@ pub async fn renew_loop(
         let due = renewal_due(issued, not_after, JITTER, unit);
         let wait = Duration::from_secs(due.saturating_sub(unix_now()).max(0) as u64);
         info!(
-            in_secs = wait.as_secs(),
-            not_after, "certificate renewal scheduled"
+            due = %rfc3339(due),
+            not_after = %rfc3339(not_after),
+            "certificate renewal scheduled"
         );
         tokio::select! {
             biased;
@@ -78,7 +81,10 @@ pub async fn renew_loop(
                     }
                     retry = (retry * 2).min(RETRY_MAX);
                     if unix_now() >= not_after {
-                        warn!("certificate expired before it could be renewed; join again");
+                        warn!(
+                            not_after = %rfc3339(not_after),
+                            "certificate expired before it could be renewed; join again"
+                        );
                     }
                 }
             }

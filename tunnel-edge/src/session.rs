@@ -163,7 +163,7 @@ impl Edge {
             connector
                 .connect(self.server_name.clone(), tcp)
                 .await
-                .map_err(|e| format!("TLS handshake: {e}"))
+                .map_err(|e| crate::wrong_port::describe(&host, port, &e))
         };
         tokio::time::timeout(limit, connect)
             .await
@@ -298,7 +298,8 @@ impl Edge {
             let tls = connector
                 .connect(self.server_name.clone(), tcp)
                 .await
-                .map_err(|e| format!("TLS handshake: {e}"))?;
+                .map_err(|e| crate::wrong_port::describe(host, port, &e))?;
+            crate::wrong_port::check_alpn(host, port, tls.get_ref().1.alpn_protocol())?;
             self.config
                 .h2
                 .server_builder()

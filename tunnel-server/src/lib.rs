@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod demo;

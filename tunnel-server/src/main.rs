@@ -155,19 +155,12 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args),
         Command::CheckConfig { file } => {
             let config = ServerConfig::load(&file)?;
+            let report = tunnel_server::check::check_files(&config, tunnel_io::check::unix_now())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             println!("{}: ok", file.display());
-            println!("  edge listener:   {}", config.edge.listen);
-            if let Some(p) = &config.connect.unix_socket {
-                println!(
-                    "  CONNECT (unix):  {} mode {:o}",
-                    p.display(),
-                    config.connect.unix_socket_mode
-                );
+            for line in report {
+                println!("{line}");
             }
-            if let Some(a) = config.connect.tcp_listen {
-                println!("  CONNECT (mTLS):  {a}");
-            }
-            println!("  allowed ports:   {:?}", config.policy.allowed_ports);
             Ok(())
         }
         Command::Ca(ca) => run_ca(ca),

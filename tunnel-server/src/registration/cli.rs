@@ -176,11 +176,11 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                     .collect::<anyhow::Result<_>>()?,
             )?;
             eprintln!(
-                "token {} for pool {:?} in {} (expires at Unix time {})",
+                "token {} for pool {:?} in {} (expires at {})",
                 record.id,
                 record.pool.name,
                 path.display(),
-                record.expires_unix
+                rfc3339(record.expires_unix)
             );
             // The one place a secret is printed: stdout, for the operator to hand to the node.
             println!("{}", token.expose());
@@ -189,7 +189,9 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
         TokenCommand::List { files } => {
             let path = token_file(&files)?;
             let now = tokens::unix_now();
-            println!("ID      POOL            USES  LIMIT  EXPIRES_IN  STATE    PATTERN  NETWORKS");
+            println!(
+                "ID      POOL            USES  LIMIT  EXPIRES               STATE    PATTERN  NETWORKS"
+            );
             for (r, uses) in tokens::list(&path)? {
                 let state = if r.revoked {
                     "revoked"
@@ -200,16 +202,15 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
                 } else {
                     "active"
                 };
-                let left = r.expires_unix.saturating_sub(now);
                 println!(
-                    "{:<7} {:<15} {:<5} {:<6} {:<11} {:<8} {:<8} {}",
+                    "{:<7} {:<15} {:<5} {:<6} {:<21} {:<8} {:<8} {}",
                     r.id,
                     r.pool.name,
                     uses,
                     r.usage_limit
                         .map(|l| l.to_string())
                         .unwrap_or_else(|| "-".into()),
-                    format!("{}s", left),
+                    rfc3339(r.expires_unix),
                     state,
                     r.node_name_pattern.as_deref().unwrap_or("*"),
                     if r.pool.node_ip_cidrs.is_empty() {
@@ -244,11 +245,17 @@ pub fn run_node(command: NodeCommand) -> anyhow::Result<()> {
             let path = revocation_file(&files)?;
             let at = crate::revocation::revoke_node(&path, &node)?;
             println!(
-                "node {node} revoked at Unix time {at} ({}); servers close its sessions within {:?}",
+                "node {node} revoked at {} ({}); servers close its sessions within {:?}",
+                rfc3339(at),
                 path.display(),
                 crate::revocation::POLL_INTERVAL * 2
             );
             Ok(())
         }
     }
+}
+
+/// Unix seconds as RFC 3339: operators read these, not epoch seconds.
+fn rfc3339(unix: u64) -> String {
+    tunnel_io::check::rfc3339(i64::try_from(unix).unwrap_or(i64::MAX))
 }

@@ -85,6 +85,16 @@ impl JoinLimits {
             .map_err(|_| Throttled::SourceRate)
     }
 
+    /// How long `source` stays locked out, if it is.
+    pub fn lockout_remaining(&self, source: IpAddr, now: Instant) -> Option<Duration> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures
+            .get(&source)
+            .and_then(|f| f.locked_until)
+            .filter(|until| *until > now)
+            .map(|until| until - now)
+    }
+
     /// Admit an attempt at token `id`, or refuse it unchecked.
     pub fn check_token(&self, id: &str) -> Result<(), Throttled> {
         self.per_token

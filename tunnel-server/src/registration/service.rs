@@ -278,6 +278,21 @@ fn refused() -> Status {
     Status::permission_denied(REFUSED)
 }
 
+/// The answer to a locked-out source: still the generic refusal (nothing about the token),
+/// plus when the lockout ends, so an operator who mistyped a token knows how long to wait
+/// instead of retrying into a longer wait.
+fn locked_out(remaining: Duration) -> Status {
+    let ends = std::time::SystemTime::now() + remaining + Duration::from_secs(1);
+    let unix = ends
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    Status::permission_denied(format!(
+        "{REFUSED}: too many failed attempts from this address; locked out until {}",
+        tunnel_io::check::rfc3339(unix)
+    ))
+}
+
 // tonic handlers answer `Status`; it is large, but this is one per request.
 #[allow(clippy::result_large_err)]
 fn peer_of<T>(request: &Request<T>) -> Result<PeerInfo, Status> {
@@ -297,7 +312,10 @@ impl Registration for RegistrationApi {
         // Throttled sources are refused before anything is parsed or hashed.
         if let Err(throttled) = self.limits.check_source(source, now) {
             warn!(target: "audit", event = "join_refused", peer = %peer.addr, reason = throttled.label(), "join refused");
-            return Err(refused());
+            return Err(match self.limits.lockout_remaining(source, now) {
+                Some(remaining) if throttled == Throttled::LockedOut => locked_out(remaining),
+                _ => refused(),
+            });
         }
         let request = request.into_inner();
         match self.try_join(&request) {
