@@ -14,6 +14,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
 use x509_parser::der_parser::asn1_rs::Tag;
@@ -193,7 +194,7 @@ impl Ca {
             path: cert_pem_path.to_owned(),
             reason,
         };
-        let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .next()
             .ok_or_else(|| bad_cert("no PEM CERTIFICATE block".into()))?
             .map_err(|e| bad_cert(format!("unreadable PEM: {e}")))?;
@@ -685,7 +686,7 @@ mod tests {
     }
 
     fn der_of(pem: &str) -> CertificateDer<'static> {
-        rustls_pemfile::certs(&mut pem.as_bytes())
+        CertificateDer::pem_slice_iter(pem.as_bytes())
             .next()
             .expect("one certificate")
             .expect("valid PEM")
