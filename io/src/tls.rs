@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
@@ -32,6 +33,14 @@ pub enum TlsError {
         path: PathBuf,
         /// "certificate" or "private key".
         what: &'static str,
+    },
+    /// A PEM block in the file is malformed (bad base64, a missing END line).
+    #[error("{path}: malformed PEM: {source}")]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What the PEM reader found wrong.
+        source: pem::Error,
     },
     /// rustls refused the material.
     #[error("{context}: {source}")]
@@ -63,16 +72,23 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Parse every certificate in PEM text.
+/// Parse the certificates in PEM text, up to the first malformed block; other PEM kinds
+/// are skipped. For material that arrived in a message; files go through [`load_certs`],
+/// which refuses a malformed block instead.
 pub fn certs_from_pem(pem: &[u8]) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut &pem[..])
-        .filter_map(Result::ok)
+    CertificateDer::pem_slice_iter(pem)
+        .map_while(Result::ok)
         .collect()
 }
 
 /// Load a certificate chain (leaf first) from a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = certs_from_pem(&read(path)?);
+    let certs = CertificateDer::pem_slice_iter(&read(path)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::BadPem {
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
         return Err(TlsError::Empty {
             path: path.to_owned(),
@@ -84,13 +100,16 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Load the first private key (PKCS#8, PKCS#1 or SEC1) from a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    rustls_pemfile::private_key(&mut &read(path)?[..])
-        .ok()
-        .flatten()
-        .ok_or_else(|| TlsError::Empty {
+    PrivateKeyDer::from_pem_slice(&read(path)?).map_err(|source| match source {
+        pem::Error::NoItemsFound => TlsError::Empty {
             path: path.to_owned(),
             what: "private key",
-        })
+        },
+        source => TlsError::BadPem {
+            path: path.to_owned(),
+            source,
+        },
+    })
 }
 
 /// Load a CA bundle into a root store.
@@ -210,4 +229,58 @@ pub fn peer_certificate<T>(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|der| der.clone().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PEM CERTIFICATE block; the PEM layer does not look inside the DER.
+    const CERT: &str =
+        "-----BEGIN CERTIFICATE-----\nMIIBNjCB3aADAgECAhQ=\n-----END CERTIFICATE-----\n";
+
+    fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn pem_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = file(&dir, "certs.pem", CERT);
+        assert_eq!(load_certs(&certs).unwrap().len(), 1);
+
+        let truncated = file(&dir, "truncated.pem", &CERT[..CERT.len() - 30]);
+        let err = load_certs(&truncated).unwrap_err();
+        assert!(matches!(err, TlsError::BadPem { .. }), "{err}");
+        assert!(err.to_string().contains("truncated.pem"), "{err}");
+
+        let empty = file(&dir, "empty.pem", "no PEM here\n");
+        let err = load_certs(&empty).unwrap_err();
+        assert!(matches!(err, TlsError::Empty { .. }), "{err}");
+        let err = load_key(&certs).unwrap_err();
+        assert!(matches!(err, TlsError::Empty { .. }), "{err}");
+        assert!(err.to_string().contains("certs.pem"), "{err}");
+
+        let bad_key = file(
+            &dir,
+            "bad-key.pem",
+            "-----BEGIN PRIVATE KEY-----\n!!!not base64!!!\n-----END PRIVATE KEY-----\n",
+        );
+        let err = load_key(&bad_key).unwrap_err();
+        assert!(matches!(err, TlsError::BadPem { .. }), "{err}");
+        assert!(err.to_string().contains("bad-key.pem"), "{err}");
+
+        let missing = dir.path().join("missing.pem");
+        assert!(matches!(load_key(&missing), Err(TlsError::Read { .. })));
+    }
+
+    #[test]
+    fn certs_from_pem_stops_at_a_malformed_block() {
+        let text =
+            format!("{CERT}-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----\n{CERT}");
+        assert_eq!(certs_from_pem(text.as_bytes()).len(), 1);
+        assert!(certs_from_pem(b"").is_empty());
+    }
 }

@@ -17,6 +17,8 @@ use hyper::body::{Frame, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -81,13 +83,12 @@ impl Drop for DemoKubelet {
 }
 
 fn tls_acceptor(cert_pem: &str, key_pem: &str) -> anyhow::Result<TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .context("reading demo kubelet certificate PEM")?;
     anyhow::ensure!(!certs.is_empty(), "no certificate in demo kubelet cert PEM");
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .context("reading demo kubelet key PEM")?
-        .context("no private key in demo kubelet key PEM")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .context("reading demo kubelet key PEM")?;
     // Explicit provider: never depend on a process-wide default being installed.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

@@ -11,6 +11,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
     KeyUsagePurpose,
 };
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use time::OffsetDateTime;
 use x509_parser::prelude::ParsedExtension;
@@ -82,7 +83,7 @@ impl Ca {
             path: cert_pem_path.to_owned(),
             reason,
         };
-        let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        let cert_der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
             .next()
             .ok_or_else(|| bad_cert("no PEM CERTIFICATE block".into()))?
             .map_err(|e| bad_cert(format!("unreadable PEM: {e}")))?;

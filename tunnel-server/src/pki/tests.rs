@@ -8,6 +8,7 @@ use rcgen::{
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::danger::ClientCertVerifier;
@@ -24,7 +25,7 @@ fn node(name: &str) -> NodeName {
 }
 
 fn der_of(pem: &str) -> CertificateDer<'static> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    CertificateDer::pem_slice_iter(pem.as_bytes())
         .next()
         .expect("one certificate")
         .expect("valid PEM")
