@@ -19,15 +19,27 @@ use tokio::net::TcpStream;
 const GRACE: Duration = Duration::from_secs(20);
 
 /// Log lines received so far, with when they arrived.
-type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+pub(crate) type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
 
-/// `curl -N` of a following log through `proxy`; its lines are collected as they arrive.
+/// `curl -N` of a following log through replica `replica`'s mTLS frontend.
 fn follow_logs(cluster: &HaCluster, replica: usize) -> (tokio::process::Child, Lines) {
-    let proxy = curl_proxy_args(cluster.servers[replica].addrs.connect_tcp, &cluster.pki);
-    let url = format!(
-        "https://{NODE_IP}:{}/containerLogs/default/web/nginx?follow=true",
-        cluster.kubelet.addr.port()
-    );
+    follow_logs_via(
+        cluster.servers[replica].addrs.connect_tcp,
+        &cluster.pki,
+        cluster.kubelet.addr.port(),
+    )
+}
+
+/// `curl -N` of a following log from the demo kubelet on `kubelet_port` through the mTLS
+/// frontend at `connect_tcp`; its lines are collected as they arrive.
+pub(crate) fn follow_logs_via(
+    connect_tcp: std::net::SocketAddr,
+    pki: &tether_tests::Pki,
+    kubelet_port: u16,
+) -> (tokio::process::Child, Lines) {
+    let proxy = curl_proxy_args(connect_tcp, pki);
+    let url =
+        format!("https://{NODE_IP}:{kubelet_port}/containerLogs/default/web/nginx?follow=true");
     let mut command = tokio::process::Command::new("curl");
     command
         .args(["--silent", "--show-error", "-N", "--max-time", "60"])

@@ -3,52 +3,20 @@
 //! while new streams are no longer sent to it. A server with the registration API exits as
 //! soon as nothing is in flight instead of waiting out its grace period.
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tether_tests::frontend::curl_proxy_args;
 use tether_tests::registration::{RegistrationOptions, RegistrationServer};
-use tether_tests::{poll_until, Cluster, ClusterOptions, Pki, NODE_IP};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tether_tests::{poll_until, Cluster, ClusterOptions, Pki};
 
-/// Log lines received so far, with when they arrived.
-type Lines = Arc<Mutex<Vec<Instant>>>;
-
-/// `curl -N` of a following log through the cluster's mTLS frontend.
-fn follow_logs(cluster: &Cluster) -> (tokio::process::Child, Lines) {
-    let proxy = curl_proxy_args(cluster.server.addrs.connect_tcp, &cluster.pki);
-    let url = format!(
-        "https://{NODE_IP}:{}/containerLogs/default/web/nginx?follow=true",
-        cluster.kubelet.addr.port()
-    );
-    let mut command = tokio::process::Command::new("curl");
-    command
-        .args(["--silent", "--show-error", "-N", "--max-time", "60"])
-        .args(&proxy)
-        .arg(&url)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    for var in ["http_proxy", "https_proxy", "all_proxy", "no_proxy"] {
-        command.env_remove(var).env_remove(var.to_uppercase());
-    }
-    let mut child = command.spawn().expect("run curl");
-    let stdout = child.stdout.take().expect("curl stdout");
-    let lines: Lines = Arc::default();
-    let sink = lines.clone();
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(stdout).lines();
-        while let Ok(Some(_)) = reader.next_line().await {
-            sink.lock().unwrap().push(Instant::now());
-        }
-    });
-    (child, lines)
-}
+use super::drain::{follow_logs_via, Lines};
 
 fn count_after(lines: &Lines, at: Instant) -> usize {
-    lines.lock().unwrap().iter().filter(|t| **t > at).count()
+    lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _)| *t > at)
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +25,11 @@ async fn edge_drain_keeps_a_follow_stream_until_the_grace_runs_out() {
     let mut options = ClusterOptions::default();
     options.edge.shutdown_grace = GRACE;
     let mut cluster = Cluster::start(options).await;
-    let (mut curl, lines) = follow_logs(&cluster);
+    let (mut curl, lines) = follow_logs_via(
+        cluster.server.addrs.connect_tcp,
+        &cluster.pki,
+        cluster.kubelet.addr.port(),
+    );
     poll_until(
         "3 log lines before the signal",
         Duration::from_secs(10),
