@@ -199,11 +199,7 @@ impl Ca {
         ips: &[IpAddr],
         validity: Duration,
     ) -> Result<CertifiedKey, PkiError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = common_name_dn(node.as_str());
-        params.subject_alt_names = subject_alt_names(&[node.as_str().to_owned()], ips)?;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(params, validity)
+        self.issue(edge_params(node, ips)?, validity)
     }
 
     /// Issue an edge client certificate for a key the node keeps: the public key comes from
@@ -216,10 +212,7 @@ impl Ca {
         ips: &[IpAddr],
         validity: Duration,
     ) -> Result<String, PkiError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = common_name_dn(node.as_str());
-        params.subject_alt_names = subject_alt_names(&[node.as_str().to_owned()], ips)?;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let mut params = edge_params(node, ips)?;
         let (not_before, not_after) = validity_window(validity, Some(self.not_after))?;
         params.not_before = not_before;
         params.not_after = not_after;
@@ -312,4 +305,14 @@ pub fn certificate_facts_pem(pem: &str) -> Option<CertificateFacts> {
         .into_iter()
         .next()?;
     certificate_facts(der.as_ref())
+}
+
+/// What every edge certificate says, whoever holds its key: CN and the only DNS SAN are the
+/// node name, the IP SANs its IPs, EKU clientAuth.
+fn edge_params(node: &NodeName, ips: &[IpAddr]) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name_dn(node.as_str());
+    params.subject_alt_names = subject_alt_names(&[node.as_str().to_owned()], ips)?;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
 }
