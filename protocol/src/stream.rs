@@ -243,6 +243,26 @@ pub const SERVER_COUNT_HEADER: &str = "tether-server-count";
 /// Largest replica count an edge believes (bounds the sessions it opens).
 pub const MAX_SERVER_COUNT: usize = 64;
 
+/// Path of the refusal the server sends instead of session info when the edge's certificate
+/// belongs to a revoked node. A TLS alert cannot carry text, so the server completes the
+/// handshakes and says why here; the edge logs it and waits its maximum backoff before the
+/// next attempt. Nothing else is ever sent on such a session.
+pub const SESSION_REFUSED_PATH: &str = "/tether.v1/session-refused";
+/// Full URI of the session-refused request.
+pub const SESSION_REFUSED_URI: &str = "https://tether/tether.v1/session-refused";
+/// Header of the session-refused request: when the node was revoked, Unix seconds (the
+/// edge prints it as RFC 3339).
+pub const REVOKED_AT_HEADER: &str = "tether-revoked-at";
+
+/// Parse a `tether-revoked-at` value: Unix seconds, no sign, at most 12 digits (year 33658)
+/// so a peer's value always fits the date arithmetic that prints it.
+pub fn parse_revoked_at(value: &str) -> Option<u64> {
+    if value.is_empty() || value.len() > 12 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
 /// Parse a `tether-server-count` value: 1..=[`MAX_SERVER_COUNT`].
 pub fn parse_server_count(value: &str) -> Option<usize> {
     let n: usize = value.parse().ok()?;
@@ -269,6 +289,16 @@ mod session_info_tests {
         assert_eq!(parse_server_count("65"), None);
         assert_eq!(parse_server_count("-1"), None);
         assert_eq!(parse_server_count("99999999999999999999999"), None);
+    }
+
+    #[test]
+    fn revoked_at_is_plain_bounded_seconds() {
+        assert_eq!(parse_revoked_at("1796000000"), Some(1_796_000_000));
+        assert_eq!(parse_revoked_at(""), None);
+        assert_eq!(parse_revoked_at("-1"), None);
+        assert_eq!(parse_revoked_at("+5"), None);
+        assert_eq!(parse_revoked_at("1e9"), None);
+        assert_eq!(parse_revoked_at("9999999999999"), None);
     }
 
     #[test]

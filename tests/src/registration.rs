@@ -306,6 +306,17 @@ impl JoinedEdge {
     /// Start `tunnel-edge run --state-dir` against `server`'s edge listener, allowing `ports`
     /// on itself, logging at `filter`.
     pub fn run(&mut self, server: &RegistrationServer, ports: &[u16], filter: &str) {
+        self.run_with_max_backoff(server, ports, filter, "300ms")
+    }
+
+    /// [`JoinedEdge::run`] with `reconnect.max` set to `max_backoff` (a humantime string).
+    pub fn run_with_max_backoff(
+        &mut self,
+        server: &RegistrationServer,
+        ports: &[u16],
+        filter: &str,
+        max_backoff: &str,
+    ) {
         let ports = ports
             .iter()
             .map(u16::to_string)
@@ -321,7 +332,7 @@ address = "{edge}"
 connect_timeout = "5s"
 [reconnect]
 min = "50ms"
-max = "300ms"
+max = "{max_backoff}"
 stable_after = "2s"
 [liveness]
 ping_interval = "500ms"

@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;
+mod refusal;
 pub mod renew;
 mod replicas;
 pub mod session;

@@ -13,11 +13,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
+use crate::refusal::{RefusedCertificate, SessionError};
 use crate::replicas::{session_info, Control, Replicas};
 use crate::stream::serve_stream;
 
@@ -243,6 +244,8 @@ impl Edge {
         let r = &self.config.reconnect;
         let mut backoff = Backoff::new(r.min, r.max);
         let (host, port) = self.targets[index % self.targets.len()].clone();
+        // Set while the server refuses this node as revoked: attempts wait the maximum.
+        let mut refused: Option<RefusedCertificate> = None;
         loop {
             let started = Instant::now();
             let span =
@@ -253,18 +256,38 @@ impl Edge {
                 .await;
             match outcome {
                 Ok(reason) => info!(node = %self.node(), slot = index, reason, "session ended"),
-                Err(reason) => warn!(node = %self.node(), slot = index, reason, "session failed"),
+                Err(SessionError::Failed(reason)) => {
+                    warn!(node = %self.node(), slot = index, reason, "session failed")
+                }
+                Err(SessionError::Revoked { at, reason }) => {
+                    let revoked_at = at.map(|at| tunnel_io::check::rfc3339(at as i64));
+                    let message = crate::refusal::message(self.node(), at, &reason);
+                    error!(node = %self.node(), slot = index, revoked_at = revoked_at.as_deref(), retry_in = ?r.max, "{message}");
+                    refused = Some(RefusedCertificate::of(self.config.server.cert.as_deref()));
+                }
             }
             if cancel.is_cancelled() {
                 break;
             }
-            backoff.session_ended(started.elapsed(), r.stable_after);
-            let delay = backoff.next_delay(&mut rand::thread_rng());
+            let delay = if refused.is_some() {
+                r.max
+            } else {
+                backoff.session_ended(started.elapsed(), r.stable_after);
+                backoff.next_delay(&mut rand::thread_rng())
+            };
             debug!(?delay, "reconnecting after backoff");
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}
+            }
+            if refused.as_ref().is_some_and(RefusedCertificate::changed) {
+                match self.reload_tls() {
+                    Ok(()) => info!("certificate changed since the refusal; reconnecting with it"),
+                    Err(error) => warn!(%error, "certificate changed but does not load"),
+                }
+                refused = None;
+                backoff = Backoff::new(r.min, r.max);
             }
         }
     }
@@ -279,7 +302,7 @@ impl Edge {
         replicas: &Replicas,
         streams: &TaskTracker,
         cancel: &CancellationToken,
-    ) -> Result<&'static str, String> {
+    ) -> Result<&'static str, SessionError> {
         let limit = self
             .config
             .server
@@ -354,9 +377,18 @@ impl Edge {
                         "shut down: grace period over, remaining streams cancelled"
                     });
                 }
-                reason = &mut keepalive => break Err(reason),
+                reason = &mut keepalive => break Err(reason.into()),
                 accepted = connection.accept() => match accepted {
                     Some(Ok((request, respond))) => {
+                        if request.method() == Method::POST
+                            && request.uri().path() == protocol::stream::SESSION_REFUSED_PATH
+                        {
+                            let refusal = crate::refusal::answer(&request, respond);
+                            connection.graceful_shutdown();
+                            let flush = async { while connection.accept().await.is_some() {} };
+                            let _ = tokio::time::timeout(crate::refusal::REFUSAL_FLUSH, flush).await;
+                            break Err(refusal);
+                        }
                         if request.method() == Method::POST
                             && request.uri().path() == protocol::stream::SESSION_INFO_PATH
                         {
@@ -376,7 +408,7 @@ impl Edge {
                             serve_stream(request, respond, &allow, &config, &cancel).await;
                         });
                     }
-                    Some(Err(e)) => break Err(format!("session error: {e}")),
+                    Some(Err(e)) => break Err(format!("session error: {e}").into()),
                     None => break Ok("server closed the session"),
                 },
             }

@@ -1,7 +1,8 @@
 //! The admin endpoint: `/healthz` (the process serves), `/readyz` (listeners up and not
 //! draining), `/metrics` (OpenMetrics when the `Accept` header asks for it, as Prometheus
-//! does; the Prometheus 0.0.4 text format otherwise). Plain HTTP/1.1 on a separate, usually loopback,
-//! address; it carries no tunnel traffic.
+//! does; the Prometheus 0.0.4 text format otherwise), and the operators' read-only JSON views
+//! `/api/v1/edges` and `/api/v1/nodes` ([`crate::admin_api`]). Plain HTTP/1.1 on a separate,
+//! usually loopback, address; it carries no tunnel traffic.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -62,6 +63,17 @@ pub async fn serve_admin(
     }
 }
 
+fn json(value: &impl serde::Serialize) -> (StatusCode, &'static str, String) {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => (StatusCode::OK, "application/json", body + "\n"),
+        Err(error) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{error}\n"),
+        ),
+    }
+}
+
 fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
@@ -92,6 +104,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 )
             }
         }
+        crate::admin_api::EDGES_PATH => json(&crate::admin_api::edges(shared)),
+        crate::admin_api::NODES_PATH => json(&crate::admin_api::nodes(shared)),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -35,9 +35,13 @@ enum Command {
     /// Bootstrap tokens for joining nodes (the `[registration]` token file).
     #[command(subcommand)]
     Token(tunnel_server::registration::cli::TokenCommand),
-    /// Node removal (the `[registration]` revocation file).
+    /// Nodes: list them (live, from the admin API) and remove them (the `[registration]`
+    /// revocation file).
     #[command(subcommand)]
     Node(tunnel_server::registration::cli::NodeCommand),
+    /// List the edge sessions of one or more running replicas (their admin API): node, IPs,
+    /// replica, since, streams, bytes each way, transport, certificate serial and expiry.
+    Edges(tunnel_server::fleet::EdgesArgs),
     /// Start a server, an edge named `demo-node` and a demo kubelet on loopback, make one
     /// request through the tunnel, print ready-to-paste curl commands, run until Ctrl-C.
     Demo {
@@ -166,6 +170,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ca(ca) => run_ca(ca),
         Command::Token(t) => tunnel_server::registration::cli::run_token(t),
         Command::Node(n) => tunnel_server::registration::cli::run_node(n),
+        Command::Edges(args) => Ok(tunnel_server::fleet::run_edges(args)?),
         Command::Demo { dir, once } => {
             tunnel_io::logging::init(LogFormat::Text, "warn");
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -79,6 +79,20 @@ impl NodeSession {
     pub fn open_streams(&self) -> usize {
         self.tunnel().open_streams()
     }
+
+    /// The session streams are opened on, for read-only views (the admin API).
+    pub fn edge_session(&self) -> &EdgeSession {
+        self.tunnel()
+    }
+
+    /// How the node reaches this replica, for operators: `tcp` (TLS + HTTP/2 over TCP, a
+    /// Tether edge) or `konnectivity` (a stock agent's gRPC stream).
+    pub fn transport(&self) -> &'static str {
+        match self {
+            NodeSession::Tether(_) => "tcp",
+            NodeSession::Agent(_) => "konnectivity",
+        }
+    }
 }
 
 impl Routable for NodeSession {

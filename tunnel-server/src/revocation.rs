@@ -171,14 +171,31 @@ pub fn check_handshake(
     node: &NodeName,
     der: &[u8],
 ) -> Result<(), (&'static str, String)> {
-    let Some(list) = &shared.revocations else {
-        return Ok(());
-    };
-    list.refresh();
-    if list.der_revoked(node, der) {
-        return Err(("revoked", format!("node {node} is revoked")));
+    match revoked_certificate(shared, node, der) {
+        Some(at) => Err(("revoked", revoked_reason(node, at))),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// When `node` was revoked, if that revocation refuses its certificate `der` (re-reads the
+/// file if it changed, like [`check_handshake`]).
+pub fn revoked_certificate(shared: &crate::Shared, node: &NodeName, der: &[u8]) -> Option<u64> {
+    let list = shared.revocations.as_ref()?;
+    list.refresh();
+    if !list.der_revoked(node, der) {
+        return None;
+    }
+    // A node revoked since start-up has a time; fall back to 0 if the file lost it between
+    // the two reads (the certificate is refused all the same).
+    Some(list.revoked_at(node).unwrap_or(0))
+}
+
+/// The one line audit logs and the refused edge show: `node N is revoked (at RFC 3339)`.
+pub fn revoked_reason(node: &NodeName, at: u64) -> String {
+    format!(
+        "node {node} is revoked (at {})",
+        tunnel_io::check::rfc3339(i64::try_from(at).unwrap_or(i64::MAX))
+    )
 }
 
 /// Poll the file until `cancel`; close the live sessions of every newly revoked node.

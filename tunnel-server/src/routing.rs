@@ -154,6 +154,12 @@ impl<S: Routable> RouteTable<S> {
         inner.by_node.get(node).cloned()
     }
 
+    /// Every node's live session, for the admin API (a copy: the table is not held).
+    pub fn sessions(&self) -> Vec<Arc<S>> {
+        let inner = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        inner.by_node.values().cloned().collect()
+    }
+
     /// Number of nodes with a live session.
     pub fn len(&self) -> usize {
         self.inner

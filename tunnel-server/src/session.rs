@@ -3,7 +3,7 @@
 //! running sessions is in [`listener`]. Owns nothing of the frontends.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +15,12 @@ use protocol::{NodeName, Target};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::TunneledBytes;
 use crate::routing::Routable;
 use crate::Shared;
 
 mod listener;
+mod refusal;
 pub use listener::serve_edges;
 
 /// One live edge session, as the route table and the frontends see it.
@@ -42,6 +44,62 @@ pub struct EdgeSession {
     certificate_issued: std::sync::OnceLock<u64>,
     /// Serial and standing of the peer's certificate in the identity registry.
     certificate: std::sync::OnceLock<crate::session_certificate::SessionCertificate>,
+    /// When the session was created, Unix seconds (the admin API's `since`).
+    since_unix: u64,
+    /// What its streams count bytes into.
+    meter: StreamMeter,
+}
+
+/// Bytes moved on one session's streams, for the admin API's per-edge view: one relaxed
+/// atomic add per chunk beside the global counter's, read only when an operator asks.
+#[derive(Debug, Default)]
+pub struct SessionBytes {
+    to_edge: AtomicU64,
+    from_edge: AtomicU64,
+}
+
+impl SessionBytes {
+    /// Frontend client → node bytes so far.
+    pub fn to_edge(&self) -> u64 {
+        self.to_edge.load(Ordering::Relaxed)
+    }
+
+    /// Node → frontend client bytes so far.
+    pub fn from_edge(&self) -> u64 {
+        self.from_edge.load(Ordering::Relaxed)
+    }
+}
+
+/// What a stream's pipe counts into: `tether_tunneled_bytes_total` and its session's own
+/// [`SessionBytes`].
+#[derive(Clone, Debug)]
+pub struct StreamMeter {
+    global: TunneledBytes,
+    session: Arc<SessionBytes>,
+}
+
+impl StreamMeter {
+    /// `n` more bytes went from a frontend client to the node.
+    pub fn add_to_edge(&self, n: u64) {
+        self.global.add_to_edge(n);
+        self.session.to_edge.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `n` more bytes went from the node to a frontend client.
+    pub fn add_from_edge(&self, n: u64) {
+        self.global.add_from_edge(n);
+        self.session.from_edge.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The frontend's socket is the client's: what it reads goes to the edge.
+impl tunnel_io::pipe::ByteMeter for StreamMeter {
+    fn socket_to_stream(&self, n: u64) {
+        self.add_to_edge(n);
+    }
+    fn stream_to_socket(&self, n: u64) {
+        self.add_from_edge(n);
+    }
 }
 
 /// A stream the edge accepted: its target is dialed and bytes may flow.
@@ -52,6 +110,8 @@ pub struct OpenStream {
     pub recv: RecvStream,
     /// Holds one of the session's stream slots until dropped.
     pub slot: OwnedSemaphorePermit,
+    /// Counts the stream's bytes (globally and for its session).
+    pub meter: StreamMeter,
 }
 
 /// A dial that did not produce a stream.
@@ -119,7 +179,22 @@ impl EdgeSession {
             retired: CancellationToken::new(),
             certificate_issued: std::sync::OnceLock::new(),
             certificate: std::sync::OnceLock::new(),
+            since_unix: crate::registration::state::files::unix_now(),
+            meter: StreamMeter {
+                global: shared.metrics.tunneled.clone(),
+                session: Arc::default(),
+            },
         }
+    }
+
+    /// When the session was created, Unix seconds.
+    pub fn since_unix(&self) -> u64 {
+        self.since_unix
+    }
+
+    /// Bytes its streams moved so far.
+    pub fn bytes(&self) -> &SessionBytes {
+        &self.meter.session
     }
 
     /// Record the peer certificate's serial and standing (set once, at the handshake).
@@ -254,7 +329,12 @@ impl EdgeSession {
                 Err(OpenError::new(DialFailure::Unreachable, "edge session closed during dial"))
             }
             result = tokio::time::timeout(dial_timeout, dial) => match result {
-                Ok(Ok((send, recv))) => Ok(OpenStream { send, recv, slot }),
+                Ok(Ok((send, recv))) => Ok(OpenStream {
+                    send,
+                    recv,
+                    slot,
+                    meter: self.meter.clone(),
+                }),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(OpenError::new(
                     DialFailure::Timeout,

@@ -249,7 +249,12 @@ async fn serve_connection<S>(
         return;
     }
     let open = shared.metrics.stream_open(FRONTEND);
-    let OpenStream { send, recv, slot } = dialed.stream;
+    let OpenStream {
+        send,
+        recv,
+        slot,
+        meter,
+    } = dialed.stream;
     let report = pipe_metered(
         socket,
         send,
@@ -259,7 +264,7 @@ async fn serve_connection<S>(
             write_timeout: config.write_timeout,
             idle_timeout: config.idle_timeout,
         },
-        &shared.metrics.tunneled,
+        &meter,
         cancel,
     )
     .await;

@@ -81,9 +81,19 @@ pub enum TokenCommand {
 /// Nodes.
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Remove a node: close its sessions and upstream streams, refuse its certificates and
-    /// its re-joins until it is re-admitted with a token created after now with
-    /// `--reprovision NAME` (its IPs stay taken until its certificates expire or then).
+    /// List joined, connected and revoked nodes, with IPs, pool, certificate expiry and
+    /// revocation time, from a running replica's admin API (live only: no offline mode).
+    List(crate::fleet::NodeListArgs),
+    /// Remove a node: close its sessions and upstream streams, refuse every certificate
+    /// issued to it until now and its re-joins; its edge is told "node revoked at …; re-join
+    /// with a new token" and retries only at its maximum backoff.
+    ///
+    /// There is no "unrevoke": lifting the revocation would trust again every certificate
+    /// issued before it, including a stolen one. To re-admit the node, create a token after
+    /// the revocation that may re-provision it (`tunnel-server token create --reprovision
+    /// NAME`) and run `tunnel-edge join --force` with it on the node: it gets a new key and a
+    /// certificate issued after the revocation, and its old certificates stay refused. Its
+    /// IPs stay taken until its certificates expire or it is re-admitted.
     Revoke {
         #[command(flatten)]
         files: FileArgs,
@@ -239,6 +249,7 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
 /// Run a `node` command.
 pub fn run_node(command: NodeCommand) -> anyhow::Result<()> {
     match command {
+        NodeCommand::List(args) => Ok(crate::fleet::run_node_list(args)?),
         NodeCommand::Revoke { files, name } => {
             let node = protocol::NodeName::parse(&name)
                 .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?;

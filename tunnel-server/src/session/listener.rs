@@ -130,6 +130,8 @@ type Handshaken = (
 enum Accepted {
     /// A tunnel session (`tether-h2/1`).
     Session(Box<Handshaken>),
+    /// A tunnel session of a revoked node: told why, then closed ([`super::refusal`]).
+    Revoked(Box<super::refusal::Revoked<SessionIo>>),
     /// An edge → cloud upstream connection (`tether-up/1`).
     Upstream {
         tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
@@ -157,11 +159,18 @@ async fn handshake(
         .ok_or(("identity", "no client certificate".to_string()))?;
     let identity = crate::pki::edge_identity_from_der(der.as_ref())
         .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
-    crate::revocation::check_handshake(shared, &identity.node, der.as_ref())?;
+    let revoked_at = crate::revocation::revoked_certificate(shared, &identity.node, der.as_ref());
     let issued = crate::pki::issued_unix(der.as_ref());
     let certificate =
         crate::session_certificate::SessionCertificate::of(shared, &identity.node, der.as_ref());
     if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
+        // No request goes from server to edge on an upstream connection: refuse it plainly.
+        if let Some(at) = revoked_at {
+            return Err((
+                "revoked",
+                crate::revocation::revoked_reason(&identity.node, at),
+            ));
+        }
         let cert_der = der.as_ref().to_vec();
         return Ok(Accepted::Upstream {
             tls: Box::new(tls),
@@ -178,6 +187,15 @@ async fn handshake(
         .handshake(limited)
         .await
         .map_err(|e| ("h2", format!("HTTP/2 handshake failed: {e}")))?;
+    if let Some(at) = revoked_at {
+        // Nothing of a session is built: no route, no stream slot, no upstream.
+        return Ok(Accepted::Revoked(Box::new(super::refusal::Revoked {
+            node: identity.node,
+            at,
+            send_request,
+            connection,
+        })));
+    }
     let ping_pong = connection
         .ping_pong()
         .ok_or(("h2", "PING handle unavailable".to_string()))?;
@@ -250,6 +268,23 @@ async fn handle_edge(
             let quota = shared.config.edge.control_frame_quota();
             let limited = ControlFrameLimit::from_client(tls, quota);
             crate::upstream::serve(limited, node, cert_der, peer, shared, stop).await;
+            return;
+        }
+        Ok(Ok(Accepted::Revoked(revoked))) => {
+            let revoked = *revoked;
+            shared.metrics.handshake("revoked");
+            tracing::Span::current().record("node", revoked.node.as_str());
+            let reason = crate::revocation::revoked_reason(&revoked.node, revoked.at);
+            warn!(target: "audit", event = "edge_refused", %peer, reason, "edge session refused");
+            // Still inside the handshake deadline, holding both handshake slots: a revoked
+            // node's retries cost no more than any other handshake.
+            if let Err(error) = tokio::time::timeout_at(deadline, revoked.refuse())
+                .await
+                .unwrap_or_else(|_| Err("the edge did not take the refusal in time".into()))
+            {
+                debug!(%peer, error, "revoked edge not told");
+            }
+            drop(slots);
             return;
         }
         Ok(Err((kind, reason))) => {

@@ -30,9 +30,9 @@ use tunnel_io::pipe::{send_all, PipeConfig, PipeError};
 use super::service::proxy_service_server::ProxyService;
 use super::ConnInfo;
 use crate::frontend::dial::dial;
-use crate::metrics::TunneledBytes;
 use crate::routing::Routable;
 use crate::session::OpenStream;
+use crate::session::StreamMeter;
 use crate::Shared;
 
 /// Metric label and audit name of this frontend.
@@ -277,7 +277,12 @@ async fn serve_stream(
     }
 
     let open = shared.metrics.stream_open(FRONTEND);
-    let OpenStream { send, recv, slot } = dialed.stream;
+    let OpenStream {
+        send,
+        recv,
+        slot,
+        meter,
+    } = dialed.stream;
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
     let ended = bridge(
@@ -287,7 +292,7 @@ async fn serve_stream(
         connect_id,
         config,
         (&mut up_bytes, &mut down_bytes),
-        &shared.metrics.tunneled,
+        &meter,
     )
     .await;
     drop(open);
@@ -357,7 +362,7 @@ async fn bridge(
     connect_id: i64,
     config: PipeConfig,
     (up_bytes, down_bytes): (&mut u64, &mut u64),
-    meter: &TunneledBytes,
+    meter: &StreamMeter,
 ) -> Ended {
     let up = client_to_edge(incoming, &mut send, connect_id, config, (up_bytes, meter));
     let down = edge_to_client(recv, out, connect_id, config, (down_bytes, meter));
@@ -381,7 +386,7 @@ async fn client_to_edge(
     send: &mut SendStream<Bytes>,
     connect_id: i64,
     config: PipeConfig,
-    (total, meter): (&mut u64, &TunneledBytes),
+    (total, meter): (&mut u64, &StreamMeter),
 ) -> Ended {
     loop {
         let packet = match incoming.message().await {
@@ -431,7 +436,7 @@ async fn edge_to_client(
     out: &Outbox,
     connect_id: i64,
     config: PipeConfig,
-    (total, meter): (&mut u64, &TunneledBytes),
+    (total, meter): (&mut u64, &StreamMeter),
 ) -> Ended {
     loop {
         let mut chunk = match recv.data().await {

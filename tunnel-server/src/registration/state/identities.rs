@@ -206,6 +206,8 @@ pub trait IdentityStore: Send + Sync {
     /// Apply `change` to the registry as of now and persist it if `change` returns true.
     /// Callers serialise check-then-record sequences themselves.
     fn update(&self, change: &mut dyn FnMut(&mut Identities) -> bool) -> Result<(), StoreError>;
+    /// Every identity, as of now (the admin API's node list).
+    fn all(&self) -> Identities;
 }
 
 /// `<token file>.identities.json`.
@@ -250,6 +252,10 @@ impl FileIdentityStore {
 impl IdentityStore for FileIdentityStore {
     fn get(&self, node: &NodeName) -> Option<IssuedIdentity> {
         self.locked().1.nodes.get(node.as_str()).cloned()
+    }
+
+    fn all(&self) -> Identities {
+        self.locked().1.clone()
     }
 
     fn update(&self, change: &mut dyn FnMut(&mut Identities) -> bool) -> Result<(), StoreError> {
