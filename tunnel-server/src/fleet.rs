@@ -178,10 +178,7 @@ pub fn run_edges(args: EdgesArgs) -> Result<(), FleetError> {
     let mut rows = Vec::new();
     for (admin, answer) in &answers {
         match answer {
-            Ok(response) => rows.extend(response.edges.iter().map(|edge| EdgeRow {
-                admin: *admin,
-                edge,
-            })),
+            Ok(response) => rows.extend(response.edges.iter().map(|edge| EdgeRow { admin, edge })),
             Err(error) => {
                 failed += 1;
                 eprintln!("error: {error}");
