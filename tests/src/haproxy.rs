@@ -147,7 +147,7 @@ impl Haproxy {
 }
 
 /// A port that was free a moment ago: bind port 0, read it, close.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = StdListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local address").port()
 }

@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod data;
 pub mod edge;
+pub mod etcd;
 pub mod fake_edge;
 pub mod flood;
 pub mod frontend;

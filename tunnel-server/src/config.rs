@@ -41,6 +41,9 @@ pub struct ServerConfig {
     /// Registration API (join, renewal, revocation); absent = disabled.
     #[serde(default)]
     pub registration: Option<crate::registration::RegistrationConfig>,
+    /// Where the control state lives (`file` or `etcd`).
+    #[serde(default)]
+    pub state: crate::registration::state::StateConfig,
     /// Upstreams edges may reach (edge → cloud), by name: `kube-apiserver = "10.0.0.1:6443"`.
     #[serde(default)]
     pub upstreams: crate::upstream::UpstreamMap,
@@ -381,6 +384,7 @@ impl ServerConfig {
         if let Some(r) = &mut self.registration {
             r.resolve_paths(base);
         }
+        self.state.resolve_paths(base);
     }
 
     /// Check every cross-field rule; the message names the key.
@@ -444,6 +448,7 @@ impl ServerConfig {
         if let Some(r) = &self.registration {
             r.validate()?;
         }
+        self.state.validate(self.registration.is_some())?;
         let c = &self.connect;
         let konnectivity_frontend = self
             .konnectivity

@@ -20,7 +20,9 @@ pub mod prelude;
 pub mod proxy_protocol;
 pub mod registration;
 pub mod replicas;
-pub mod revocation;
+/// Node removal; lives with the rest of the shared control state, re-exported here for the
+/// edge listener and frontends that check it on every handshake and stream.
+pub use registration::state::revocation;
 pub mod routing;
 pub mod server;
 pub mod session;

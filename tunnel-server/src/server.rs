@@ -141,7 +141,7 @@ impl RunningServer {
         };
         let agents = crate::agent::bind(&config).await?;
         let registration = match &config.registration {
-            Some(r) => Some(crate::registration::bind(r, &config.edge).await?),
+            Some(r) => Some(crate::registration::bind(r, &config.edge, &config.state).await?),
             None => None,
         };
         // Unix sockets last: a start that fails on a TCP port (taken by a running instance)

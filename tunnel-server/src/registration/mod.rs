@@ -67,6 +67,8 @@ pub struct Registration {
     pub revocations: Arc<RevocationList>,
     /// Issued identities, shared with the edge listener (current certificate per node).
     pub identities: Arc<dyn state::identities::IdentityStore>,
+    /// The control state behind both.
+    pub state: Arc<state::StateStore>,
     /// Where it listens.
     pub addr: SocketAddr,
 }
@@ -75,6 +77,7 @@ pub struct Registration {
 pub async fn bind(
     config: &RegistrationConfig,
     edge: &crate::config::EdgeListenerConfig,
+    state_config: &state::StateConfig,
 ) -> anyhow::Result<Registration> {
     let cert = config.cert.as_ref().unwrap_or(&edge.cert);
     let key = config.key.as_ref().unwrap_or(&edge.key);
@@ -94,12 +97,8 @@ pub async fn bind(
         .with_context(|| format!("registration certificate {}", cert.display()))?;
     tls.alpn_protocols = vec![ALPN_REGISTRATION.to_vec()];
     tls.send_tls13_tickets = 0;
-    let revocations = Arc::new(RevocationList::open(&config.revocation_path())?);
-    let identities: Arc<dyn state::identities::IdentityStore> =
-        Arc::new(state::identities::FileIdentityStore::open(
-            &state::identities::identities_path(&config.token_file),
-        )?);
-    let api = service::RegistrationApi::load(config, revocations.clone(), identities.clone())?;
+    let state = Arc::new(state::StateStore::open(config, state_config)?);
+    let api = service::RegistrationApi::load(config, state.clone())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("bind registration listener {}", config.listen))?;
@@ -108,8 +107,9 @@ pub async fn bind(
         listener,
         acceptor: TlsAcceptor::from(Arc::new(tls)),
         api,
-        revocations,
-        identities,
+        revocations: state.revocations(),
+        identities: state.identities(),
+        state,
     })
 }
 
@@ -120,11 +120,9 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     };
     // Not in `tracker`: the watcher is no tunnel work a drain waits for. It keeps applying
     // revocations during the drain and stops with everything else on `stop.hard`.
-    tokio::spawn(crate::revocation::watch(
-        registration.revocations.clone(),
-        shared.clone(),
-        stop.hard.clone(),
-    ));
+    let state = registration.state.clone();
+    let (watched, cancel) = (shared.clone(), stop.hard.clone());
+    tokio::spawn(async move { state.watch_revocations(watched, cancel).await });
     let (handoff, mut incoming) = mpsc::channel::<io::Result<RegistrationConn>>(HANDOFF_QUEUE);
     let prelude = Prelude {
         first_byte_timeout: config.first_byte_timeout,

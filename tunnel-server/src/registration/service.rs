@@ -6,7 +6,7 @@
 //! claims anything else is refused.
 
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use protocol::NodeName;
@@ -20,42 +20,74 @@ use tunnel_io::registration::REFUSED;
 use super::config::RegistrationConfig;
 use super::limits::{JoinLimits, Throttled};
 use super::request::{check_csr_claims, parse_csr, parse_node_ips};
-use super::state::identities::{CertificateRef, IdentityClash, IdentityStore, IssuedIdentity};
-use super::state::{unix_now, BootstrapToken, NodePool, Refusal, TokenStore};
+use super::state::identities::{CertificateRef, IssuedIdentity};
+use super::state::{
+    unix_now, BootstrapToken, Declined, Issued, JoinClaim, NodePool, Refusal, RenewClaim,
+    StateError, StateStore,
+};
 use super::PeerInfo;
 use crate::pki::{certificate_facts, certificate_facts_pem, Ca, CertificateFacts};
-use crate::revocation::RevocationList;
 
 /// Why a request was refused: for the audit log only.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum Denied {
     Throttled(Throttled),
-    Token(Refusal),
     BadRequest(&'static str),
     NodeRevoked,
-    /// The name or an IP belongs to another issued identity, or the certificate is stale.
-    Identity(IdentityClash),
+    /// The state backend's decision: token, identity registry, issuing, or the store
+    /// itself being unavailable.
+    Declined(Declined),
 }
 
 impl Denied {
     fn label(&self) -> &'static str {
         match self {
             Denied::Throttled(t) => t.label(),
-            Denied::Token(r) => r.label(),
             Denied::BadRequest(what) => what,
             Denied::NodeRevoked => "node_revoked",
-            Denied::Identity(clash) => clash.label(),
+            Denied::Declined(Declined::Token(r)) => r.label(),
+            Denied::Declined(Declined::Identity(clash)) => clash.label(),
+            Denied::Declined(Declined::Issue(what)) => what,
+            Denied::Declined(Declined::State(_)) => "state_store_unavailable",
         }
     }
 
     /// More for the audit line than the label says (whose name or address), if anything.
     fn detail(&self) -> String {
         match self {
-            Denied::Identity(clash) => clash.to_string(),
+            Denied::Declined(Declined::Identity(clash)) => clash.to_string(),
+            Denied::Declined(Declined::State(error)) => error.to_string(),
             _ => String::new(),
         }
     }
+
+    /// Whether this is no fault of the caller's (throttled already, or the store down): it
+    /// does not count towards a lockout.
+    fn store_fault(&self) -> bool {
+        matches!(
+            self,
+            Denied::Throttled(_) | Denied::Declined(Declined::State(_))
+        )
+    }
+
+    /// What the caller is told: the generic refusal, except when the store is unavailable
+    /// (that says nothing about the token, and tells the node to retry later).
+    fn status(&self) -> Status {
+        match self {
+            Denied::Declined(Declined::State(_)) => Status::unavailable(STATE_UNAVAILABLE),
+            _ => refused(),
+        }
+    }
 }
+
+impl From<StateError> for Denied {
+    fn from(error: StateError) -> Denied {
+        Denied::Declined(Declined::State(error))
+    }
+}
+
+/// The answer to a join or renewal while the state store cannot be reached.
+pub const STATE_UNAVAILABLE: &str = "state store unavailable";
 
 /// A successful join, for the audit line.
 struct Joined {
@@ -71,33 +103,24 @@ struct Joined {
 /// The registration service of one replica.
 pub struct RegistrationApi {
     ca: Ca,
-    tokens: TokenStore,
-    revocations: Arc<RevocationList>,
+    state: Arc<StateStore>,
     limits: JoinLimits,
     lifetime: Duration,
     endpoints: Vec<String>,
-    identities: Arc<dyn IdentityStore>,
-    /// Held from the identity check to the identity record of one join or renewal, so two
-    /// concurrent joins cannot both claim a free name or address.
-    issuing: Mutex<()>,
 }
 
 impl RegistrationApi {
-    /// Load the CA and the token store named by `config`.
+    /// Load the CA named by `config`; decisions go to `state`.
     pub fn load(
         config: &RegistrationConfig,
-        revocations: Arc<RevocationList>,
-        identities: Arc<dyn IdentityStore>,
+        state: Arc<StateStore>,
     ) -> anyhow::Result<RegistrationApi> {
         Ok(RegistrationApi {
             ca: Ca::load(&config.ca_cert, &config.ca_key)?,
-            tokens: TokenStore::open(&config.token_file)?,
-            revocations,
+            state,
             limits: JoinLimits::new(&config.rate),
             lifetime: config.cert_lifetime,
             endpoints: config.tunnel_endpoints.clone(),
-            identities,
-            issuing: Mutex::new(()),
         })
     }
 
@@ -114,9 +137,32 @@ impl RegistrationApi {
         }
     }
 
-    fn try_join(&self, request: &JoinRequest) -> Result<Joined, Denied> {
-        let token =
-            BootstrapToken::parse(&request.token).map_err(|_| Denied::Token(Refusal::Malformed))?;
+    /// Issue a certificate for the key of `csr_der` (checked already; parsed again because a
+    /// backend may decide more than once, after losing a race) and describe it for the
+    /// identity registry.
+    fn issue(
+        &self,
+        csr_der: &[u8],
+        node: &NodeName,
+        ips: &[IpAddr],
+        pool: &str,
+        token_id: &str,
+    ) -> Result<Issued, &'static str> {
+        let csr = parse_csr(csr_der)?;
+        let pem = self
+            .ca
+            .issue_edge_for_key(csr.public_key, node, ips, self.lifetime)
+            .map_err(|_| "issue_failed")?;
+        let facts = certificate_facts_pem(&pem).ok_or("issue_failed")?;
+        Ok(Issued {
+            identity: issued_identity(ips, facts, pool, token_id),
+            pem,
+        })
+    }
+
+    async fn try_join(&self, request: &JoinRequest) -> Result<Joined, Denied> {
+        let token = BootstrapToken::parse(&request.token)
+            .map_err(|_| Denied::Declined(Declined::Token(Refusal::Malformed)))?;
         self.limits
             .check_token(&token.id)
             .map_err(Denied::Throttled)?;
@@ -125,76 +171,47 @@ impl RegistrationApi {
         let ips = parse_node_ips(&request.node_ips).map_err(Denied::BadRequest)?;
         let csr = parse_csr(&request.csr_der).map_err(Denied::BadRequest)?;
         check_csr_claims(&csr, &node, &ips).map_err(Denied::BadRequest)?;
-        if let Some(created) = self.tokens.created_unix(&token.id) {
-            if self.revocations.join_refused(&node, created) {
+        if let Some(created) = self.state.token_created(&token.id).await? {
+            if self.state.revocations().join_refused(&node, created) {
                 return Err(Denied::NodeRevoked);
             }
         }
         let key = csr.public_key.der_bytes().to_vec();
         let now = unix_now();
-        let _issuing = self.issuing.lock().unwrap_or_else(|p| p.into_inner());
-        // Token first (nothing used up yet), then the registry, then the use counts.
-        let admission = self
-            .tokens
-            .check(&token, &node, &ips, &key, now)
-            .map_err(Denied::Token)?;
-        let mut clash = None;
-        let mut reprovisioned = Vec::new();
-        self.identities
-            .update(&mut |registry| {
-                match registry.check_join(&node, &ips, &admission.reprovision, now) {
-                    Ok(()) => {
-                        reprovisioned = registry
-                            .nodes
-                            .iter()
-                            .filter(|(name, e)| {
-                                e.expires_unix > now
-                                    && (name.as_str() == node.as_str()
-                                        || e.ips.iter().any(|ip| ips.contains(ip)))
-                            })
-                            .map(|(name, _)| name.clone())
-                            .collect();
-                    }
-                    Err(c) => clash = Some(c),
-                }
-                false
-            })
-            .map_err(|_| Denied::BadRequest("identity_registry"))?;
-        if let Some(clash) = clash {
-            return Err(Denied::Identity(clash));
-        }
-        let certificate_expires = now.saturating_add(self.lifetime.as_secs());
-        let admission = self
-            .tokens
-            .admit(&token, &node, &ips, &key, now, certificate_expires)
-            .map_err(Denied::Token)?;
-        let pem = self
-            .ca
-            .issue_edge_for_key(csr.public_key, &node, &ips, self.lifetime)
-            .map_err(|_| Denied::BadRequest("issue_failed"))?;
-        let facts = certificate_facts_pem(&pem).ok_or(Denied::BadRequest("issue_failed"))?;
-        let serial = facts.serial.clone();
-        let issued = issued_identity(&ips, facts, &admission.pool.name, &admission.token_id);
-        let recorded = self.identities.update(&mut |registry| {
-            registry.record_join(&node, issued.clone());
-            true
-        });
-        if let Err(error) = recorded {
-            // The in-memory registry holds the join; this replica keeps enforcing it.
-            warn!(%error, "could not persist the identity registry");
-        }
-        let credentials = self.credentials(pem, Some(&admission.pool));
+        let claim = JoinClaim {
+            token: &token,
+            node: &node,
+            ips: &ips,
+            public_key: &key,
+            now,
+            certificate_expires: now.saturating_add(self.lifetime.as_secs()),
+        };
+        let mut issue = |admission: &super::state::Admission| {
+            self.issue(
+                &request.csr_der,
+                &node,
+                &ips,
+                &admission.pool.name,
+                &admission.token_id,
+            )
+        };
+        let joined = self
+            .state
+            .join(claim, &mut issue)
+            .await
+            .map_err(Denied::Declined)?;
+        let credentials = self.credentials(joined.issued.pem, Some(&joined.admission.pool));
         Ok(Joined {
             node,
             ips,
-            token_id: admission.token_id,
-            serial,
-            reprovisioned,
+            token_id: joined.admission.token_id,
+            serial: joined.issued.identity.serial,
+            reprovisioned: joined.reprovisioned,
             credentials,
         })
     }
 
-    fn try_renew(
+    async fn try_renew(
         &self,
         peer: &PeerInfo,
         request: &RenewRequest,
@@ -205,7 +222,11 @@ impl RegistrationApi {
             .ok_or(Denied::BadRequest("no_client_certificate"))?;
         let identity = tunnel_io::identity::edge_identity_from_der(der.as_ref())
             .map_err(|_| Denied::BadRequest("bad_identity"))?;
-        if self.revocations.der_revoked(&identity.node, der.as_ref()) {
+        if self
+            .state
+            .revocations()
+            .der_revoked(&identity.node, der.as_ref())
+        {
             return Err(Denied::NodeRevoked);
         }
         let csr = parse_csr(&request.csr_der).map_err(Denied::BadRequest)?;
@@ -217,41 +238,22 @@ impl RegistrationApi {
             })
             .ok_or(Denied::BadRequest("bad_identity"))?;
         let now = unix_now();
-        let _issuing = self.issuing.lock().unwrap_or_else(|p| p.into_inner());
-        let mut clash = None;
-        self.identities
-            .update(&mut |registry| {
-                clash = registry
-                    .check_renewal(&identity.node, &identity.ips, &presented, now)
-                    .err();
-                false
-            })
-            .map_err(|_| Denied::BadRequest("identity_registry"))?;
-        if let Some(clash) = clash {
-            return Err(Denied::Identity(clash));
-        }
-        let certificate_expires = now.saturating_add(self.lifetime.as_secs());
-        if !self
-            .tokens
-            .remember_key(csr.public_key.der_bytes(), now, certificate_expires)
-        {
-            return Err(Denied::Token(Refusal::KeyReused));
-        }
-        let pem = self
-            .ca
-            .issue_edge_for_key(csr.public_key, &identity.node, &identity.ips, self.lifetime)
-            .map_err(|_| Denied::BadRequest("issue_failed"))?;
-        let facts = certificate_facts_pem(&pem).ok_or(Denied::BadRequest("issue_failed"))?;
+        let claim = RenewClaim {
+            node: &identity.node,
+            ips: &identity.ips,
+            presented: &presented,
+            public_key: csr.public_key.der_bytes(),
+            now,
+            certificate_expires: now.saturating_add(self.lifetime.as_secs()),
+        };
         // Renewal keeps the identity: same name and IPs, the new certificate is current.
-        let issued = issued_identity(&identity.ips, facts, "", "");
-        let recorded = self.identities.update(&mut |registry| {
-            registry.record_renewal(&identity.node, &presented, issued.clone());
-            true
-        });
-        if let Err(error) = recorded {
-            warn!(%error, "could not persist the identity registry");
-        }
-        let credentials = self.credentials(pem, None);
+        let mut issue = || self.issue(&request.csr_der, &identity.node, &identity.ips, "", "");
+        let issued = self
+            .state
+            .renew(claim, &mut issue)
+            .await
+            .map_err(Denied::Declined)?;
+        let credentials = self.credentials(issued.pem, None);
         Ok((identity.node, identity.ips, credentials))
     }
 }
@@ -318,7 +320,7 @@ impl Registration for RegistrationApi {
             });
         }
         let request = request.into_inner();
-        match self.try_join(&request) {
+        match self.try_join(&request).await {
             Ok(joined) => {
                 self.limits.succeeded(source);
                 let Joined {
@@ -336,8 +338,7 @@ impl Registration for RegistrationApi {
                 Ok(Response::new(credentials))
             }
             Err(denied) => {
-                let locked =
-                    !matches!(denied, Denied::Throttled(_)) && self.limits.failed(source, now);
+                let locked = !denied.store_fault() && self.limits.failed(source, now);
                 // The node name is the caller's claim; the token appears only by its public ID.
                 let token_id = request
                     .token
@@ -346,7 +347,7 @@ impl Registration for RegistrationApi {
                     .filter(|id| id.len() <= 6 && id.bytes().all(|b| b.is_ascii_alphanumeric()))
                     .unwrap_or("?");
                 warn!(target: "audit", event = "join_refused", peer = %peer.addr, node = %request.node_name.escape_default(), token = token_id, reason = denied.label(), detail = denied.detail(), locked_out = locked, "join refused");
-                Err(refused())
+                Err(denied.status())
             }
         }
     }
@@ -359,15 +360,17 @@ impl Registration for RegistrationApi {
             warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = throttled.label(), "renewal refused");
             return Err(refused());
         }
-        match self.try_renew(&peer, request.get_ref()) {
+        match self.try_renew(&peer, request.get_ref()).await {
             Ok((node, ips, credentials)) => {
                 info!(target: "audit", event = "node_renewed", %node, ?ips, peer = %peer.addr, "node certificate renewed");
                 Ok(Response::new(credentials))
             }
             Err(denied) => {
-                self.limits.failed(source, now);
+                if !denied.store_fault() {
+                    self.limits.failed(source, now);
+                }
                 warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = denied.label(), detail = denied.detail(), "renewal refused");
-                Err(refused())
+                Err(denied.status())
             }
         }
     }

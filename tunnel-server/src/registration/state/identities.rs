@@ -132,6 +132,19 @@ impl Identities {
         Ok(())
     }
 
+    /// The live entries a join of `node` with `ips` takes over (its own name, or any of the
+    /// IPs): what the audit line of a re-provisioning names.
+    pub fn taken_by(&self, node: &NodeName, ips: &[IpAddr], now: u64) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|(name, e)| {
+                e.expires_unix > now
+                    && (name.as_str() == node.as_str() || e.ips.iter().any(|ip| ips.contains(ip)))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Record a join already checked with [`Identities::check_join`]: the node's entry is
     /// replaced, and re-provisioned nodes give up the IPs it takes (an entry left without
     /// IPs and named differently is removed).

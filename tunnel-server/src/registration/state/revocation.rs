@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::registration::state::files::{stamp, unix_now, write_json, FileStamp, StoreError};
+use super::files::{stamp, unix_now, write_json, FileStamp, StoreError};
 
 /// How often replicas look at the revocation file: revocation takes effect within this.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
