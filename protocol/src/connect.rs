@@ -1,9 +1,15 @@
 //! The HTTP/1.1 CONNECT request head that kube-apiserver (or curl) sends to the
-//! server's HTTP CONNECT frontend, and the few response heads we send back.
+//! server's HTTP CONNECT frontend, and the few response heads we send back; and, in
+//! [`response`], the client side an edge behind an HTTP egress proxy speaks.
 //! Sans-io: the caller buffers bytes and calls again; nothing here reads a socket.
 
 use crate::stream::sanitize_reason;
 use crate::target::{Target, TargetError};
+
+pub mod response;
+pub use response::{
+    connect_request, parse_connect_response, ConnectResponse, RequestError, ResponseError,
+};
 
 /// Default cap on the request head, in bytes. kube-apiserver sends well under
 /// 1 KiB; 16 KiB matches common proxies and bounds what one slow client can pin.

@@ -23,6 +23,7 @@ pub mod registration;
 pub mod relay;
 pub mod server;
 pub mod targets;
+pub mod tinyproxy;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};

@@ -271,6 +271,22 @@ impl JoinedEdge {
         ips: &[&str],
         extra: &[&str],
     ) -> (bool, String) {
+        self.join_with_env(pki, server, token, node, ips, extra, &[])
+    }
+
+    /// [`JoinedEdge::join`] with environment variables; the egress proxy variables are
+    /// cleared first, so only those in `env` reach the command.
+    #[allow(clippy::too_many_arguments)]
+    pub fn join_with_env(
+        &self,
+        pki: &Pki,
+        server: &RegistrationServer,
+        token: &str,
+        node: &str,
+        ips: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (bool, String) {
         let token_file = self.dir.path().join("token");
         std::fs::write(&token_file, token).expect("write token file");
         let mut command = Command::new(crate::binary("tunnel-edge"));
@@ -291,6 +307,8 @@ impl JoinedEdge {
             .args(extra)
             .env_remove("RUST_LOG")
             .env("RUST_BACKTRACE", "0");
+        clear_proxy_env(&mut command);
+        command.envs(env.iter().copied());
         for ip in ips {
             command.arg("--node-ip").arg(ip);
         }
@@ -306,7 +324,7 @@ impl JoinedEdge {
     /// Start `tunnel-edge run --state-dir` against `server`'s edge listener, allowing `ports`
     /// on itself, logging at `filter`.
     pub fn run(&mut self, server: &RegistrationServer, ports: &[u16], filter: &str) {
-        self.run_with_max_backoff(server, ports, filter, "300ms")
+        self.spawn_edge(server, ports, filter, "300ms", "", &[]);
     }
 
     /// [`JoinedEdge::run`] with `reconnect.max` set to `max_backoff` (a humantime string).
@@ -316,6 +334,32 @@ impl JoinedEdge {
         ports: &[u16],
         filter: &str,
         max_backoff: &str,
+    ) {
+        self.spawn_edge(server, ports, filter, max_backoff, "", &[]);
+    }
+
+    /// [`JoinedEdge::run`] with more `[server]` lines (verbatim) and environment variables.
+    /// The egress proxy variables (`HTTPS_PROXY` and the like) are cleared first, so only
+    /// those in `env` reach the edge.
+    pub fn run_with(
+        &mut self,
+        server: &RegistrationServer,
+        ports: &[u16],
+        filter: &str,
+        server_extra: &str,
+        env: &[(&str, &str)],
+    ) {
+        self.spawn_edge(server, ports, filter, "300ms", server_extra, env);
+    }
+
+    fn spawn_edge(
+        &mut self,
+        server: &RegistrationServer,
+        ports: &[u16],
+        filter: &str,
+        max_backoff: &str,
+        server_extra: &str,
+        env: &[(&str, &str)],
     ) {
         let ports = ports
             .iter()
@@ -330,6 +374,7 @@ impl JoinedEdge {
 [server]
 address = "{edge}"
 connect_timeout = "5s"
+{server_extra}
 [reconnect]
 min = "50ms"
 max = "{max_backoff}"
@@ -344,7 +389,7 @@ ports = [{ports}]
 [log]
 filter = "{filter}"
 "#,
-                edge = server.edge
+                edge = server.edge,
             ),
         )
         .expect("write edge.toml");
@@ -355,6 +400,8 @@ filter = "{filter}"
             .arg(&config)
             .arg("--state-dir")
             .arg(&self.state);
+        clear_proxy_env(&mut command);
+        command.envs(env.iter().copied());
         self.child = Some(ChildGuard::spawn(
             "tunnel-edge (joined)",
             command,
@@ -372,6 +419,16 @@ filter = "{filter}"
         if let Some(mut child) = self.child.take() {
             child.kill();
         }
+    }
+}
+
+/// Remove every variable curl (and so the edge) reads a proxy setting from.
+pub fn clear_proxy_env(command: &mut Command) {
+    for name in tunnel_edge::proxy::PROXY_ENV
+        .iter()
+        .chain(&tunnel_edge::proxy::NO_PROXY_ENV)
+    {
+        command.env_remove(name);
     }
 }
 

@@ -83,6 +83,13 @@ pub struct ServerSection {
     /// TCP + TLS + HTTP/2 handshake deadline.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// HTTP CONNECT egress proxy, `http://[user:password@]host:port`, for the sessions, the
+    /// upstream connection and renewal. Unset: `HTTPS_PROXY` and the like, as curl reads
+    /// them (`tunnel-edge run` only); `""`: direct, whatever the environment says.
+    pub proxy: Option<String>,
+    /// Hosts reached directly although a proxy is set, `NO_PROXY` syntax. Unset: the
+    /// `NO_PROXY` environment variable (`tunnel-edge run` only).
+    pub no_proxy: Option<String>,
 }
 
 /// Reconnect backoff bounds.
@@ -312,6 +319,8 @@ impl EdgeConfig {
             return Err("key `allow.ports`: port 0 is not a port".into());
         }
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
+        crate::proxy::Egress::resolve(s.proxy.as_deref(), s.no_proxy.as_deref(), |_| None)
+            .map_err(|e| format!("key {e}"))?;
         crate::forward::validate(&self.forward)?;
         Ok(())
     }

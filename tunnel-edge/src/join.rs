@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tunnel_io::registration::pb::registration_client::RegistrationClient;
 use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
 use tunnel_io::registration::ALPN_REGISTRATION;
 use tunnel_io::secret::Secret;
 
+use crate::proxy::Egress;
 use crate::state::write_state;
 pub use crate::state::{NodeState, StateDir};
 
@@ -46,6 +46,8 @@ pub struct JoinOptions {
     pub state: StateDir,
     /// Join again even if the state directory already holds a valid identity.
     pub force: bool,
+    /// How the registration API is reached (directly or through the egress proxy).
+    pub egress: Egress,
 }
 
 /// Result of a join.
@@ -102,15 +104,24 @@ async fn client(
     port: u16,
     server_name: &str,
     tls: rustls::ClientConfig,
+    egress: &Egress,
 ) -> anyhow::Result<RegistrationClient<tonic::transport::Channel>> {
     let name: ServerName<'static> =
         tunnel_io::tls::server_name(server_name).map_err(anyhow::Error::msg)?;
     let connector = TlsConnector::from(Arc::new(tls));
-    let address = format!("{host}:{port}");
+    let (host_owned, egress) = (host.to_owned(), egress.clone());
     let connect = tower::service_fn(move |_: http::Uri| {
-        let (connector, name, address) = (connector.clone(), name.clone(), address.clone());
+        let (connector, name, host, egress) = (
+            connector.clone(),
+            name.clone(),
+            host_owned.clone(),
+            egress.clone(),
+        );
         async move {
-            let tcp = TcpStream::connect(&address).await?;
+            let tcp = egress
+                .dial(&host, port)
+                .await
+                .map_err(std::io::Error::other)?;
             tunnel_io::set_nodelay(&tcp);
             let tls = connector.connect(name, tcp).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
@@ -170,7 +181,14 @@ pub async fn join(options: &JoinOptions) -> anyhow::Result<Joined> {
     let (host, port) = parse_registration_server(&options.server)?;
     let server_name = options.server_name.clone().unwrap_or_else(|| host.clone());
     let (key, csr_der) = key_and_csr(&options.node_name, &options.node_ips)?;
-    let mut client = client(&host, port, &server_name, tls_config(&options.ca, None)?).await?;
+    let mut client = client(
+        &host,
+        port,
+        &server_name,
+        tls_config(&options.ca, None)?,
+        &options.egress,
+    )
+    .await?;
     let request = JoinRequest {
         token: options.token.expose().to_owned(),
         node_name: options.node_name.clone(),
@@ -209,7 +227,14 @@ pub async fn call_join(
     request: JoinRequest,
 ) -> anyhow::Result<Result<Credentials, tonic::Status>> {
     let (host, port) = parse_registration_server(server)?;
-    let mut client = client(&host, port, server_name, tls_config(ca, None)?).await?;
+    let mut client = client(
+        &host,
+        port,
+        server_name,
+        tls_config(ca, None)?,
+        &Egress::direct(),
+    )
+    .await?;
     Ok(client.join(request).await.map(tonic::Response::into_inner))
 }
 
@@ -222,7 +247,14 @@ pub async fn call_renew(
     request: RenewRequest,
 ) -> anyhow::Result<Result<Credentials, tonic::Status>> {
     let (host, port) = parse_registration_server(server)?;
-    let mut client = client(&host, port, server_name, tls_config(ca, Some(identity))?).await?;
+    let mut client = client(
+        &host,
+        port,
+        server_name,
+        tls_config(ca, Some(identity))?,
+        &Egress::direct(),
+    )
+    .await?;
     Ok(client.renew(request).await.map(tonic::Response::into_inner))
 }
 
@@ -231,14 +263,15 @@ pub fn new_csr(node: &str, ips: &[IpAddr]) -> anyhow::Result<(rcgen::KeyPair, Ve
     key_and_csr(node, ips)
 }
 
-/// Renew with the current certificate; writes the new key and certificate in place.
-pub async fn renew(state_dir: &StateDir) -> anyhow::Result<()> {
+/// Renew with the current certificate, reaching the registration API through `egress`;
+/// writes the new key and certificate in place.
+pub async fn renew(state_dir: &StateDir, egress: &Egress) -> anyhow::Result<()> {
     let state = state_dir.load()?;
     let (host, port) =
         crate::config::split_host_port(&state.registration_server).map_err(anyhow::Error::msg)?;
     let tls = tls_config(&state_dir.ca(), Some((&state_dir.cert(), &state_dir.key())))?;
     let (key, csr_der) = key_and_csr(&state.node_name, &state.node_ips)?;
-    let mut client = client(&host, port, &state.server_name, tls).await?;
+    let mut client = client(&host, port, &state.server_name, tls, egress).await?;
     let credentials = client
         .renew(RenewRequest { csr_der })
         .await

@@ -9,6 +9,7 @@ pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;
+pub mod proxy;
 mod refusal;
 pub mod renew;
 mod replicas;

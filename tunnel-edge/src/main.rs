@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
+use tunnel_edge::proxy::Egress;
 use tunnel_edge::{Edge, EdgeConfig, EdgeStatus};
 use tunnel_io::logging::LogFormat;
 
@@ -79,6 +80,23 @@ struct JoinArgs {
     /// Join again even if the state directory holds a valid certificate for this identity.
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    egress: EgressArgs,
+}
+
+/// The egress proxy, for `join` and `run`.
+#[derive(clap::Args, Default)]
+struct EgressArgs {
+    /// HTTP CONNECT proxy to reach the load balancer through,
+    /// `http://[user:password@]host:port` (percent-encoded user and password). Default:
+    /// `https_proxy`, `HTTPS_PROXY`, `all_proxy`, `ALL_PROXY`, as curl reads them; `''`
+    /// connects directly whatever the environment says.
+    #[arg(long)]
+    proxy: Option<String>,
+    /// Hosts to reach directly although a proxy is set: comma-separated names (and the names
+    /// below them), IP addresses and CIDRs, or `*`. Default: `no_proxy`, `NO_PROXY`.
+    #[arg(long)]
+    no_proxy: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -115,6 +133,8 @@ struct Overrides {
     /// Log format (text or json).
     #[arg(long, env = "TETHER_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    #[command(flatten)]
+    egress: EgressArgs,
 }
 
 fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
@@ -143,6 +163,8 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
     s.ca = o.ca.or(s.ca.take());
     s.cert = o.cert.or(s.cert.take());
     s.key = o.key.or(s.key.take());
+    s.proxy = o.egress.proxy.or(s.proxy.take());
+    s.no_proxy = o.egress.no_proxy.or(s.no_proxy.take());
     if o.self_host.is_some() {
         config.dial.self_host = o.self_host;
     }
@@ -186,10 +208,13 @@ fn main() -> anyhow::Result<()> {
                 self_host: None,
                 allow_ports: vec![],
                 log_format: None,
+                egress: EgressArgs::default(),
             })?;
             let lines = tunnel_edge::check::check_files(&config, tunnel_io::check::unix_now())?;
-            let edge = Edge::new(config)?;
+            let egress = egress_from_env(&config)?;
+            let edge = Edge::with_egress(config, egress)?;
             println!("{}: ok (node {})", file.display(), edge.node());
+            println!("  servers reached: {}", edge.egress());
             for line in lines {
                 println!("  {line}");
             }
@@ -211,7 +236,9 @@ fn main() -> anyhow::Result<()> {
                     );
                 }
             }
-            let edge = Arc::new(Edge::new(config)?);
+            let egress = egress_from_env(&config)?;
+            tracing::info!(egress = %egress, "how servers are reached");
+            let edge = Arc::new(Edge::with_egress(config, egress)?);
             match edge.self_dial().name_host() {
                 Some(host) => {
                     tracing::info!(node = %edge.node(), name_targets = %host, "tunnel-edge starting")
@@ -287,6 +314,11 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
         node_ips: args.node_ips,
         state: tunnel_edge::join::StateDir::new(&args.state_dir),
         force: args.force,
+        egress: Egress::resolve(
+            args.egress.proxy.as_deref(),
+            args.egress.no_proxy.as_deref(),
+            |name| std::env::var(name).ok(),
+        )?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -314,6 +346,16 @@ fn valid_until(state: &tunnel_edge::join::StateDir) -> String {
         Ok((_, not_after)) => tunnel_io::check::rfc3339(not_after),
         Err(e) => format!("<unreadable: {e}>"),
     }
+}
+
+/// The config's proxy settings, completed from the process environment as curl does.
+fn egress_from_env(config: &EdgeConfig) -> anyhow::Result<Egress> {
+    let s = &config.server;
+    Ok(Egress::resolve(
+        s.proxy.as_deref(),
+        s.no_proxy.as_deref(),
+        |name| std::env::var(name).ok(),
+    )?)
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

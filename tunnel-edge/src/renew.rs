@@ -61,7 +61,7 @@ pub async fn renew_loop(
             let outcome = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
-                r = renew(&state) => r,
+                r = renew(&state, edge.egress()) => r,
             };
             match outcome.and_then(|()| edge.reload_tls()) {
                 Ok(()) => {

@@ -18,6 +18,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
+use crate::proxy::Egress;
 use crate::refusal::{RefusedCertificate, SessionError};
 use crate::replicas::{session_info, Control, Replicas};
 use crate::stream::serve_stream;
@@ -34,6 +35,8 @@ pub struct Edge {
     /// Same credentials, ALPN `tether-up/1`: the edge → cloud upstream connection.
     upstream_connector: std::sync::RwLock<TlsConnector>,
     allow: Arc<EdgeAllowlist>,
+    /// How servers are reached: directly or through the egress proxy.
+    egress: Egress,
 }
 
 /// Observable state, for tests and the demo.
@@ -65,8 +68,18 @@ impl EdgeStatus {
 }
 
 impl Edge {
-    /// Build from a validated config: loads the TLS material and this node's identity.
+    /// Build from a validated config: loads the TLS material and this node's identity. The
+    /// egress proxy is the config's `server.proxy` only; [`Edge::with_egress`] takes one
+    /// resolved with the environment.
     pub fn new(config: EdgeConfig) -> anyhow::Result<Edge> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let s = &config.server;
+        let egress = Egress::resolve(s.proxy.as_deref(), s.no_proxy.as_deref(), |_| None)?;
+        Edge::with_egress(config, egress)
+    }
+
+    /// [`Edge::new`] reaching servers through `egress`.
+    pub fn with_egress(config: EdgeConfig, egress: Egress) -> anyhow::Result<Edge> {
         use anyhow::Context;
         config.validate().map_err(anyhow::Error::msg)?;
         let targets = config.server_addresses().map_err(anyhow::Error::msg)?;
@@ -108,6 +121,7 @@ impl Edge {
             )))),
             connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(tls))),
             allow: Arc::new(allow),
+            egress,
             config,
         })
     }
@@ -140,6 +154,11 @@ impl Edge {
         &self.config
     }
 
+    /// How this edge reaches servers (renewal uses it too).
+    pub fn egress(&self) -> &Egress {
+        &self.egress
+    }
+
     /// Open the TLS connection that carries edge → cloud upstream streams (to the first
     /// server address, through the load balancer like the sessions).
     pub async fn connect_upstream(
@@ -157,9 +176,11 @@ impl Edge {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let connect = async {
-            let tcp = TcpStream::connect((host.as_str(), port))
+            let tcp = self
+                .egress
+                .dial(&host, port)
                 .await
-                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+                .map_err(|e| e.to_string())?;
             tunnel_io::set_session_socket_options(&tcp);
             connector
                 .connect(self.server_name.clone(), tcp)
@@ -309,9 +330,11 @@ impl Edge {
             .connect_timeout
             .unwrap_or(Duration::from_secs(10));
         let handshake = async {
-            let tcp = TcpStream::connect((host, port))
+            let tcp = self
+                .egress
+                .dial(host, port)
                 .await
-                .map_err(|e| format!("connect {host}:{port}: {e}"))?;
+                .map_err(|e| e.to_string())?;
             tunnel_io::set_session_socket_options(&tcp);
             let connector = self
                 .connector

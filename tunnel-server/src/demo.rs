@@ -128,6 +128,7 @@ ca_key = "ca-key.pem"
         node_ips: vec![DEMO_NODE_IP],
         state: state.clone(),
         force: true,
+        egress: tunnel_edge::proxy::Egress::direct(),
     })
     .await?;
     let edge_toml = format!(
