@@ -3,14 +3,16 @@
 //! allowlist, and reconnects with jittered exponential backoff.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod allow;
 pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;
+pub mod metrics;
 pub mod renew;
-mod replicas;
+pub mod replicas;
 pub mod session;
 pub mod state;
 mod stream;

@@ -18,7 +18,8 @@ use tracing::{debug, info, warn, Instrument};
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
-use crate::replicas::{session_info, Control, Replicas};
+use crate::metrics::EdgeMetrics;
+use crate::replicas::{session_info, Control, Readiness, Replicas};
 use crate::stream::serve_stream;
 
 /// Everything a running edge needs, built once from the validated config.
@@ -33,6 +34,9 @@ pub struct Edge {
     /// Same credentials, ALPN `tether-up/1`: the edge → cloud upstream connection.
     upstream_connector: std::sync::RwLock<TlsConnector>,
     allow: Arc<EdgeAllowlist>,
+    /// Which replicas the sessions reach (the admin listener's readiness).
+    replicas: Arc<Replicas>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 /// Observable state, for tests and the demo.
@@ -91,6 +95,8 @@ impl Edge {
             .with_context(|| format!("identity of {}", cert.display()))?;
         let first_ip = tunnel_io::identity::first_ip_san(leaf[0].as_ref())
             .with_context(|| format!("IP addresses of {}", cert.display()))?;
+        let metrics = Arc::new(EdgeMetrics::default());
+        metrics.certificate_expiry_from_der(leaf[0].as_ref());
         let allow = EdgeAllowlist::new(
             identity.node,
             identity.ips,
@@ -107,6 +113,8 @@ impl Edge {
             )))),
             connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(tls))),
             allow: Arc::new(allow),
+            replicas: Arc::new(Replicas::new(&metrics)),
+            metrics,
             config,
         })
     }
@@ -131,7 +139,20 @@ impl Edge {
             TlsConnector::from(Arc::new(with_alpn(&tls, tunnel_io::tls::ALPN_UPSTREAM)));
         *self.connector.write().unwrap_or_else(|p| p.into_inner()) =
             TlsConnector::from(Arc::new(tls));
+        if let Some(leaf) = tunnel_io::tls::load_certs(cert)?.first() {
+            self.metrics.certificate_expiry_from_der(leaf.as_ref());
+        }
         Ok(())
+    }
+
+    /// The edge's metrics.
+    pub fn metrics(&self) -> &EdgeMetrics {
+        &self.metrics
+    }
+
+    /// Whether a session is up to every replica the servers announce.
+    pub fn readiness(&self) -> Readiness {
+        self.replicas.readiness()
     }
 
     /// The validated configuration.
@@ -186,11 +207,8 @@ impl Edge {
     /// for up to `shutdown_grace`.
     pub async fn run(self: Arc<Self>, status: Arc<EdgeStatus>, cancel: CancellationToken) {
         let streams = TaskTracker::new();
-        let (wanted, mut wanted_rx) = tokio::sync::watch::channel(1usize);
-        let replicas = Arc::new(Replicas {
-            wanted,
-            held: Default::default(),
-        });
+        let replicas = self.replicas.clone();
+        let mut wanted_rx = replicas.wanted.subscribe();
         let mut workers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)> = Vec::new();
         loop {
             let want = (*wanted_rx.borrow_and_update())
@@ -243,7 +261,10 @@ impl Edge {
         let r = &self.config.reconnect;
         let mut backoff = Backoff::new(r.min, r.max);
         let (host, port) = self.targets[index % self.targets.len()].clone();
-        loop {
+        for attempt in 0u64.. {
+            if attempt > 0 {
+                self.metrics.reconnects.inc();
+            }
             let started = Instant::now();
             let span =
                 tracing::info_span!("session", node = %self.node(), server = %host, slot = index);
@@ -317,6 +338,8 @@ impl Edge {
             .ping_pong()
             .ok_or("HTTP/2 PING handle unavailable")?;
         status.session_up();
+        self.metrics.sessions_up.inc();
+        self.metrics.sessions_established.inc();
         info!("session established");
         let mut replica: Option<String> = None;
         // Not a child of `cancel`: SIGTERM must not end in-flight streams, only the grace
@@ -339,12 +362,7 @@ impl Edge {
                     let drain = async {
                         while let Some(Ok((request, respond))) = connection.accept().await {
                             // Sent before the server saw the GOAWAY: still ours to serve.
-                            let allow = self.allow.clone();
-                            let config = self.config.clone();
-                            let cancel = session_cancel.clone();
-                            streams.spawn(async move {
-                                serve_stream(request, respond, &allow, &config, &cancel).await;
-                            });
+                            self.spawn_stream(request, respond, streams, &session_cancel);
                         }
                     };
                     let finished = tokio::time::timeout(grace, drain).await.is_ok();
@@ -369,12 +387,7 @@ impl Edge {
                                 }
                             }
                         }
-                        let allow = self.allow.clone();
-                        let config = self.config.clone();
-                        let cancel = session_cancel.clone();
-                        streams.spawn(async move {
-                            serve_stream(request, respond, &allow, &config, &cancel).await;
-                        });
+                        self.spawn_stream(request, respond, streams, &session_cancel);
                     }
                     Some(Err(e)) => break Err(format!("session error: {e}")),
                     None => break Ok("server closed the session"),
@@ -388,7 +401,25 @@ impl Edge {
             replicas.release(id, index);
         }
         status.session_down();
+        self.metrics.sessions_up.dec();
         outcome
+    }
+}
+
+impl Edge {
+    /// Serve one tunneled stream on its own task, tracked for the drain.
+    fn spawn_stream(
+        &self,
+        request: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+        streams: &TaskTracker,
+        cancel: &CancellationToken,
+    ) {
+        let (allow, metrics) = (self.allow.clone(), self.metrics.clone());
+        let (config, cancel) = (self.config.clone(), cancel.clone());
+        streams.spawn(async move {
+            serve_stream(request, respond, &allow, &config, &metrics, &cancel).await;
+        });
     }
 }
 

@@ -81,16 +81,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .headers()
                 .get(http::header::ACCEPT)
                 .and_then(|v| v.to_str().ok());
-            let openmetrics = shared.metrics.render();
-            if text::wants_openmetrics(accept) {
-                (StatusCode::OK, text::OPENMETRICS_CONTENT_TYPE, openmetrics)
-            } else {
-                (
-                    StatusCode::OK,
-                    text::CONTENT_TYPE,
-                    text::to_prometheus_text(&openmetrics),
-                )
-            }
+            let (content_type, body) = text::negotiate(accept, shared.metrics.render());
+            (StatusCode::OK, content_type, body)
         }
         _ => (
             StatusCode::NOT_FOUND,

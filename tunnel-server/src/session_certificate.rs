@@ -16,6 +16,8 @@ pub struct SessionCertificate {
     /// Whether the registry names it the node's current certificate (true when the registry
     /// does not know the node: certificates issued outside the registration API).
     pub current: bool,
+    /// `notAfter`, Unix seconds (`None` when unreadable).
+    pub expires_unix: Option<u64>,
 }
 
 impl Default for SessionCertificate {
@@ -23,6 +25,7 @@ impl Default for SessionCertificate {
         SessionCertificate {
             serial: "?".into(),
             current: true,
+            expires_unix: None,
         }
     }
 }
@@ -34,6 +37,7 @@ impl SessionCertificate {
             return SessionCertificate {
                 serial: "?".into(),
                 current: false,
+                expires_unix: None,
             };
         };
         let current = match shared.identities.as_ref().and_then(|r| r.get(node)) {
@@ -43,6 +47,7 @@ impl SessionCertificate {
         SessionCertificate {
             serial: facts.serial,
             current,
+            expires_unix: Some(facts.expires_unix),
         }
     }
 }

@@ -80,6 +80,8 @@ pub struct RegistrationApi {
     /// Held from the identity check to the identity record of one join or renewal, so two
     /// concurrent joins cannot both claim a free name or address.
     issuing: Mutex<()>,
+    /// Joins, refusals and lockouts (unregistered until [`RegistrationApi::count_in`]).
+    metrics: crate::metrics::registration::RegistrationMetrics,
 }
 
 impl RegistrationApi {
@@ -98,7 +100,13 @@ impl RegistrationApi {
             endpoints: config.tunnel_endpoints.clone(),
             identities,
             issuing: Mutex::new(()),
+            metrics: Default::default(),
         })
+    }
+
+    /// Count calls in the server's registry.
+    pub fn count_in(&mut self, metrics: &crate::metrics::registration::RegistrationMetrics) {
+        self.metrics = metrics.clone();
     }
 
     fn credentials(&self, certificate_pem: String, pool: Option<&NodePool>) -> Credentials {
@@ -311,6 +319,7 @@ impl Registration for RegistrationApi {
         let now = Instant::now();
         // Throttled sources are refused before anything is parsed or hashed.
         if let Err(throttled) = self.limits.check_source(source, now) {
+            self.metrics.refused("join", throttled.label());
             warn!(target: "audit", event = "join_refused", peer = %peer.addr, reason = throttled.label(), "join refused");
             return Err(match self.limits.lockout_remaining(source, now) {
                 Some(remaining) if throttled == Throttled::LockedOut => locked_out(remaining),
@@ -321,6 +330,7 @@ impl Registration for RegistrationApi {
         match self.try_join(&request) {
             Ok(joined) => {
                 self.limits.succeeded(source);
+                self.metrics.issued("join");
                 let Joined {
                     node,
                     ips,
@@ -338,6 +348,10 @@ impl Registration for RegistrationApi {
             Err(denied) => {
                 let locked =
                     !matches!(denied, Denied::Throttled(_)) && self.limits.failed(source, now);
+                self.metrics.refused("join", denied.label());
+                if locked {
+                    self.metrics.lockouts.inc();
+                }
                 // The node name is the caller's claim; the token appears only by its public ID.
                 let token_id = request
                     .token
@@ -356,16 +370,21 @@ impl Registration for RegistrationApi {
         let source = peer.addr.ip();
         let now = Instant::now();
         if let Err(throttled) = self.limits.check_source(source, now) {
+            self.metrics.refused("renew", throttled.label());
             warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = throttled.label(), "renewal refused");
             return Err(refused());
         }
         match self.try_renew(&peer, request.get_ref()) {
             Ok((node, ips, credentials)) => {
+                self.metrics.issued("renew");
                 info!(target: "audit", event = "node_renewed", %node, ?ips, peer = %peer.addr, "node certificate renewed");
                 Ok(Response::new(credentials))
             }
             Err(denied) => {
-                self.limits.failed(source, now);
+                if self.limits.failed(source, now) {
+                    self.metrics.lockouts.inc();
+                }
+                self.metrics.refused("renew", denied.label());
                 warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = denied.label(), detail = denied.detail(), "renewal refused");
                 Err(refused())
             }

@@ -295,6 +295,11 @@ async fn handle_edge(
         old.retire();
     }
     shared.metrics.handshake("ok");
+    // Counted while the session lives (replaced or not), dropped with this task.
+    let _expiry = session
+        .certificate()
+        .expires_unix
+        .map(|at| shared.metrics.edge_certificates.session(at as i64));
     shared
         .metrics
         .edges_connected
