@@ -281,7 +281,10 @@ impl Edge {
             }
             backoff.session_ended(started.elapsed(), r.stable_after);
             let delay = backoff.next_delay(&mut rand::thread_rng());
-            debug!(?delay, "reconnecting after backoff");
+            debug!(
+                delay_ms = delay.as_millis() as u64,
+                "reconnecting after backoff"
+            );
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,

@@ -18,6 +18,8 @@ use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
 use tunnel_io::registration::REFUSED;
 
 use super::config::RegistrationConfig;
+use tunnel_io::logging::JsonList;
+
 use super::limits::{JoinLimits, Throttled};
 use super::request::{check_csr_claims, parse_csr, parse_node_ips};
 use super::state::identities::{CertificateRef, IdentityClash, IdentityStore, IssuedIdentity};
@@ -339,9 +341,9 @@ impl Registration for RegistrationApi {
                     reprovisioned,
                     credentials,
                 } = joined;
-                info!(target: "audit", event = "node_joined", %node, ?ips, token = %token_id, pool = %credentials.pool, serial, peer = %peer.addr, "node joined");
+                info!(target: "audit", event = "node_joined", %node, ips = ?JsonList(&ips), token = %token_id, pool = %credentials.pool, serial, peer = %peer.addr, "node joined");
                 if !reprovisioned.is_empty() {
-                    warn!(target: "audit", event = "node_reprovisioned", %node, ?ips, token = %token_id, replaced = ?reprovisioned, serial, "node re-provisioned: the token allowed taking these identities");
+                    warn!(target: "audit", event = "node_reprovisioned", %node, ips = ?JsonList(&ips), token = %token_id, replaced = ?JsonList(&reprovisioned), serial, "node re-provisioned: the token allowed taking these identities");
                 }
                 Ok(Response::new(credentials))
             }
@@ -377,7 +379,7 @@ impl Registration for RegistrationApi {
         match self.try_renew(&peer, request.get_ref()) {
             Ok((node, ips, credentials)) => {
                 self.metrics.issued("renew");
-                info!(target: "audit", event = "node_renewed", %node, ?ips, peer = %peer.addr, "node certificate renewed");
+                info!(target: "audit", event = "node_renewed", %node, ips = ?JsonList(&ips), peer = %peer.addr, "node certificate renewed");
                 Ok(Response::new(credentials))
             }
             Err(denied) => {

@@ -304,7 +304,7 @@ async fn handle_edge(
         .metrics
         .edges_connected
         .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
+    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?tunnel_io::logging::JsonList(&session.ips), %peer, "edge session established");
 
     let announce = announce_changes(&session, &shared);
     tokio::pin!(announce);
