@@ -15,6 +15,7 @@ pub mod renew;
 pub mod replicas;
 pub mod session;
 pub mod state;
+mod status;
 mod stream;
 pub mod token;
 mod wrong_port;

@@ -20,6 +20,7 @@ use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
 use crate::metrics::EdgeMetrics;
 use crate::replicas::{session_info, Control, Readiness, Replicas};
+pub use crate::status::EdgeStatus;
 use crate::stream::serve_stream;
 
 /// Everything a running edge needs, built once from the validated config.
@@ -37,34 +38,6 @@ pub struct Edge {
     /// Which replicas the sessions reach (the admin listener's readiness).
     replicas: Arc<Replicas>,
     metrics: Arc<EdgeMetrics>,
-}
-
-/// Observable state, for tests and the demo.
-#[derive(Debug, Default)]
-pub struct EdgeStatus {
-    /// Sessions established since start.
-    pub sessions: std::sync::atomic::AtomicU64,
-    /// Whether at least one session is up now.
-    pub connected: std::sync::atomic::AtomicBool,
-    /// Sessions up now.
-    pub live_sessions: std::sync::atomic::AtomicUsize,
-    /// Sessions closed because they reached a replica another session already holds.
-    pub duplicates: std::sync::atomic::AtomicU64,
-}
-
-impl EdgeStatus {
-    fn session_up(&self) {
-        use std::sync::atomic::Ordering;
-        self.sessions.fetch_add(1, Ordering::Relaxed);
-        self.live_sessions.fetch_add(1, Ordering::AcqRel);
-        self.connected.store(true, Ordering::Release);
-    }
-
-    fn session_down(&self) {
-        use std::sync::atomic::Ordering;
-        let left = self.live_sessions.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.connected.store(left > 0, Ordering::Release);
-    }
 }
 
 impl Edge {
