@@ -78,7 +78,7 @@ const STREAM_DURATION_BUCKETS: [f64; 10] = [
 ];
 
 fn stream_duration_histogram() -> Histogram {
-    Histogram::new(STREAM_DURATION_BUCKETS.into_iter())
+    Histogram::new(STREAM_DURATION_BUCKETS)
 }
 
 /// Every server metric.
