@@ -1,6 +1,7 @@
 //! I/O building blocks shared by `tunnel-server` and `tunnel-edge`: moving bytes between an
 //! HTTP/2 stream and a socket with flow control and half-close ([`pipe`]), TLS configuration
-//! from PEM files ([`tls`]) and the HTTP/2 tuning both ends of a session apply ([`h2tune`]).
+//! from PEM files ([`tls`]) and the HTTP/2 tuning both ends of a session apply ([`h2tune`]), and the metrics exposition formats
+//! both admin endpoints negotiate ([`metrics_text`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -11,6 +12,7 @@ pub mod h2tune;
 pub mod identity;
 pub mod liveness;
 pub mod logging;
+pub mod metrics_text;
 pub mod pipe;
 pub mod registration;
 pub mod secret;

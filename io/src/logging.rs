@@ -1,5 +1,10 @@
 //! Log setup shared by both binaries: `tracing` with an env filter (`RUST_LOG` wins over the
-//! configured filter), as text or one JSON object per line.
+//! configured filter), as text or one JSON object per line ([`json`]: real JSON types, one
+//! key per name, span fields beside the event's).
+
+pub mod json;
+
+pub use json::JsonList;
 
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
@@ -39,11 +44,9 @@ pub fn init(format: LogFormat, filter: &str) {
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        // The span list alone: the current span would repeat its last entry.
         LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+            .fmt_fields(json::JsonFields)
+            .event_format(json::JsonLines)
             .try_init(),
     };
 }

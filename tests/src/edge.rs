@@ -38,6 +38,10 @@ pub struct EdgeTuning {
     /// reach targets on this machine; `None` tests the edge's own default (name targets
     /// go to the certificate's IP).
     pub self_host: Option<IpAddr>,
+    /// Open the admin listener on a kernel-chosen loopback port ([`EdgeProc::admin_addr`]).
+    pub admin: bool,
+    /// `log.format = "json"`.
+    pub log_json: bool,
 }
 
 impl Default for EdgeTuning {
@@ -51,6 +55,8 @@ impl Default for EdgeTuning {
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(2),
             self_host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            admin: false,
+            log_json: false,
         }
     }
 }
@@ -126,12 +132,20 @@ write_timeout = "30s"
 [allow]
 ports = [{ports}]
 
+{admin}
 [log]
 filter = "info"
+format = "{log_format}"
 "#,
             ca = pki.layout.ca_cert().display(),
             cert = options.files.cert.display(),
             key = options.files.key.display(),
+            admin = if tuning.admin {
+                "[admin]\nlisten = \"127.0.0.1:0\"\n"
+            } else {
+                ""
+            },
+            log_format = if tuning.log_json { "json" } else { "text" },
             reconnect_min = ms(tuning.reconnect_min),
             reconnect_max = ms(tuning.reconnect_max),
             ping_interval = ms(tuning.ping_interval),
@@ -159,6 +173,33 @@ filter = "info"
     /// Everything the edge logged so far.
     pub fn log(&self) -> String {
         self.child.log()
+    }
+
+    /// The admin listener's address, from the edge's `admin listening` line (text or JSON
+    /// logs); waits for it up to 10 s and fails with the log tail if the edge exits first.
+    pub async fn admin_addr(&mut self) -> SocketAddr {
+        crate::poll_until(
+            "the edge's admin listener",
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || {
+                if let Some(status) = self.child.exited() {
+                    panic!(
+                        "tunnel-edge exited early ({status})\n{}",
+                        self.child.log_tail(40)
+                    );
+                }
+                let found = self
+                    .child
+                    .log()
+                    .lines()
+                    .find(|l| l.contains("admin listening"))
+                    .and_then(|l| crate::server::log_field(l, "listen"))
+                    .and_then(|a| a.parse().ok());
+                std::future::ready(found)
+            },
+        )
+        .await
     }
 
     /// Whether the edge process is still running.

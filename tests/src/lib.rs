@@ -16,6 +16,7 @@ pub mod flood;
 pub mod frontend;
 pub mod ha;
 pub mod haproxy;
+pub mod monitoring;
 pub mod pki;
 pub mod process;
 pub mod raw_edge;

@@ -5,28 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use tether_tests::frontend::read_answer;
+use tether_tests::monitoring::{promtool, run};
 use tether_tests::{Cluster, ClusterOptions};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-fn promtool() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("promtool"))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "promtool is missing under CI: .ci/run installs Debian's prometheus package"
-        );
-        eprintln!("SKIPPED: promtool not installed (apt-get install prometheus)");
-    }
-    found
-}
 
 fn monitoring_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring")
@@ -47,28 +31,6 @@ async fn scrape(cluster: &Cluster, accept: &str) -> (String, String) {
         .unwrap_or_default()
         .to_string();
     (content_type, answer.body)
-}
-
-async fn run(tool: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    let mut child = tokio::process::Command::new(tool)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let out = child.wait_with_output().await.unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// Metric names (`tether_...`) in PromQL expressions.
@@ -125,6 +87,14 @@ async fn metrics_rules_and_dashboard_check_out() {
         "tether_process_open_fds",
         "tether_process_resident_memory_bytes",
         "tether_certificate_expiry_timestamp_seconds",
+        "tether_stream_duration_seconds",
+        "tether_joins_total",
+        "tether_join_refusals_total",
+        "tether_join_lockouts_total",
+        "tether_upstream_streams_total",
+        "tether_upstream_bytes_total",
+        "tether_edge_certificate_soonest_expiry_timestamp_seconds",
+        "tether_edge_certificates_expiring",
     ] {
         assert!(
             text.contains(&format!("# HELP {family} ")),
@@ -169,5 +139,77 @@ async fn metrics_rules_and_dashboard_check_out() {
     assert!(
         missing.is_empty(),
         "used but not exported: {missing:?}\n{text}"
+    );
+}
+
+/// The registration and edge-certificate families, after a join, a refused join (which
+/// locks its source out) and the joined node's session: present, counted, and still
+/// passing `promtool check metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_refusal_lockout_and_edge_certificate_families_check_out() {
+    use tether_tests::frontend::{admin_get, metric};
+    use tether_tests::registration::{JoinedEdge, RegistrationOptions, RegistrationServer};
+    let Some(promtool) = promtool() else { return };
+    let pki = tether_tests::Pki::new();
+    let server = RegistrationServer::start(
+        &pki,
+        &RegistrationOptions {
+            lockout_after: 1,
+            ..RegistrationOptions::default()
+        },
+    )
+    .await;
+    let token = server.create_token(&[]);
+    let mut edge = JoinedEdge::new();
+    let (ok, out) = edge.join(&pki, &server, &token, "edge-m", &["192.0.2.30"], &[]);
+    assert!(ok, "{out}");
+    edge.run(&server, &[10250], "info");
+    server
+        .wait_log(
+            &["edge session established", "edge-m"],
+            1,
+            std::time::Duration::from_secs(20),
+        )
+        .await;
+    // Well-formed but unknown: refused by the server, and the source locked out after it.
+    let (ok, out) = JoinedEdge::new().join(
+        &pki,
+        &server,
+        "abcdef.0123456789abcdef",
+        "edge-x",
+        &["192.0.2.31"],
+        &[],
+    );
+    assert!(!ok, "{out}");
+
+    let (status, text) = admin_get(server.admin, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    let (ok, report) = run(&promtool, &["check", "metrics"], Some(&text)).await;
+    assert!(ok, "promtool check metrics:\n{report}\n{text}");
+    let value = |series: &str| metric(&text, series).unwrap_or_else(|| panic!("{series}:\n{text}"));
+    assert_eq!(value("tether_joins_total{call=\"join\"}"), 1.0);
+    assert_eq!(
+        value("tether_join_refusals_total{call=\"join\",reason=\"unknown\"}"),
+        1.0
+    );
+    assert_eq!(value("tether_join_lockouts_total"), 1.0);
+    // A 1 h certificate: within a day, and the soonest expiry lies ahead.
+    assert_eq!(
+        value("tether_edge_certificates_expiring{within_days=\"1\"}"),
+        1.0
+    );
+    let now = tunnel_io::check::unix_now() as f64;
+    let soonest = value("tether_edge_certificate_soonest_expiry_timestamp_seconds");
+    assert!(
+        soonest > now && soonest <= now + 3600.0 + 300.0,
+        "{soonest}"
+    );
+    assert!(
+        text.contains("# HELP tether_stream_duration_seconds "),
+        "{text}"
+    );
+    assert!(
+        text.contains("# HELP tether_upstream_streams_total "),
+        "{text}"
     );
 }

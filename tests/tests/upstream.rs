@@ -28,7 +28,22 @@ struct Rig {
     apiserver: DemoKubelet,
     apiserver_tls: Arc<rustls::ClientConfig>,
     forwards: Vec<SocketAddr>,
+    edge: Arc<tunnel_edge::Edge>,
     cancel: CancellationToken,
+}
+
+impl Rig {
+    /// A sample of the server's metrics (OpenMetrics), 0 when absent.
+    fn server_metric(&self, series: &str) -> f64 {
+        let text = self.server.shared.metrics.render();
+        tether_tests::frontend::metric(&text, series).unwrap_or_default()
+    }
+
+    /// A sample of the edge's metrics, 0 when absent.
+    fn edge_metric(&self, series: &str) -> f64 {
+        let text = self.edge.metrics().render();
+        tether_tests::frontend::metric(&text, series).unwrap_or_default()
+    }
 }
 
 async fn start() -> Rig {
@@ -94,8 +109,9 @@ async fn start() -> Rig {
         .start(&rules, &tracker, cancel.clone())
         .await
         .unwrap();
-    tokio::spawn(edge.run(Arc::default(), cancel.clone()));
+    tokio::spawn(edge.clone().run(Arc::default(), cancel.clone()));
     Rig {
+        edge,
         dir,
         _echo: echo,
         server,
@@ -157,6 +173,16 @@ async fn loopback_forward_reaches_the_https_apiserver_with_a_checksummed_transfe
         .unwrap();
     assert_eq!(Sha256::digest(&echoed), sent, "echo differs");
     drop(writer.await.unwrap());
+    // Both ends count the upstream streams and their bytes as they move.
+    let moved = f64::from(4u32 << 20);
+    for direction in ["to_upstream", "from_upstream"] {
+        let series = format!("tether_upstream_bytes_total{{direction=\"{direction}\"}}");
+        assert!(rig.server_metric(&series) >= moved, "server {series}");
+        let series = format!("tether_edge_upstream_bytes_total{{direction=\"{direction}\"}}");
+        assert!(rig.edge_metric(&series) >= moved, "edge {series}");
+    }
+    assert!(rig.server_metric("tether_upstream_streams_total{result=\"ok\"}") >= 2.0);
+    assert!(rig.edge_metric("tether_edge_upstream_streams_total{result=\"ok\"}") >= 2.0);
     rig.cancel.cancel();
     rig.server.shutdown(Duration::from_secs(2)).await;
     rig.apiserver.shutdown();
@@ -187,6 +213,14 @@ async fn an_upstream_the_server_does_not_list_is_refused() {
     .await
     .unwrap();
     assert_eq!(status, 200);
+    assert_eq!(
+        rig.server_metric("tether_upstream_streams_total{result=\"not_configured\"}"),
+        1.0
+    );
+    assert_eq!(
+        rig.edge_metric("tether_edge_upstream_streams_total{result=\"refused\"}"),
+        1.0
+    );
     rig.cancel.cancel();
     rig.server.shutdown(Duration::from_secs(2)).await;
 }

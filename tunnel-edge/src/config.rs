@@ -57,6 +57,9 @@ pub struct EdgeConfig {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// The optional admin listener (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(default)]
+    pub admin: AdminSection,
     /// How long in-flight streams may run after SIGTERM.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -162,6 +165,14 @@ pub struct LogSection {
     /// Env-filter directives (`RUST_LOG` wins).
     #[serde(default = "default_filter")]
     pub filter: String,
+}
+
+/// The admin listener; off unless `listen` is set, so a node opens no port it was not told to.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the plain-HTTP admin listener, e.g. `127.0.0.1:9101`.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 fn default_shutdown_grace() -> Duration {

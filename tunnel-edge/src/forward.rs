@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
+use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
 use crate::session::Edge;
 
@@ -205,15 +205,18 @@ impl Forwarder {
         let (send, recv) = match tokio::time::timeout(config.dial.timeout * 2, opened).await {
             Ok(Ok(streams)) => streams,
             Ok(Err(reason)) => {
+                self.edge.metrics().upstream_stream("refused");
                 warn!(target: "audit", %client, upstream, reason, "forward refused");
                 return;
             }
             Err(_) => {
+                self.edge.metrics().upstream_stream("timeout");
                 warn!(target: "audit", %client, upstream, "forward timed out");
                 return;
             }
         };
-        let report = pipe(
+        self.edge.metrics().upstream_stream("ok");
+        let report = pipe_metered(
             socket,
             send,
             recv,
@@ -222,6 +225,7 @@ impl Forwarder {
                 write_timeout: config.dial.write_timeout,
                 idle_timeout: config.dial.idle_timeout,
             },
+            &self.edge.metrics().upstream,
             cancel,
         )
         .await;

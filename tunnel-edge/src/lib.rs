@@ -3,18 +3,21 @@
 //! allowlist, and reconnects with jittered exponential backoff.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod allow;
 pub mod backoff;
 pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;
+pub mod metrics;
 pub mod proxy;
 mod refusal;
 pub mod renew;
-mod replicas;
+pub mod replicas;
 pub mod session;
 pub mod state;
+mod status;
 mod stream;
 pub mod token;
 mod wrong_port;

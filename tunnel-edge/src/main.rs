@@ -267,6 +267,10 @@ fn main() -> anyhow::Result<()> {
                     ));
                 }
                 let forwards = tokio_util::task::TaskTracker::new();
+                if let Some(listen) = edge.config().admin.listen {
+                    tunnel_edge::admin::start(edge.clone(), listen, &forwards, cancel.clone())
+                        .await?;
+                }
                 let rules = edge.config().forward.clone();
                 tunnel_edge::forward::Forwarder::new(edge.clone())
                     .start(&rules, &forwards, cancel.clone())

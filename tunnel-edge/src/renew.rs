@@ -73,7 +73,7 @@ pub async fn renew_loop(
                     break;
                 }
                 Err(error) => {
-                    warn!(error = %format!("{error:#}"), ?retry, "certificate renewal failed; retrying");
+                    warn!(error = %format!("{error:#}"), retry_ms = retry.as_millis() as u64, "certificate renewal failed; retrying");
                     tokio::select! {
                         biased;
                         _ = cancel.cancelled() => return,

@@ -18,9 +18,11 @@ use tracing::{debug, error, info, warn, Instrument};
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
+use crate::metrics::EdgeMetrics;
 use crate::proxy::Egress;
 use crate::refusal::{RefusedCertificate, SessionError};
-use crate::replicas::{session_info, Control, Replicas};
+use crate::replicas::{session_info, Control, Readiness, Replicas};
+pub use crate::status::EdgeStatus;
 use crate::stream::serve_stream;
 
 /// Everything a running edge needs, built once from the validated config.
@@ -37,34 +39,9 @@ pub struct Edge {
     allow: Arc<EdgeAllowlist>,
     /// How servers are reached: directly or through the egress proxy.
     egress: Egress,
-}
-
-/// Observable state, for tests and the demo.
-#[derive(Debug, Default)]
-pub struct EdgeStatus {
-    /// Sessions established since start.
-    pub sessions: std::sync::atomic::AtomicU64,
-    /// Whether at least one session is up now.
-    pub connected: std::sync::atomic::AtomicBool,
-    /// Sessions up now.
-    pub live_sessions: std::sync::atomic::AtomicUsize,
-    /// Sessions closed because they reached a replica another session already holds.
-    pub duplicates: std::sync::atomic::AtomicU64,
-}
-
-impl EdgeStatus {
-    fn session_up(&self) {
-        use std::sync::atomic::Ordering;
-        self.sessions.fetch_add(1, Ordering::Relaxed);
-        self.live_sessions.fetch_add(1, Ordering::AcqRel);
-        self.connected.store(true, Ordering::Release);
-    }
-
-    fn session_down(&self) {
-        use std::sync::atomic::Ordering;
-        let left = self.live_sessions.fetch_sub(1, Ordering::AcqRel) - 1;
-        self.connected.store(left > 0, Ordering::Release);
-    }
+    /// Which replicas the sessions reach (the admin listener's readiness).
+    replicas: Arc<Replicas>,
+    metrics: Arc<EdgeMetrics>,
 }
 
 impl Edge {
@@ -105,6 +82,8 @@ impl Edge {
             .with_context(|| format!("identity of {}", cert.display()))?;
         let first_ip = tunnel_io::identity::first_ip_san(leaf[0].as_ref())
             .with_context(|| format!("IP addresses of {}", cert.display()))?;
+        let metrics = Arc::new(EdgeMetrics::default());
+        metrics.certificate_expiry_from_der(leaf[0].as_ref());
         let allow = EdgeAllowlist::new(
             identity.node,
             identity.ips,
@@ -122,6 +101,8 @@ impl Edge {
             connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(tls))),
             allow: Arc::new(allow),
             egress,
+            replicas: Arc::new(Replicas::new(&metrics)),
+            metrics,
             config,
         })
     }
@@ -146,7 +127,20 @@ impl Edge {
             TlsConnector::from(Arc::new(with_alpn(&tls, tunnel_io::tls::ALPN_UPSTREAM)));
         *self.connector.write().unwrap_or_else(|p| p.into_inner()) =
             TlsConnector::from(Arc::new(tls));
+        if let Some(leaf) = tunnel_io::tls::load_certs(cert)?.first() {
+            self.metrics.certificate_expiry_from_der(leaf.as_ref());
+        }
         Ok(())
+    }
+
+    /// The edge's metrics.
+    pub fn metrics(&self) -> &EdgeMetrics {
+        &self.metrics
+    }
+
+    /// Whether a session is up to every replica the servers announce.
+    pub fn readiness(&self) -> Readiness {
+        self.replicas.readiness()
     }
 
     /// The validated configuration.
@@ -208,11 +202,8 @@ impl Edge {
     /// for up to `shutdown_grace`.
     pub async fn run(self: Arc<Self>, status: Arc<EdgeStatus>, cancel: CancellationToken) {
         let streams = TaskTracker::new();
-        let (wanted, mut wanted_rx) = tokio::sync::watch::channel(1usize);
-        let replicas = Arc::new(Replicas {
-            wanted,
-            held: Default::default(),
-        });
+        let replicas = self.replicas.clone();
+        let mut wanted_rx = replicas.wanted.subscribe();
         let mut workers: Vec<(CancellationToken, tokio::task::JoinHandle<()>)> = Vec::new();
         loop {
             let want = (*wanted_rx.borrow_and_update())
@@ -267,7 +258,10 @@ impl Edge {
         let (host, port) = self.targets[index % self.targets.len()].clone();
         // Set while the server refuses this node as revoked: attempts wait the maximum.
         let mut refused: Option<RefusedCertificate> = None;
-        loop {
+        for attempt in 0u64.. {
+            if attempt > 0 {
+                self.metrics.reconnects.inc();
+            }
             let started = Instant::now();
             let span =
                 tracing::info_span!("session", node = %self.node(), server = %host, slot = index);
@@ -296,7 +290,10 @@ impl Edge {
                 backoff.session_ended(started.elapsed(), r.stable_after);
                 backoff.next_delay(&mut rand::thread_rng())
             };
-            debug!(?delay, "reconnecting after backoff");
+            debug!(
+                delay_ms = delay.as_millis() as u64,
+                "reconnecting after backoff"
+            );
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
@@ -363,6 +360,8 @@ impl Edge {
             .ping_pong()
             .ok_or("HTTP/2 PING handle unavailable")?;
         status.session_up();
+        self.metrics.sessions_up.inc();
+        self.metrics.sessions_established.inc();
         info!("session established");
         let mut replica: Option<String> = None;
         // Not a child of `cancel`: SIGTERM must not end in-flight streams, only the grace
@@ -385,12 +384,7 @@ impl Edge {
                     let drain = async {
                         while let Some(Ok((request, respond))) = connection.accept().await {
                             // Sent before the server saw the GOAWAY: still ours to serve.
-                            let allow = self.allow.clone();
-                            let config = self.config.clone();
-                            let cancel = session_cancel.clone();
-                            streams.spawn(async move {
-                                serve_stream(request, respond, &allow, &config, &cancel).await;
-                            });
+                            self.spawn_stream(request, respond, streams, &session_cancel);
                         }
                     };
                     let finished = tokio::time::timeout(grace, drain).await.is_ok();
@@ -424,12 +418,7 @@ impl Edge {
                                 }
                             }
                         }
-                        let allow = self.allow.clone();
-                        let config = self.config.clone();
-                        let cancel = session_cancel.clone();
-                        streams.spawn(async move {
-                            serve_stream(request, respond, &allow, &config, &cancel).await;
-                        });
+                        self.spawn_stream(request, respond, streams, &session_cancel);
                     }
                     Some(Err(e)) => break Err(format!("session error: {e}").into()),
                     None => break Ok("server closed the session"),
@@ -443,7 +432,25 @@ impl Edge {
             replicas.release(id, index);
         }
         status.session_down();
+        self.metrics.sessions_up.dec();
         outcome
+    }
+}
+
+impl Edge {
+    /// Serve one tunneled stream on its own task, tracked for the drain.
+    fn spawn_stream(
+        &self,
+        request: http::Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+        streams: &TaskTracker,
+        cancel: &CancellationToken,
+    ) {
+        let (allow, metrics) = (self.allow.clone(), self.metrics.clone());
+        let (config, cancel) = (self.config.clone(), cancel.clone());
+        streams.spawn(async move {
+            serve_stream(request, respond, &allow, &config, &metrics, &cancel).await;
+        });
     }
 }
 

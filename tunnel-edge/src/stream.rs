@@ -14,10 +14,11 @@ use protocol::Target;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
+use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
 use crate::allow::EdgeAllowlist;
 use crate::config::EdgeConfig;
+use crate::metrics::EdgeMetrics;
 
 /// Answer a stream with an error status and a one-line reason header.
 pub(crate) fn refuse(mut respond: SendResponse<Bytes>, failure: DialFailure, reason: &str) {
@@ -33,6 +34,7 @@ pub(crate) async fn serve_stream(
     mut respond: SendResponse<Bytes>,
     allow: &EdgeAllowlist,
     config: &EdgeConfig,
+    metrics: &EdgeMetrics,
     cancel: &CancellationToken,
 ) {
     let started = Instant::now();
@@ -43,6 +45,7 @@ pub(crate) async fn serve_stream(
         .map(sanitize_reason)
         .unwrap_or_default();
     if request.method() != Method::CONNECT {
+        metrics.dial("bad_request");
         refuse(
             respond,
             DialFailure::PolicyDenied,
@@ -58,6 +61,7 @@ pub(crate) async fn serve_stream(
     let target = match Target::parse(&authority) {
         Ok(t) => t,
         Err(e) => {
+            metrics.dial("bad_request");
             refuse(
                 respond,
                 DialFailure::PolicyDenied,
@@ -69,6 +73,7 @@ pub(crate) async fn serve_stream(
     let address = match allow.resolve(&target) {
         Ok(a) => a,
         Err(refusal) => {
+            metrics.dial(DialFailure::PolicyDenied.label());
             warn!(target: "audit", %client, dest = %target, reason = %refusal, "edge refused dial");
             refuse(respond, DialFailure::PolicyDenied, &refusal.to_string());
             return;
@@ -79,6 +84,7 @@ pub(crate) async fn serve_stream(
     let dialed = tokio::select! {
         biased;
         _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+            metrics.dial("cancelled");
             debug!(dest = %target, "dial cancelled by the server");
             return;
         }
@@ -92,12 +98,14 @@ pub(crate) async fn serve_stream(
                 std::io::ErrorKind::TimedOut => DialFailure::Timeout,
                 _ => DialFailure::Unreachable,
             };
+            metrics.dial(failure.label());
             let reason = format!("connect {address}: {e}");
             info!(target: "audit", %client, dest = %target, result = failure.label(), reason, "edge dial failed");
             refuse(respond, failure, &reason);
             return;
         }
         Err(_) => {
+            metrics.dial(DialFailure::Timeout.label());
             let reason = format!(
                 "connect {address}: timed out after {:?}",
                 config.dial.timeout
@@ -108,6 +116,7 @@ pub(crate) async fn serve_stream(
         }
     };
     tunnel_io::set_nodelay(&tcp);
+    metrics.dial("ok");
     let send = match Response::builder().status(StatusCode::OK).body(()) {
         Ok(ok) => match respond.send_response(ok, false) {
             Ok(send) => send,
@@ -119,7 +128,7 @@ pub(crate) async fn serve_stream(
         Err(_) => return,
     };
     let mut tcp = tcp;
-    let report = pipe(
+    let report = pipe_metered(
         &mut tcp,
         send,
         request.into_body(),
@@ -128,6 +137,7 @@ pub(crate) async fn serve_stream(
             write_timeout: config.dial.write_timeout,
             idle_timeout: config.dial.idle_timeout,
         },
+        &metrics.tunneled,
         cancel,
     )
     .await;

@@ -93,16 +93,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .headers()
                 .get(http::header::ACCEPT)
                 .and_then(|v| v.to_str().ok());
-            let openmetrics = shared.metrics.render();
-            if text::wants_openmetrics(accept) {
-                (StatusCode::OK, text::OPENMETRICS_CONTENT_TYPE, openmetrics)
-            } else {
-                (
-                    StatusCode::OK,
-                    text::CONTENT_TYPE,
-                    text::to_prometheus_text(&openmetrics),
-                )
-            }
+            let (content_type, body) = text::negotiate(accept, shared.metrics.render());
+            (StatusCode::OK, content_type, body)
         }
         crate::admin_api::EDGES_PATH => json(&crate::admin_api::edges(shared)),
         crate::admin_api::NODES_PATH => json(&crate::admin_api::nodes(shared)),

@@ -216,7 +216,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             write_ready_file(path, &server.addrs)?;
         }
         wait_for_signal().await?;
-        tracing::info!(grace = ?args.shutdown_grace, "shutting down; a second signal exits at once");
+        tracing::info!(
+            grace_ms = args.shutdown_grace.as_millis() as u64,
+            "shutting down; a second signal exits at once"
+        );
         tokio::select! {
             _ = server.shutdown(args.shutdown_grace) => {}
             _ = wait_for_signal() => tracing::warn!("second signal: exiting now"),

@@ -1,7 +1,18 @@
 //! Prometheus metrics of the server, in one registry, rendered as text by the admin endpoint.
 //! Label values are a small fixed set (results, directions): never node names or addresses.
 
-pub mod text;
+pub mod edge_certificates;
+mod guards;
+mod process;
+pub mod registration;
+pub mod upstream;
+
+/// The exposition formats, shared with the edge's admin endpoint.
+pub use tunnel_io::metrics_text as text;
+
+pub use guards::{GaugeGuard, StreamGuard};
+
+use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -59,6 +70,17 @@ pub struct CertificateLabels {
 /// The frontends, pre-registered so their gauges show 0 before first use.
 const FRONTENDS: [&str; 2] = ["connect", "konnectivity"];
 
+/// Buckets of `tether_stream_duration_seconds`, in seconds. API calls and one-shot
+/// `kubectl exec` end within 0.1–10 s; `logs -f`, `exec -it` and `port-forward` run minutes
+/// to hours; 4 h is the edge's default idle timeout; a day bounds the rest.
+const STREAM_DURATION_BUCKETS: [f64; 10] = [
+    0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 14_400.0, 43_200.0, 86_400.0,
+];
+
+fn stream_duration_histogram() -> Histogram {
+    Histogram::new(STREAM_DURATION_BUCKETS)
+}
+
 /// Every server metric.
 pub struct Metrics {
     registry: Registry,
@@ -100,6 +122,14 @@ pub struct Metrics {
     /// When each of the server's own certificates expires (Unix seconds), so alerts can
     /// compare it with `time()`.
     pub certificate_expiry: Family<CertificateLabels, Gauge>,
+    /// How long tunneled streams lasted, by frontend, seconds.
+    pub stream_duration: Family<FrontendLabels, Histogram>,
+    /// Registration API calls: issued, refused, lockouts.
+    pub registration: registration::RegistrationMetrics,
+    /// Edge → cloud upstream streams and bytes.
+    pub upstream: upstream::UpstreamMetrics,
+    /// Certificate expiry of the connected edges.
+    pub edge_certificates: edge_certificates::EdgeCertificates,
     /// Open file descriptors of this process (read from /proc at each scrape).
     process_open_fds: Gauge,
     /// Resident memory of this process in bytes (read from /proc at each scrape).
@@ -200,6 +230,17 @@ impl Default for Metrics {
             "When the server's own certificates expire, in Unix seconds",
             certificate_expiry.clone(),
         );
+        let stream_duration = Family::<FrontendLabels, Histogram>::new_with_constructor(
+            stream_duration_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "stream_duration_seconds",
+            "How long tunneled streams lasted, by frontend",
+            stream_duration.clone(),
+        );
+        let registration = registration::RegistrationMetrics::register(&mut registry);
+        let upstream = upstream::UpstreamMetrics::register(&mut registry);
+        let edge_certificates = edge_certificates::EdgeCertificates::register(&mut registry);
         let process_open_fds = Gauge::default();
         registry.register(
             "process_open_fds",
@@ -222,6 +263,10 @@ impl Default for Metrics {
         );
         Metrics {
             registry,
+            stream_duration,
+            registration,
+            upstream,
+            edge_certificates,
             certificate_expiry,
             process_open_fds,
             process_resident_memory,
@@ -247,26 +292,12 @@ impl Default for Metrics {
 impl Metrics {
     /// Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.sample_process();
+        process::sample(&self.process_open_fds, &self.process_resident_memory);
+        self.edge_certificates.sample(tunnel_io::check::unix_now());
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-
-    /// Read this process's descriptors and resident memory from /proc (Linux; left at 0
-    /// elsewhere).
-    fn sample_process(&self) {
-        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
-            self.process_open_fds.set(dir.count() as i64);
-        }
-        // statm: size resident shared ... in pages.
-        let resident = std::fs::read_to_string("/proc/self/statm")
-            .ok()
-            .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok());
-        if let Some(pages) = resident {
-            self.process_resident_memory.set(pages * PAGE_SIZE);
-        }
     }
 
     /// Record when the certificate in PEM file `path` expires, as `certificate`.
@@ -301,14 +332,18 @@ impl Metrics {
         ])
     }
 
-    /// Count a tunneled stream of `frontend` as open until the guard is dropped.
-    pub fn stream_open(&self, frontend: &'static str) -> GaugeGuard {
-        GaugeGuard::new([
-            self.streams_open.clone(),
-            self.frontend_streams_open
-                .get_or_create(&FrontendLabels { frontend })
-                .clone(),
-        ])
+    /// Count a tunneled stream of `frontend` as open until the guard is dropped; then
+    /// observe how long it lasted.
+    pub fn stream_open(&self, frontend: &'static str) -> StreamGuard {
+        let labels = FrontendLabels { frontend };
+        StreamGuard {
+            _open: GaugeGuard::new([
+                self.streams_open.clone(),
+                self.frontend_streams_open.get_or_create(&labels).clone(),
+            ]),
+            duration: self.stream_duration.get_or_create(&labels).clone(),
+            started: Instant::now(),
+        }
     }
 
     /// Count one Konnectivity agent session attempt.
@@ -372,28 +407,5 @@ impl tunnel_io::pipe::ByteMeter for TunneledBytes {
     }
     fn stream_to_socket(&self, n: u64) {
         self.add_from_edge(n);
-    }
-}
-
-/// Bytes per page of /proc/self/statm: 4 KiB on the x86_64 and arm64 Linux this runs on.
-const PAGE_SIZE: i64 = 4096;
-
-/// Keeps gauges incremented for as long as it lives.
-pub struct GaugeGuard([Gauge; 2]);
-
-impl GaugeGuard {
-    fn new(gauges: [Gauge; 2]) -> GaugeGuard {
-        for gauge in &gauges {
-            gauge.inc();
-        }
-        GaugeGuard(gauges)
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        for gauge in &self.0 {
-            gauge.dec();
-        }
     }
 }

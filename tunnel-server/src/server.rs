@@ -242,7 +242,7 @@ impl RunningServer {
             ));
         }
         shared.ready.store(true, Ordering::Release);
-        info!(replica = %shared.replica.id, replicas = shared.replica.count(), edge = %addrs.edge, connect_tcp = ?addrs.connect_tcp, connect_unix = ?addrs.connect_unix, admin = ?addrs.admin, "tunnel-server listening");
+        info!(replica = %shared.replica.id, replicas = shared.replica.count(), edge = %addrs.edge, connect_tcp = addrs.connect_tcp.map(display), connect_unix = addrs.connect_unix.as_ref().map(|p| display(p.display())), admin = addrs.admin.map(display), "tunnel-server listening");
         Ok(RunningServer {
             addrs,
             shared,
@@ -265,7 +265,11 @@ impl RunningServer {
         self.stop.drain.cancel();
         self.tracker.close();
         let open = self.shared.metrics.streams_open.get();
-        info!(streams_open = open, ?grace, "draining");
+        info!(
+            streams_open = open,
+            grace_ms = grace.as_millis() as u64,
+            "draining"
+        );
         tokio::select! {
             _ = self.tracker.wait() => info!("drained: no stream left"),
             _ = tokio::time::sleep(grace) => {

@@ -18,7 +18,7 @@ use protocol::NodeName;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe, PipeConfig, PipeEnd};
+use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
 use crate::server::Stop;
 use crate::Shared;
@@ -177,11 +177,13 @@ pub async fn serve<T>(
                 Some(Ok((request, respond))) => {
                     let Ok(slot) = budget.streams.clone().try_acquire_owned() else {
                         let limit = shared.config.edge.max_upstream_streams_per_node;
+                        shared.metrics.upstream.stream("overloaded");
                         refuse(respond, DialFailure::Overloaded, &format!("{limit} upstream streams of this node already open"));
                         continue;
                     };
                     let (total, all) = shared.upstreams.total(&shared);
                     let Ok(global) = all.clone().try_acquire_owned() else {
+                        shared.metrics.upstream.stream("overloaded");
                         warn!(%node, total, "upstream refused: the server's upstream budget is exhausted");
                         refuse(respond, DialFailure::Overloaded, &format!("the server's {total} upstream streams are all in use"));
                         continue;
@@ -233,7 +235,9 @@ async fn forward(
         .authority()
         .map(|a| a.host().to_owned())
         .unwrap_or_default();
+    let metrics = &shared.metrics.upstream;
     if request.method() != Method::CONNECT {
+        metrics.stream("bad_request");
         refuse(
             respond,
             DialFailure::PolicyDenied,
@@ -247,11 +251,13 @@ async fn forward(
         r.refresh();
         r.der_revoked(node, cert_der)
     }) {
+        metrics.stream("node_revoked");
         warn!(target: "audit", %node, upstream = name, "upstream refused: node revoked");
         refuse(respond, DialFailure::PolicyDenied, "node revoked");
         return;
     }
     let Some(address) = shared.config.upstreams.get(&name) else {
+        metrics.stream("not_configured");
         warn!(target: "audit", %node, upstream = name, "upstream refused: not configured");
         refuse(
             respond,
@@ -262,6 +268,7 @@ async fn forward(
     };
     let Ok(dialing) = budget.dials.try_acquire() else {
         let limit = shared.config.edge.max_upstream_dials_per_node;
+        metrics.stream("overloaded");
         refuse(
             respond,
             DialFailure::Overloaded,
@@ -278,6 +285,7 @@ async fn forward(
     let dialed = tokio::select! {
         biased;
         _ = reset => {
+            metrics.stream("cancelled");
             debug!(%node, upstream = name, "upstream stream reset by the edge; dial cancelled");
             return;
         }
@@ -288,18 +296,21 @@ async fn forward(
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             let reason = format!("connect upstream {name} ({address}): {e}");
+            metrics.stream("refused");
             info!(target: "audit", %node, upstream = name, result = "refused", reason, "upstream dial failed");
             refuse(respond, DialFailure::Refused, &reason);
             return;
         }
         Err(_) => {
             let reason = format!("connect upstream {name} ({address}): timed out");
+            metrics.stream("timeout");
             info!(target: "audit", %node, upstream = name, result = "timeout", reason, "upstream dial failed");
             refuse(respond, DialFailure::Timeout, &reason);
             return;
         }
     };
     tunnel_io::set_nodelay(&tcp);
+    metrics.stream("ok");
     let send = match Response::builder().status(StatusCode::OK).body(()) {
         Ok(ok) => match respond.send_response(ok, false) {
             Ok(send) => send,
@@ -307,7 +318,7 @@ async fn forward(
         },
         Err(_) => return,
     };
-    let report = pipe(
+    let report = pipe_metered(
         tcp,
         send,
         request.into_body(),
@@ -316,6 +327,7 @@ async fn forward(
             write_timeout: shared.config.connect.write_timeout,
             idle_timeout: shared.config.connect.idle_timeout,
         },
+        metrics,
         cancel,
     )
     .await;

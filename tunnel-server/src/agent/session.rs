@@ -215,7 +215,7 @@ fn route(
         .metrics
         .edges_connected
         .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "agent_connected", %node, agent_id = agent.agent_id, ips = ?agent.tunnel.ips(), %peer, "konnectivity agent attached");
+    info!(target: "audit", event = "agent_connected", %node, agent_id = agent.agent_id, ips = ?tunnel_io::logging::JsonList(agent.tunnel.ips()), %peer, "konnectivity agent attached");
     Ok(())
 }
 
@@ -270,7 +270,13 @@ async fn accept_streams(
     loop {
         match edge_side.accept().await {
             Some(Ok((request, respond))) => {
-                let span = tracing::debug_span!("agent_conn", target = ?request.uri().authority());
+                let span = tracing::debug_span!(
+                    "agent_conn",
+                    authority = request
+                        .uri()
+                        .authority()
+                        .map(|a| tracing::field::display(a.to_string()))
+                );
                 tracker.spawn(conn::serve(request, respond, mux.clone(), config).instrument(span));
             }
             Some(Err(e)) => return format!("in-memory session failed: {e}"),

@@ -181,7 +181,14 @@ pub fn spawn(listeners: Listeners, shared: Arc<Shared>, stop: Stop, tracker: &Ta
         }
         .instrument(tracing::info_span!("konnectivity")),
     );
-    info!(unix = ?listeners.unix_path, tcp = ?listeners.tcp_addr, "konnectivity frontend listening");
+    info!(
+        unix = listeners
+            .unix_path
+            .as_ref()
+            .map(|p| tracing::field::display(p.display())),
+        tcp = listeners.tcp_addr.map(tracing::field::display),
+        "konnectivity frontend listening"
+    );
 }
 
 async fn accept_unix(

@@ -138,7 +138,9 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
         stop.clone(),
         tracker.clone(),
     ));
-    let api = RegistrationServer::new(registration.api)
+    let mut api = registration.api;
+    api.count_in(&shared.metrics.registration);
+    let api = RegistrationServer::new(api)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE);
     let incoming = futures_util::stream::poll_fn(move |cx| incoming.poll_recv(cx));

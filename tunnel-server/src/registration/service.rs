@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 use tunnel_io::registration::pb::registration_server::Registration;
 use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
+use tunnel_io::logging::JsonList;
 use tunnel_io::registration::REFUSED;
 
 use super::config::RegistrationConfig;
@@ -107,6 +108,8 @@ pub struct RegistrationApi {
     limits: JoinLimits,
     lifetime: Duration,
     endpoints: Vec<String>,
+    /// Joins, refusals and lockouts (unregistered until [`RegistrationApi::count_in`]).
+    metrics: crate::metrics::registration::RegistrationMetrics,
 }
 
 impl RegistrationApi {
@@ -121,7 +124,13 @@ impl RegistrationApi {
             limits: JoinLimits::new(&config.rate),
             lifetime: config.cert_lifetime,
             endpoints: config.tunnel_endpoints.clone(),
+            metrics: Default::default(),
         })
+    }
+
+    /// Count calls in the server's registry.
+    pub fn count_in(&mut self, metrics: &crate::metrics::registration::RegistrationMetrics) {
+        self.metrics = metrics.clone();
     }
 
     fn credentials(&self, certificate_pem: String, pool: Option<&NodePool>) -> Credentials {
@@ -313,6 +322,7 @@ impl Registration for RegistrationApi {
         let now = Instant::now();
         // Throttled sources are refused before anything is parsed or hashed.
         if let Err(throttled) = self.limits.check_source(source, now) {
+            self.metrics.refused("join", throttled.label());
             warn!(target: "audit", event = "join_refused", peer = %peer.addr, reason = throttled.label(), "join refused");
             return Err(match self.limits.lockout_remaining(source, now) {
                 Some(remaining) if throttled == Throttled::LockedOut => locked_out(remaining),
@@ -323,6 +333,7 @@ impl Registration for RegistrationApi {
         match self.try_join(&request).await {
             Ok(joined) => {
                 self.limits.succeeded(source);
+                self.metrics.issued("join");
                 let Joined {
                     node,
                     ips,
@@ -331,14 +342,18 @@ impl Registration for RegistrationApi {
                     reprovisioned,
                     credentials,
                 } = joined;
-                info!(target: "audit", event = "node_joined", %node, ?ips, token = %token_id, pool = %credentials.pool, serial, peer = %peer.addr, "node joined");
+                info!(target: "audit", event = "node_joined", %node, ips = ?JsonList(&ips), token = %token_id, pool = %credentials.pool, serial, peer = %peer.addr, "node joined");
                 if !reprovisioned.is_empty() {
-                    warn!(target: "audit", event = "node_reprovisioned", %node, ?ips, token = %token_id, replaced = ?reprovisioned, serial, "node re-provisioned: the token allowed taking these identities");
+                    warn!(target: "audit", event = "node_reprovisioned", %node, ips = ?JsonList(&ips), token = %token_id, replaced = ?JsonList(&reprovisioned), serial, "node re-provisioned: the token allowed taking these identities");
                 }
                 Ok(Response::new(credentials))
             }
             Err(denied) => {
                 let locked = !denied.store_fault() && self.limits.failed(source, now);
+                self.metrics.refused("join", denied.label());
+                if locked {
+                    self.metrics.lockouts.inc();
+                }
                 // The node name is the caller's claim; the token appears only by its public ID.
                 let token_id = request
                     .token
@@ -357,18 +372,21 @@ impl Registration for RegistrationApi {
         let source = peer.addr.ip();
         let now = Instant::now();
         if let Err(throttled) = self.limits.check_source(source, now) {
+            self.metrics.refused("renew", throttled.label());
             warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = throttled.label(), "renewal refused");
             return Err(refused());
         }
         match self.try_renew(&peer, request.get_ref()).await {
             Ok((node, ips, credentials)) => {
-                info!(target: "audit", event = "node_renewed", %node, ?ips, peer = %peer.addr, "node certificate renewed");
+                self.metrics.issued("renew");
+                info!(target: "audit", event = "node_renewed", %node, ips = ?JsonList(&ips), peer = %peer.addr, "node certificate renewed");
                 Ok(Response::new(credentials))
             }
             Err(denied) => {
-                if !denied.store_fault() {
-                    self.limits.failed(source, now);
+                if !denied.store_fault() && self.limits.failed(source, now) {
+                    self.metrics.lockouts.inc();
                 }
+                self.metrics.refused("renew", denied.label());
                 warn!(target: "audit", event = "renew_refused", peer = %peer.addr, reason = denied.label(), detail = denied.detail(), "renewal refused");
                 Err(denied.status())
             }

@@ -330,11 +330,16 @@ async fn handle_edge(
         old.retire();
     }
     shared.metrics.handshake("ok");
+    // Counted while the session lives (replaced or not), dropped with this task.
+    let _expiry = session
+        .certificate()
+        .expires_unix
+        .map(|at| shared.metrics.edge_certificates.session(at as i64));
     shared
         .metrics
         .edges_connected
         .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?session.ips, %peer, "edge session established");
+    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?tunnel_io::logging::JsonList(&session.ips), %peer, "edge session established");
 
     let announce = announce_changes(&session, &shared);
     tokio::pin!(announce);

@@ -3,6 +3,8 @@
 //! curl). The two differ only in naming and markers: a counter family's `# TYPE`/`# HELP` name
 //! the `_total` sample in 0.0.4; an info family becomes a gauge named `_info`; `# UNIT`,
 //! `# EOF` and `_created` samples do not exist in 0.0.4.
+//!
+//! Shared by tunnel-server's and tunnel-edge's admin endpoints, so both negotiate alike.
 
 use std::collections::HashMap;
 
@@ -16,6 +18,16 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
 /// anything else gets the 0.0.4 text format.
 pub fn wants_openmetrics(accept: Option<&str>) -> bool {
     accept.is_some_and(|a| a.contains("application/openmetrics-text"))
+}
+
+/// The `Content-Type` and body to answer a scrape with: `openmetrics` as is when `accept`
+/// asks for it (Prometheus servers do), the 0.0.4 text format otherwise.
+pub fn negotiate(accept: Option<&str>, openmetrics: String) -> (&'static str, String) {
+    if wants_openmetrics(accept) {
+        (OPENMETRICS_CONTENT_TYPE, openmetrics)
+    } else {
+        (CONTENT_TYPE, to_prometheus_text(&openmetrics))
+    }
 }
 
 /// Rewrite OpenMetrics text as Prometheus text 0.0.4.
