@@ -95,7 +95,7 @@ fn rendered() -> Rendered {
     }
 }
 
-fn service<'a>(objects: &'a [Object], name: &str) -> &'a Service {
+pub(crate) fn service<'a>(objects: &'a [Object], name: &str) -> &'a Service {
     objects
         .iter()
         .find_map(|o| match o {
@@ -117,7 +117,7 @@ fn container_port(container: &Container, name: &str) -> u16 {
 }
 
 /// The Service's port `port`, checked to lead to the container port named `target`.
-fn service_port(service: &Service, port: u16, target: &str) {
+pub(crate) fn service_port(service: &Service, port: u16, target: &str) {
     let spec = service.spec.as_ref().expect("spec");
     let found = spec
         .ports
@@ -280,23 +280,6 @@ fn in_cluster_ports_names_and_paths_agree() {
             == Some(&*secret)),
         "no volume of Secret {secret}"
     );
-
-    // The ServiceMonitor scrapes the headless Service's admin port.
-    let monitored = render::render("overlays/monitored");
-    let monitor = monitored
-        .iter()
-        .find_map(|o| match o {
-            Object::ServiceMonitor(m) => Some(m),
-            _ => None,
-        })
-        .expect("a ServiceMonitor");
-    let wanted = monitor.spec.selector.match_labels.clone().unwrap();
-    let headless_labels = headless.metadata.labels.clone().unwrap();
-    assert!(wanted
-        .iter()
-        .all(|(k, v)| headless_labels.get(k) == Some(v)));
-    assert_eq!(monitor.spec.endpoints[0].port, "admin");
-    service_port(headless, admin.port(), "admin");
 }
 
 /// Whole seconds of a `--shutdown-grace` value such as `30s`.
@@ -318,7 +301,7 @@ async fn in_cluster_container_runs_with_the_documented_pki_and_names() {
     // QUICKSTART's `ca init`, then only the files its `kubectl create secret` line takes.
     let scratch = tempfile::tempdir().expect("scratch directory");
     let pki = scratch.path().join("pki");
-    live::ca_init(
+    let printed = live::ca_init(
         &docs::command(SECTION, &["tunnel-server", "ca", "init"]),
         &pki,
     );
@@ -349,6 +332,11 @@ async fn in_cluster_container_runs_with_the_documented_pki_and_names() {
     // kube-apiserver's side: the egress config's files are `ca init`'s, and its URL's name is
     // in the server certificate.
     let (host, _) = egress_url(&r.egress);
+    let names = printed
+        .lines()
+        .find(|l| l.starts_with("server certificate:"))
+        .unwrap_or_else(|| panic!("ca init names no server certificate:\n{printed}"));
+    assert!(names.contains(&host), "ca init printed {names}");
     let tls = r.egress.egress_selections[0]
         .connection
         .transport

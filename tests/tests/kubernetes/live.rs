@@ -126,8 +126,9 @@ impl PodRoot {
     }
 }
 
-/// Run `tunnel-server ca init` with `words` (from the docs), its `--dir` replaced by `dir`.
-pub fn ca_init(words: &[String], dir: &Path) {
+/// Run `tunnel-server ca init` with `words` (from the docs), its `--dir` replaced by `dir`;
+/// what it printed.
+pub fn ca_init(words: &[String], dir: &Path) -> String {
     assert_eq!(&words[..3], ["tunnel-server", "ca", "init"], "{words:?}");
     let mut command = Command::new(tether_tests::binary("tunnel-server"));
     let mut rest = words[1..].iter();
@@ -147,6 +148,7 @@ pub fn ca_init(words: &[String], dir: &Path) {
         "{words:?}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Whether `cert` (PEM file), verified against `ca` (PEM file), is valid for `name`.

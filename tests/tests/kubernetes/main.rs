@@ -14,6 +14,8 @@ mod live;
 mod objects;
 #[path = "render.rs"]
 mod render;
+#[path = "servicemonitor.rs"]
+mod servicemonitor;
 #[path = "static_pod.rs"]
 mod static_pod;
 
