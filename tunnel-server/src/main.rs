@@ -97,10 +97,13 @@ enum CaCommand {
         /// Directory to create the files in.
         #[arg(long)]
         dir: PathBuf,
-        /// Extra DNS names for the server certificate (the load balancer's name).
+        /// Extra DNS name for the server certificate; repeatable. Every name a client dials
+        /// must be here: the load balancer's (edges) and, for the mTLS frontend, the one in
+        /// kube-apiserver's egress config (docs/QUICKSTART.md, "Choosing the server
+        /// certificate's names").
         #[arg(long = "dns")]
         dns: Vec<String>,
-        /// Extra IP addresses for the server certificate.
+        /// Extra IP address for the server certificate; repeatable.
         #[arg(long = "ip")]
         ips: Vec<IpAddr>,
         /// Replace existing files.
@@ -269,6 +272,15 @@ fn run_ca(command: CaCommand) -> anyhow::Result<()> {
             ] {
                 println!("  {}", p.display());
             }
+            // Which names the server answers to is what a first deployment gets wrong.
+            let server = tunnel_io::check::cert_and_key(
+                "server",
+                &layout.server_cert(),
+                "server key",
+                &layout.server_key(),
+                tunnel_io::check::unix_now(),
+            )?;
+            println!("server certificate: {}", server.describe());
             Ok(())
         }
         CaCommand::IssueEdge {
