@@ -12,6 +12,7 @@ use anyhow::Context;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tunnel_io::ca_pin::{CaPin, PinOutcome, PinnedCaVerifier};
 use tunnel_io::registration::pb::registration_client::RegistrationClient;
 use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
 use tunnel_io::registration::ALPN_REGISTRATION;
@@ -34,8 +35,8 @@ pub struct JoinOptions {
     pub server: String,
     /// Name to verify in its certificate (default: the host).
     pub server_name: Option<String>,
-    /// CA bundle to verify it with.
-    pub ca: PathBuf,
+    /// How to trust it: a CA bundle, or a pin of the CA it presents.
+    pub trust: JoinTrust,
     /// The bootstrap token.
     pub token: Secret,
     /// This node's name.
@@ -46,6 +47,16 @@ pub struct JoinOptions {
     pub state: StateDir,
     /// Join again even if the state directory already holds a valid identity.
     pub force: bool,
+}
+
+/// How `join` trusts the registration API.
+#[derive(Debug, Clone)]
+pub enum JoinTrust {
+    /// Verify it with this CA bundle (`--ca`).
+    CaFile(PathBuf),
+    /// Take the CA from the chain it presents, only if that CA has this pin (`--ca-hash`),
+    /// and verify the server with it; the CA is then kept in the state directory.
+    Pin(CaPin),
 }
 
 /// Result of a join.
@@ -127,6 +138,44 @@ async fn client(
         .max_decoding_message_size(tunnel_io::registration::MAX_MESSAGE))
 }
 
+/// A join's TLS configuration, and for a pinned join the slot the verifier reports into.
+type PinSlot = Arc<std::sync::Mutex<Option<PinOutcome>>>;
+
+fn join_tls_config(trust: &JoinTrust) -> anyhow::Result<(rustls::ClientConfig, Option<PinSlot>)> {
+    match trust {
+        JoinTrust::CaFile(ca) => Ok((tls_config(ca, None)?, None)),
+        JoinTrust::Pin(pin) => {
+            let (verifier, slot) = PinnedCaVerifier::new(*pin);
+            let mut config =
+                rustls::ClientConfig::builder_with_provider(tunnel_io::tls::provider())
+                    .with_protocol_versions(&[&rustls::version::TLS13])?
+                    .dangerous()
+                    .with_custom_certificate_verifier(verifier)
+                    .with_no_client_auth();
+            config.alpn_protocols = vec![ALPN_REGISTRATION.to_vec()];
+            config.resumption = rustls::client::Resumption::disabled();
+            Ok((config, Some(slot)))
+        }
+    }
+}
+
+/// The CA bundle to keep after a pinned join: the server's answer (it came over a channel
+/// verified under the pinned CA), with the pinned CA added if the answer lacks it, so the
+/// renewals that reach the registration API again can verify it.
+fn bundle_with_pinned(bundle_pem: &str, pinned: &rustls::pki_types::CertificateDer<'_>) -> String {
+    if tunnel_io::tls::certs_from_pem(bundle_pem.as_bytes())
+        .iter()
+        .any(|c| c.as_ref() == pinned.as_ref())
+    {
+        return bundle_pem.to_owned();
+    }
+    let block = pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", pinned.as_ref().to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    );
+    format!("{}\n{block}", bundle_pem.trim_end())
+}
+
 fn tls_config(ca: &Path, identity: Option<(&Path, &Path)>) -> anyhow::Result<rustls::ClientConfig> {
     let mut config = match identity {
         Some((cert, key)) => tunnel_io::tls::client_config_mtls(ca, cert, key, &[])?,
@@ -170,18 +219,39 @@ pub async fn join(options: &JoinOptions) -> anyhow::Result<Joined> {
     let (host, port) = parse_registration_server(&options.server)?;
     let server_name = options.server_name.clone().unwrap_or_else(|| host.clone());
     let (key, csr_der) = key_and_csr(&options.node_name, &options.node_ips)?;
-    let mut client = client(&host, port, &server_name, tls_config(&options.ca, None)?).await?;
+    let (tls, pin_slot) = join_tls_config(&options.trust)?;
+    let pin_failure = || {
+        let slot = pin_slot.as_ref()?.lock().ok()?;
+        match slot.as_ref()? {
+            Err(message) => Some(anyhow::anyhow!(
+                "registration API at {host}:{port}: {message}"
+            )),
+            Ok(_) => None,
+        }
+    };
+    let mut client = match client(&host, port, &server_name, tls).await {
+        Ok(client) => client,
+        Err(error) => return Err(pin_failure().unwrap_or(error)),
+    };
     let request = JoinRequest {
         token: options.token.expose().to_owned(),
         node_name: options.node_name.clone(),
         node_ips: options.node_ips.iter().map(IpAddr::to_string).collect(),
         csr_der,
     };
-    let credentials = client
-        .join(request)
-        .await
-        .map_err(|status| anyhow::anyhow!("join refused: {}", status.message()))?
-        .into_inner();
+    let mut credentials = match client.join(request).await {
+        Ok(answer) => answer.into_inner(),
+        Err(status) => {
+            return Err(pin_failure()
+                .unwrap_or_else(|| anyhow::anyhow!("join refused: {}", status.message())))
+        }
+    };
+    let pinned = pin_slot
+        .as_ref()
+        .and_then(|slot| slot.lock().ok()?.clone()?.ok());
+    if let Some(ca) = pinned {
+        credentials.ca_bundle_pem = bundle_with_pinned(&credentials.ca_bundle_pem, &ca);
+    }
     let state = NodeState {
         node_name: options.node_name.clone(),
         node_ips: options.node_ips.clone(),
