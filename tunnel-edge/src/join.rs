@@ -4,7 +4,7 @@
 //! The state directory ([`crate::state`]) is what `tunnel-edge run --state-dir` reads.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,13 +12,16 @@ use anyhow::Context;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tunnel_io::ca_pin::{CaPin, PinOutcome, PinnedCaVerifier};
 use tunnel_io::registration::pb::registration_client::RegistrationClient;
 use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
 use tunnel_io::registration::ALPN_REGISTRATION;
 use tunnel_io::secret::Secret;
 
 use crate::state::write_state;
+pub use pinned::JoinTrust;
+use pinned::{bundle_with_pinned, join_tls_config};
+
+mod pinned;
 pub use crate::state::{NodeState, StateDir};
 
 /// Default state directory.
@@ -47,16 +50,6 @@ pub struct JoinOptions {
     pub state: StateDir,
     /// Join again even if the state directory already holds a valid identity.
     pub force: bool,
-}
-
-/// How `join` trusts the registration API.
-#[derive(Debug, Clone)]
-pub enum JoinTrust {
-    /// Verify it with this CA bundle (`--ca`).
-    CaFile(PathBuf),
-    /// Take the CA from the chain it presents, only if that CA has this pin (`--ca-hash`),
-    /// and verify the server with it; the CA is then kept in the state directory.
-    Pin(CaPin),
 }
 
 /// Result of a join.
@@ -138,45 +131,10 @@ async fn client(
         .max_decoding_message_size(tunnel_io::registration::MAX_MESSAGE))
 }
 
-/// A join's TLS configuration, and for a pinned join the slot the verifier reports into.
-type PinSlot = Arc<std::sync::Mutex<Option<PinOutcome>>>;
-
-fn join_tls_config(trust: &JoinTrust) -> anyhow::Result<(rustls::ClientConfig, Option<PinSlot>)> {
-    match trust {
-        JoinTrust::CaFile(ca) => Ok((tls_config(ca, None)?, None)),
-        JoinTrust::Pin(pin) => {
-            let (verifier, slot) = PinnedCaVerifier::new(*pin);
-            let mut config =
-                rustls::ClientConfig::builder_with_provider(tunnel_io::tls::provider())
-                    .with_protocol_versions(&[&rustls::version::TLS13])?
-                    .dangerous()
-                    .with_custom_certificate_verifier(verifier)
-                    .with_no_client_auth();
-            config.alpn_protocols = vec![ALPN_REGISTRATION.to_vec()];
-            config.resumption = rustls::client::Resumption::disabled();
-            Ok((config, Some(slot)))
-        }
-    }
-}
-
-/// The CA bundle to keep after a pinned join: the server's answer (it came over a channel
-/// verified under the pinned CA), with the pinned CA added if the answer lacks it, so the
-/// renewals that reach the registration API again can verify it.
-fn bundle_with_pinned(bundle_pem: &str, pinned: &rustls::pki_types::CertificateDer<'_>) -> String {
-    if tunnel_io::tls::certs_from_pem(bundle_pem.as_bytes())
-        .iter()
-        .any(|c| c.as_ref() == pinned.as_ref())
-    {
-        return bundle_pem.to_owned();
-    }
-    let block = pem::encode_config(
-        &pem::Pem::new("CERTIFICATE", pinned.as_ref().to_vec()),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    );
-    format!("{}\n{block}", bundle_pem.trim_end())
-}
-
-fn tls_config(ca: &Path, identity: Option<(&Path, &Path)>) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<rustls::ClientConfig> {
     let mut config = match identity {
         Some((cert, key)) => tunnel_io::tls::client_config_mtls(ca, cert, key, &[])?,
         None => rustls::ClientConfig::builder_with_provider(tunnel_io::tls::provider())

@@ -24,6 +24,8 @@ pub struct FileArgs {
 }
 
 /// Bootstrap tokens.
+// Parsed once per process from argv: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a token and print it (the only time the secret is shown).
