@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+pub mod ca_pin;
 pub mod check;
 pub mod control_frames;
 pub mod h2tune;

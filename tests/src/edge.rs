@@ -85,6 +85,18 @@ impl EdgeProc {
         options: &EdgeOptions,
         tuning: &EdgeTuning,
     ) -> EdgeProc {
+        Self::start_tuned_with_extra(pki, servers, options, tuning, "")
+    }
+
+    /// [`EdgeProc::start_tuned`] with `extra` TOML appended to the config (for example an
+    /// `[[allow.extra]]` rule).
+    pub fn start_tuned_with_extra(
+        pki: &Pki,
+        servers: &[SocketAddr],
+        options: &EdgeOptions,
+        tuning: &EdgeTuning,
+        extra: &str,
+    ) -> EdgeProc {
         let (server, more) = servers.split_first().expect("at least one server address");
         let more = more
             .iter()
@@ -136,6 +148,8 @@ ports = [{ports}]
 [log]
 filter = "info"
 format = "{log_format}"
+
+{extra}
 "#,
             ca = pki.layout.ca_cert().display(),
             cert = options.files.cert.display(),

@@ -287,6 +287,50 @@ impl JoinedEdge {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> (bool, String) {
+        let ca = pki.layout.ca_cert();
+        self.join_trusting(
+            server,
+            token,
+            node,
+            ips,
+            &["--ca".as_ref(), ca.as_os_str()],
+            extra,
+            env,
+        )
+    }
+
+    /// `tunnel-edge join --ca-hash PIN` (no CA file), as a node imported with the printed
+    /// join command runs it; returns (success, stdout + stderr).
+    pub fn join_pinned(
+        &self,
+        server: &RegistrationServer,
+        token: &str,
+        node: &str,
+        ips: &[&str],
+        pin: &str,
+    ) -> (bool, String) {
+        self.join_trusting(
+            server,
+            token,
+            node,
+            ips,
+            &["--ca-hash".as_ref(), pin.as_ref()],
+            &[],
+            &[],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn join_trusting(
+        &self,
+        server: &RegistrationServer,
+        token: &str,
+        node: &str,
+        ips: &[&str],
+        trust: &[&std::ffi::OsStr],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> (bool, String) {
         let token_file = self.dir.path().join("token");
         std::fs::write(&token_file, token).expect("write token file");
         let mut command = Command::new(crate::binary("tunnel-edge"));
@@ -296,8 +340,7 @@ impl JoinedEdge {
             .arg(format!("https://{}", server.registration))
             .arg("--server-name")
             .arg("127.0.0.1")
-            .arg("--ca")
-            .arg(pki.layout.ca_cert())
+            .args(trust)
             .arg("--token-file")
             .arg(&token_file)
             .arg("--node-name")

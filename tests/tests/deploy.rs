@@ -104,6 +104,8 @@ async fn joined_node_runs_from_the_shipped_unit_and_example_config() {
     for word in &words[1..] {
         if word == "/etc/tether/edge.toml" {
             command.arg(&config);
+        } else if word == shipped_state {
+            command.arg(&node.state);
         } else {
             command.arg(word);
         }

@@ -4,7 +4,7 @@
 //! The state directory ([`crate::state`]) is what `tunnel-edge run --state-dir` reads.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,10 @@ use tunnel_io::secret::Secret;
 
 use crate::proxy::Egress;
 use crate::state::write_state;
+pub use pinned::JoinTrust;
+use pinned::{bundle_with_pinned, join_tls_config};
+
+mod pinned;
 pub use crate::state::{NodeState, StateDir};
 
 /// Default state directory.
@@ -34,8 +38,8 @@ pub struct JoinOptions {
     pub server: String,
     /// Name to verify in its certificate (default: the host).
     pub server_name: Option<String>,
-    /// CA bundle to verify it with.
-    pub ca: PathBuf,
+    /// How to trust it: a CA bundle, or a pin of the CA it presents.
+    pub trust: JoinTrust,
     /// The bootstrap token.
     pub token: Secret,
     /// This node's name.
@@ -138,7 +142,10 @@ async fn client(
         .max_decoding_message_size(tunnel_io::registration::MAX_MESSAGE))
 }
 
-fn tls_config(ca: &Path, identity: Option<(&Path, &Path)>) -> anyhow::Result<rustls::ClientConfig> {
+pub(crate) fn tls_config(
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> anyhow::Result<rustls::ClientConfig> {
     let mut config = match identity {
         Some((cert, key)) => tunnel_io::tls::client_config_mtls(ca, cert, key, &[])?,
         None => rustls::ClientConfig::builder_with_provider(tunnel_io::tls::provider())
@@ -181,25 +188,39 @@ pub async fn join(options: &JoinOptions) -> anyhow::Result<Joined> {
     let (host, port) = parse_registration_server(&options.server)?;
     let server_name = options.server_name.clone().unwrap_or_else(|| host.clone());
     let (key, csr_der) = key_and_csr(&options.node_name, &options.node_ips)?;
-    let mut client = client(
-        &host,
-        port,
-        &server_name,
-        tls_config(&options.ca, None)?,
-        &options.egress,
-    )
-    .await?;
+    let (tls, pin_slot) = join_tls_config(&options.trust)?;
+    let pin_failure = || {
+        let slot = pin_slot.as_ref()?.lock().ok()?;
+        match slot.as_ref()? {
+            Err(message) => Some(anyhow::anyhow!(
+                "registration API at {host}:{port}: {message}"
+            )),
+            Ok(_) => None,
+        }
+    };
+    let mut client = match client(&host, port, &server_name, tls, &options.egress).await {
+        Ok(client) => client,
+        Err(error) => return Err(pin_failure().unwrap_or(error)),
+    };
     let request = JoinRequest {
         token: options.token.expose().to_owned(),
         node_name: options.node_name.clone(),
         node_ips: options.node_ips.iter().map(IpAddr::to_string).collect(),
         csr_der,
     };
-    let credentials = client
-        .join(request)
-        .await
-        .map_err(|status| anyhow::anyhow!("join refused: {}", status.message()))?
-        .into_inner();
+    let mut credentials = match client.join(request).await {
+        Ok(answer) => answer.into_inner(),
+        Err(status) => {
+            return Err(pin_failure()
+                .unwrap_or_else(|| anyhow::anyhow!("join refused: {}", status.message())))
+        }
+    };
+    let pinned = pin_slot
+        .as_ref()
+        .and_then(|slot| slot.lock().ok()?.clone()?.ok());
+    if let Some(ca) = pinned {
+        credentials.ca_bundle_pem = bundle_with_pinned(&credentials.ca_bundle_pem, &ca);
+    }
     let state = NodeState {
         node_name: options.node_name.clone(),
         node_ips: options.node_ips.clone(),

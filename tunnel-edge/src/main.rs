@@ -54,8 +54,14 @@ struct JoinArgs {
     #[arg(long, env = "TETHER_SERVER_NAME")]
     server_name: Option<String>,
     /// CA bundle to verify the registration API with.
-    #[arg(long, env = "TETHER_CA")]
-    ca: PathBuf,
+    #[arg(long, env = "TETHER_CA", required_unless_present = "ca_hash")]
+    ca: Option<PathBuf>,
+    /// Instead of --ca: pin of the CA that issued the registration API's certificate,
+    /// `sha256:<hex of its SubjectPublicKeyInfo>` (as kubeadm's discovery hash), printed by
+    /// `tunnel-server token create --print-join-command`. The CA is taken from the server's
+    /// chain only if it has this pin, and kept in the state directory.
+    #[arg(long, env = "TETHER_CA_HASH", conflicts_with = "ca")]
+    ca_hash: Option<String>,
     /// Bootstrap token `<id>.<secret>` (prefer --token-file or the env var: argv is visible
     /// to other users).
     #[arg(
@@ -294,6 +300,15 @@ fn main() -> anyhow::Result<()> {
 fn join(args: JoinArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     tunnel_io::logging::init(LogFormat::Text, "warn");
+    // A malformed pin is refused before anything else is read or sent.
+    let trust = match (&args.ca_hash, &args.ca) {
+        (Some(hash), _) => tunnel_edge::join::JoinTrust::Pin(
+            tunnel_io::ca_pin::CaPin::parse(hash.trim())
+                .map_err(|e| anyhow::anyhow!("--ca-hash: {e}; nothing was sent"))?,
+        ),
+        (None, Some(ca)) => tunnel_edge::join::JoinTrust::CaFile(ca.clone()),
+        (None, None) => anyhow::bail!("give --ca FILE or --ca-hash sha256:..."),
+    };
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)
@@ -312,7 +327,7 @@ fn join(args: JoinArgs) -> anyhow::Result<()> {
     let options = tunnel_edge::join::JoinOptions {
         server: args.server,
         server_name: args.server_name,
-        ca: args.ca,
+        trust,
         token: tunnel_io::secret::Secret::new(token),
         node_name: args.node_name,
         node_ips: args.node_ips,

@@ -122,7 +122,7 @@ ca_key = "ca-key.pem"
     tunnel_edge::join::join(&tunnel_edge::join::JoinOptions {
         server: format!("https://{registration}"),
         server_name: Some("127.0.0.1".into()),
-        ca: layout.ca_cert(),
+        trust: tunnel_edge::join::JoinTrust::CaFile(layout.ca_cert()),
         token: tunnel_io::secret::Secret::new(token.expose()),
         node_name: DEMO_NODE.into(),
         node_ips: vec![DEMO_NODE_IP],

@@ -24,6 +24,8 @@ pub struct FileArgs {
 }
 
 /// Bootstrap tokens.
+// Parsed once per process from argv: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Create a token and print it (the only time the secret is shown).
@@ -63,6 +65,19 @@ pub enum TokenCommand {
         /// which a join otherwise never can; repeatable.
         #[arg(long = "reprovision", value_name = "NODE")]
         reprovision: Vec<String>,
+        /// After the token, print the command a node runs to join: the installer's and the
+        /// bare `tunnel-edge join`, with the pin of the registration certificate's CA.
+        /// Needs --config.
+        #[arg(long)]
+        print_join_command: bool,
+        /// The registration API's address as nodes reach it (the load balancer's port 443),
+        /// for --print-join-command.
+        #[arg(long, value_name = "HOST:PORT", requires = "print_join_command")]
+        server_address: Option<String>,
+        /// The name nodes verify in the registration certificate when the host of
+        /// --server-address is not one of its names.
+        #[arg(long, requires = "print_join_command")]
+        server_name: Option<String>,
     },
     /// List tokens (IDs, pools, expiry, uses; never secrets).
     List {
@@ -146,7 +161,24 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             node_name_pattern,
             description,
             reprovision,
+            print_join_command,
+            server_address,
+            server_name,
         } => {
+            // Checked before the token exists: a printed command must work on the node.
+            let join_target = if print_join_command {
+                let config = files
+                    .config
+                    .as_ref()
+                    .context("--print-join-command needs --config SERVER.toml (for the CA)")?;
+                Some(super::join_command::join_target(
+                    &ServerConfig::load(config)?,
+                    server_address.as_deref(),
+                    server_name.as_deref(),
+                )?)
+            } else {
+                None
+            };
             let path = token_file(&files)?;
             let mut label_map = BTreeMap::new();
             for label in labels {
@@ -194,6 +226,11 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             );
             // The one place a secret is printed: stdout, for the operator to hand to the node.
             println!("{}", token.expose());
+            if let Some(target) = join_target {
+                for line in super::join_command::join_command_lines(&target, &token.expose()) {
+                    println!("{line}");
+                }
+            }
             Ok(())
         }
         TokenCommand::List { files } => {

@@ -4,8 +4,10 @@
 //! fails the handshake). The service logic is in [`service`]; throttling in [`limits`].
 
 pub mod admission;
+pub mod chain;
 pub mod cli;
 pub mod config;
+pub mod join_command;
 pub mod limits;
 mod request;
 pub mod service;
@@ -79,7 +81,7 @@ pub async fn bind(
     edge: &crate::config::EdgeListenerConfig,
     state_config: &state::StateConfig,
 ) -> anyhow::Result<Registration> {
-    let cert = config.cert.as_ref().unwrap_or(&edge.cert);
+    let cert = chain::certificate_path(config, edge);
     let key = config.key.as_ref().unwrap_or(&edge.key);
     let provider = tunnel_io::tls::provider();
     let roots = Arc::new(tunnel_io::tls::load_roots(&config.ca_cert)?);
@@ -90,8 +92,9 @@ pub async fn bind(
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
+        // The issuing CA goes with the leaf: a node joining with a CA pin finds it there.
         .with_single_cert(
-            tunnel_io::tls::load_certs(cert)?,
+            chain::served_chain(cert, &config.ca_cert)?,
             tunnel_io::tls::load_key(key)?,
         )
         .with_context(|| format!("registration certificate {}", cert.display()))?;
