@@ -66,7 +66,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn errors_back_off_then_a_connection_resets_the_delay() {
+    async fn testplan_12_accept_errors_back_off_then_a_connection_resets_the_delay() {
         let mut retry = AcceptRetry::new("test");
         let stop = CancellationToken::new();
         let mut calls = 0;

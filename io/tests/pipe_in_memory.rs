@@ -111,7 +111,7 @@ async fn tunnel_metered(target_buffer: usize, meter: Arc<Counted>) -> Tunnel {
 }
 
 #[tokio::test]
-async fn half_close_passes_exactly_n_bytes_then_eof_and_the_reply_returns() {
+async fn testplan_05_half_close_passes_exactly_n_bytes_then_eof_and_the_reply_returns() {
     let (mut app, mut target, client_pipe, server_pipe) = tunnel(64 << 10).await;
     let sent: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     app.write_all(&sent).await.unwrap();

@@ -453,7 +453,7 @@ async fn stalled_reader_does_not_block_other_streams() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn malformed_packets_close_only_their_stream() {
+async fn testplan_10_malformed_packets_close_only_their_stream() {
     let rig = Rig::start().await;
     let conn = rig.connect_unix().await;
     let echo = rig.target(rig.echo.port());

@@ -209,7 +209,7 @@ mod tests {
     }
 
     #[test]
-    fn other_loopback_ports_and_addresses_are_refused() {
+    fn testplan_16_ssrf_other_loopback_ports_and_addresses_are_refused_by_the_edge() {
         let a = allow(vec![]);
         assert!(matches!(
             a.resolve(&t("127.0.0.1:22")),
@@ -234,7 +234,7 @@ mod tests {
     }
 
     #[test]
-    fn another_nodes_name_is_refused() {
+    fn testplan_16_another_nodes_name_is_refused_by_the_edge() {
         let a = allow(vec![]);
         assert!(matches!(
             a.resolve(&t("node-b:10250")),

@@ -142,7 +142,7 @@ mod tests {
     }
 
     #[test]
-    fn ssrf_addresses_are_denied_even_on_allowed_ports() {
+    fn testplan_16_ssrf_addresses_are_denied_even_on_allowed_ports() {
         for t in [
             "127.0.0.1:10250",
             "127.9.9.9:10250",

@@ -139,7 +139,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn missing_or_garbage_headers_are_refused() {
+    async fn testplan_10_malformed_proxy_headers_missing_garbage_huge_or_truncated_are_refused() {
         let (r, _) = read(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\x00\x00").await;
         assert!(matches!(r, Err(ProxyHeaderError::Missing)));
         let (r, _) = read(b"PROXY TCP4 not-an-address 10.0.0.1 1 2\r\n").await;
@@ -153,5 +153,41 @@ mod tests {
         assert!(matches!(r, Err(ProxyHeaderError::V2TooLarge(65535))));
         let (r, _) = read(b"PROX").await;
         assert!(matches!(r, Err(ProxyHeaderError::Io(_))));
+    }
+
+    /// A header dripped one byte per read (on a real pipe, so every read is short) is read
+    /// whole and exactly: nothing after it is consumed, whatever the split.
+    #[tokio::test]
+    async fn testplan_10_slow_drip_proxy_header_one_byte_at_a_time_is_read_exactly() {
+        use tokio::io::AsyncWriteExt;
+        let v2 = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            ppp::v2::IPv4::new([198, 51, 100, 7], [10, 0, 0, 1], 40000, 9000),
+        )
+        .build()
+        .unwrap();
+        let v1 = b"PROXY TCP4 198.51.100.7 10.0.0.1 40000 9000\r\n".to_vec();
+        for header in [v1, v2] {
+            let (mut client, mut server) = tokio::io::duplex(1);
+            let mut bytes = header.clone();
+            bytes.extend_from_slice(b"\x16\x03\x01");
+            let drip = tokio::spawn(async move {
+                for b in bytes {
+                    client.write_all(&[b]).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+                client
+            });
+            let source = read_header(&mut server).await.unwrap();
+            assert_eq!(source, Some("198.51.100.7:40000".parse().unwrap()));
+            let mut rest = [0u8; 3];
+            server.read_exact(&mut rest).await.unwrap();
+            assert_eq!(
+                &rest, b"\x16\x03\x01",
+                "the TLS bytes after the header are left"
+            );
+            drop(drip.await.unwrap());
+        }
     }
 }

@@ -59,7 +59,7 @@ fn early_tunnel_bytes_after_head_are_preserved() {
 }
 
 #[test]
-fn incomplete_head_asks_for_more_at_every_split() {
+fn testplan_10_slow_drip_incomplete_head_asks_for_more_at_every_split() {
     for cut in 0..APISERVER_HEAD.len() {
         assert_eq!(parse(&APISERVER_HEAD[..cut]), Ok(None), "cut at {cut}");
     }
@@ -72,7 +72,7 @@ fn target_comes_from_request_line_not_host_header() {
 }
 
 #[test]
-fn growing_head_is_none_below_limit_then_head_too_large() {
+fn testplan_10_growing_head_is_none_below_limit_then_head_too_large() {
     let limits = HeadLimits {
         max_head_bytes: 1024,
         max_headers: 64,

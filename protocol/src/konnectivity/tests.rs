@@ -78,7 +78,7 @@ fn dial_response_error_round_trips_with_connect_id_zero() {
 }
 
 #[test]
-fn successful_dial_response_needs_a_connect_id() {
+fn testplan_10_malformed_frames_successful_dial_response_needs_a_connect_id() {
     // DIAL_RSP{random 42}, no error, connectID 0.
     let err = Packet::decode(&unhex("08011a02182a")[..]).unwrap_err();
     assert_eq!(err, DecodeError::ZeroConnectId);
@@ -104,20 +104,20 @@ fn type_payload_mismatch_is_refused() {
 }
 
 #[test]
-fn unknown_type_is_refused() {
+fn testplan_10_malformed_frames_unknown_type_is_refused() {
     let err = Packet::decode(&unhex("0863")[..]).unwrap_err();
     assert_eq!(err, DecodeError::UnknownType(99));
 }
 
 #[test]
-fn garbage_is_a_protobuf_error() {
+fn testplan_10_malformed_frames_garbage_is_a_protobuf_error() {
     // Field 2, length-delimited, claims 100 bytes, has 1.
     let err = Packet::decode(&unhex("126401")[..]).unwrap_err();
     assert!(matches!(err, DecodeError::Protobuf(_)), "{err:?}");
 }
 
 #[test]
-fn very_long_packet_is_refused_before_decoding() {
+fn testplan_10_malformed_frames_very_long_packet_is_refused_before_decoding() {
     let err = Packet::decode(&vec![0u8; MAX_PACKET + 1][..]).unwrap_err();
     assert_eq!(err, DecodeError::TooLarge(MAX_PACKET + 1));
 }

@@ -54,7 +54,7 @@ fn display_is_canonical() {
 }
 
 #[test]
-fn ipv4_mapped_ipv6_is_unwrapped_so_policy_sees_ipv4() {
+fn testplan_16_ipv4_mapped_ipv6_is_unwrapped_so_policy_sees_ipv4() {
     for s in [
         "[::ffff:127.0.0.1]:10250",
         "[::FFFF:7f00:1]:10250",
@@ -69,7 +69,7 @@ fn ipv4_mapped_ipv6_is_unwrapped_so_policy_sees_ipv4() {
 }
 
 #[test]
-fn odd_ipv4_spellings_are_rejected() {
+fn testplan_16_odd_ipv4_spellings_are_rejected() {
     for s in [
         "010.0.0.1:80",
         "10.0.0.01:80",

@@ -149,7 +149,7 @@ async fn check_half_close<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 #[tokio::test]
-async fn half_close_delivers_exactly_n_bytes_then_eof_and_the_reply_still_arrives() {
+async fn testplan_05_half_close_delivers_exactly_n_bytes_then_eof_and_the_reply_still_arrives() {
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
     let target = cluster.target(cluster.peer.addr.port());
     let tls = cluster.connect(&target).await.expect("CONNECT (mTLS)");

@@ -156,7 +156,8 @@ async fn half_open_link_is_found_within_ping_interval_times_misses_and_the_edge_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn same_node_replacement_while_half_open_takes_over_and_no_dial_reaches_the_old_session() {
+async fn testplan_03_same_node_replacement_while_half_open_takes_over_and_no_dial_reaches_the_old_session(
+) {
     // The edge notices the dead link quickly (200 ms × 3); the server would take 10 s, so the
     // new session arrives while the old one is still routed.
     let mut cluster = Cluster::start(ClusterOptions {

@@ -107,7 +107,7 @@ async fn curl_sees_the_reason_in_the_connect_status_line() {
 }
 
 #[tokio::test]
-async fn port_outside_server_policy_gets_403_without_reaching_the_edge() {
+async fn testplan_16_port_outside_server_policy_gets_403_without_reaching_the_edge() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
     let target = format!("{NODE_IP}:22");
     let answer = answer_to(&cluster, &target).await;
@@ -141,7 +141,7 @@ fn mentions(log: &str, target: &str) -> bool {
 }
 
 #[tokio::test]
-async fn port_refused_by_edge_allowlist_carries_the_edge_reason() {
+async fn testplan_16_port_refused_by_edge_allowlist_carries_the_edge_reason() {
     // A listening port the server's policy allows but the edge's allowlist does not: only
     // the edge stands between the cloud side and this port.
     let unlisted = EchoServer::start().await;
@@ -209,7 +209,7 @@ async fn non_connect_method_gets_405() {
 }
 
 #[tokio::test]
-async fn oversized_connect_head_gets_431() {
+async fn testplan_11_oversized_connect_head_gets_431() {
     const MAX_HEAD: usize = 4096;
     let cluster = Cluster::start(ClusterOptions {
         max_head_bytes: Some(MAX_HEAD),

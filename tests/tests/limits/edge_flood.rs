@@ -46,7 +46,7 @@ async fn silent_holder(
 }
 
 #[tokio::test]
-async fn edge_handshake_slots_held_by_silent_tcp_connections() {
+async fn testplan_11_edge_handshake_slots_held_by_silent_tcp_connections() {
     let pki = Pki::new();
     let server = ServerProc::start(
         &pki,

@@ -72,7 +72,7 @@ async fn renew(pki: &Pki, server: &RegistrationServer, dir: &Path) -> Credential
 }
 
 #[tokio::test]
-async fn registration_slot_exhaustion_by_idle_tls_connections() {
+async fn testplan_11_registration_slot_exhaustion_by_idle_tls_connections() {
     let pki = Pki::new();
     let server = RegistrationServer::start(
         &pki,
