@@ -13,10 +13,15 @@ async fn three_member_etcd_keeps_quorum_with_one_member_killed_and_recovers() {
     let mut cluster = EtcdCluster::start(etcd, 3).await;
     assert_eq!(cluster.endpoints().len(), 3);
     cluster.kill(0);
-    assert!(
-        cluster.healthy(1).await,
-        "two of three members keep a quorum"
-    );
+    // When the killed member led, the other two elect a new leader first (one election
+    // timeout, 1 s by default): healthy again within a few seconds, not at once.
+    tether_tests::poll_until(
+        "two of three members keep a quorum",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async { cluster.healthy(1).await.then_some(()) },
+    )
+    .await;
     cluster.kill(1);
     // etcd reports no leader once its election timeout (1 s) passes without a quorum.
     tether_tests::poll_until(
@@ -28,5 +33,11 @@ async fn three_member_etcd_keeps_quorum_with_one_member_killed_and_recovers() {
     .await;
     cluster.restart(0).await;
     cluster.restart(1).await;
-    assert!(cluster.healthy(2).await, "quorum back");
+    tether_tests::poll_until(
+        "quorum back",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || async { cluster.healthy(2).await.then_some(()) },
+    )
+    .await;
 }

@@ -263,6 +263,9 @@ impl Edge {
                 self.metrics.reconnects.inc();
             }
             let started = Instant::now();
+            // The certificate this attempt presents, read before it starts: a re-join that
+            // lands while the refusal is still under way then counts as a change.
+            let presented = RefusedCertificate::of(self.config.server.cert.as_deref());
             let span =
                 tracing::info_span!("session", node = %self.node(), server = %host, slot = index);
             let outcome = self
@@ -277,8 +280,8 @@ impl Edge {
                 Err(SessionError::Revoked { at, reason }) => {
                     let revoked_at = at.map(|at| tunnel_io::check::rfc3339(at as i64));
                     let message = crate::refusal::message(self.node(), at, &reason);
-                    error!(node = %self.node(), slot = index, revoked_at = revoked_at.as_deref(), retry_in = ?r.max, "{message}");
-                    refused = Some(RefusedCertificate::of(self.config.server.cert.as_deref()));
+                    error!(node = %self.node(), slot = index, revoked_at = revoked_at.as_deref(), retry_in_ms = r.max.as_millis() as u64, "{message}");
+                    refused = Some(presented);
                 }
             }
             if cancel.is_cancelled() {

@@ -13,9 +13,9 @@ use protocol::NodeName;
 use rcgen::PublicKeyData;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
+use tunnel_io::logging::JsonList;
 use tunnel_io::registration::pb::registration_server::Registration;
 use tunnel_io::registration::pb::{Credentials, JoinRequest, RenewRequest};
-use tunnel_io::logging::JsonList;
 use tunnel_io::registration::REFUSED;
 
 use super::config::RegistrationConfig;
