@@ -62,6 +62,22 @@ pub struct RegistrationServer {
 }
 
 impl RegistrationServer {
+    /// CONNECT through the mTLS frontend to `target` (`ip:port` or `node:port`) and echo
+    /// `message` once, as kube-apiserver reaching a node's kubelet would.
+    pub async fn echo_through(&self, pki: &Pki, target: &str, message: &[u8]) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream =
+            tunnel_server::client::connect_tls(self.connect_tcp, pki.frontend_client_tls(), target)
+                .await
+                .unwrap_or_else(|e| panic!("CONNECT to {target}: {e}"));
+        stream.write_all(message).await.expect("write");
+        let mut back = vec![0u8; message.len()];
+        crate::within("echo", Duration::from_secs(5), stream.read_exact(&mut back))
+            .await
+            .expect("read echo");
+        assert_eq!(back, message, "echo through {target}");
+    }
+
     /// Write the config, start the server, wait for its listeners.
     pub async fn start(pki: &Pki, options: &RegistrationOptions) -> RegistrationServer {
         let dir = tempfile::Builder::new()

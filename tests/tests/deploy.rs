@@ -10,8 +10,7 @@ use std::time::Duration;
 use tether_tests::process::ChildGuard;
 use tether_tests::registration::{JoinedEdge, RegistrationOptions, RegistrationServer};
 use tether_tests::targets::EchoServer;
-use tether_tests::{within, Pki};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether_tests::Pki;
 
 const NODE: &str = "idc-node-7";
 /// How long the edge may take to hold a session (reconnect backoff starts at 200 ms).
@@ -115,18 +114,7 @@ async fn joined_node_runs_from_the_shipped_unit_and_example_config() {
         .wait_log(&["edge session established", NODE], 1, UP)
         .await;
 
-    let mut stream = tunnel_server::client::connect_tls(
-        server.connect_tcp,
-        pki.frontend_client_tls(),
-        &format!("{NODE}:{port}"),
-    )
-    .await
-    .expect("CONNECT through the joined node");
-    let message = b"through the shipped unit";
-    stream.write_all(message).await.expect("write");
-    let mut back = vec![0u8; message.len()];
-    within("echo", Duration::from_secs(5), stream.read_exact(&mut back))
-        .await
-        .expect("read echo");
-    assert_eq!(&back, message);
+    server
+        .echo_through(&pki, &format!("{NODE}:{port}"), b"through the shipped unit")
+        .await;
 }

@@ -10,8 +10,7 @@ use serde_json::Value;
 use tether_tests::frontend::{admin_get, metric};
 use tether_tests::registration::{JoinedEdge, RegistrationOptions, RegistrationServer};
 use tether_tests::targets::EchoServer;
-use tether_tests::{binary, poll_until, within, Pki};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether_tests::{binary, poll_until, Pki};
 
 const UP: Duration = Duration::from_secs(15);
 
@@ -65,20 +64,6 @@ async fn two_edges(pki: &Pki) -> (RegistrationServer, [JoinedEdge; 2], EchoServe
     (server, edges, echo)
 }
 
-/// CONNECT through the mTLS frontend to `ip:port` and echo `message` once.
-async fn echo_through(pki: &Pki, server: &RegistrationServer, target: &str, message: &[u8]) {
-    let mut stream =
-        tunnel_server::client::connect_tls(server.connect_tcp, pki.frontend_client_tls(), target)
-            .await
-            .expect("CONNECT");
-    stream.write_all(message).await.expect("write");
-    let mut back = vec![0u8; message.len()];
-    within("echo", Duration::from_secs(5), stream.read_exact(&mut back))
-        .await
-        .expect("read echo");
-    assert_eq!(back, message);
-}
-
 fn is_rfc3339(value: &Value) -> bool {
     value
         .as_str()
@@ -98,13 +83,9 @@ async fn edges_and_node_list_show_the_fleet_from_the_admin_api() {
     let pki = Pki::new();
     let (server, _edges, echo) = two_edges(&pki).await;
     let admin = server.admin.to_string();
-    echo_through(
-        &pki,
-        &server,
-        &format!("192.0.2.10:{}", echo.addr.port()),
-        b"hello",
-    )
-    .await;
+    server
+        .echo_through(&pki, &format!("192.0.2.10:{}", echo.addr.port()), b"hello")
+        .await;
 
     // `edges -o json`: both edges, their IPs, real JSON types, bytes after the CONNECT.
     let listed = json(&operator(&["edges", "--admin", &admin, "-o", "json"]));
@@ -265,7 +246,7 @@ async fn a_revoked_edge_is_told_why_and_retries_only_at_max_backoff() {
         .wait_log(&["edge session established", "idc-a"], 1, UP)
         .await;
     let target = format!("192.0.2.10:{port}");
-    echo_through(&pki, &server, &target, b"before").await;
+    server.echo_through(&pki, &target, b"before").await;
 
     let said = server.admin(&["node", "revoke", "idc-a"]);
     let at = said
@@ -360,5 +341,5 @@ async fn a_revoked_edge_is_told_why_and_retries_only_at_max_backoff() {
     server
         .wait_log(&["edge session established", "idc-a"], 2, UP)
         .await;
-    echo_through(&pki, &server, &target, b"back").await;
+    server.echo_through(&pki, &target, b"back").await;
 }

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use tether_tests::registration::{JoinedEdge, RegistrationOptions, RegistrationServer};
 use tether_tests::targets::EchoServer;
-use tether_tests::{within, Pki};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether_tests::Pki;
 use tunnel_io::ca_pin::CaPin;
 use tunnel_server::pki::{self, Ca};
 
@@ -94,19 +93,9 @@ async fn join_with_the_printed_ca_pin_then_routes_a_session() {
     server
         .wait_log(&["edge session established", NODE], 1, UP)
         .await;
-    let mut stream = tunnel_server::client::connect_tls(
-        server.connect_tcp,
-        pki.frontend_client_tls(),
-        &format!("{NODE_IP}:{port}"),
-    )
-    .await
-    .expect("CONNECT through the pinned node");
-    stream.write_all(b"pinned").await.expect("write");
-    let mut back = [0u8; 6];
-    within("echo", Duration::from_secs(5), stream.read_exact(&mut back))
-        .await
-        .expect("echo");
-    assert_eq!(&back, b"pinned");
+    server
+        .echo_through(&pki, &format!("{NODE_IP}:{port}"), b"pinned")
+        .await;
 }
 
 #[tokio::test]

@@ -14,8 +14,7 @@ use sha2::Digest;
 use tether_tests::process::ChildGuard;
 use tether_tests::registration::{RegistrationOptions, RegistrationServer};
 use tether_tests::targets::EchoServer;
-use tether_tests::{within, Pki};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tether_tests::Pki;
 
 const NODE: &str = "idc-node-9";
 const NODE_IP: &str = "192.0.2.10";
@@ -217,20 +216,13 @@ async fn printed_command_installs_a_node_that_carries_a_connect_and_uninstalls_c
     server
         .wait_log(&["edge session established", NODE], 1, UP)
         .await;
-    let mut stream = tunnel_server::client::connect_tls(
-        server.connect_tcp,
-        pki.frontend_client_tls(),
-        &format!("{NODE_IP}:{port}"),
-    )
-    .await
-    .expect("CONNECT through the installed node");
-    let message = b"through the installed node";
-    stream.write_all(message).await.expect("write");
-    let mut back = vec![0u8; message.len()];
-    within("echo", Duration::from_secs(5), stream.read_exact(&mut back))
-        .await
-        .expect("read echo");
-    assert_eq!(&back, message);
+    server
+        .echo_through(
+            &pki,
+            &format!("{NODE_IP}:{port}"),
+            b"through the installed node",
+        )
+        .await;
 
     // Second run: nothing changes, and it says so (the user script is not run again).
     let installed = listing(&root);
