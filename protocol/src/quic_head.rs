@@ -256,7 +256,11 @@ mod tests {
                 assert_eq!(decode(&mut part), Ok(None), "cut at {cut}");
             }
             assert_eq!(decode(&mut buf), Ok(Some(head)));
-            assert_eq!(&buf[..], b"payload", "the stream's bytes are left untouched");
+            assert_eq!(
+                &buf[..],
+                b"payload",
+                "the stream's bytes are left untouched"
+            );
         }
     }
 

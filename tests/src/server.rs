@@ -330,6 +330,15 @@ filter = "info"
         !live.is_empty()
     }
 
+    /// The transport (`tcp`, `quic`) of `node`'s most recently established session.
+    pub fn edge_transport(&self, node: &str) -> Option<String> {
+        self.log_since_start()
+            .lines()
+            .filter(|l| l.contains(node) && l.contains(EDGE_ESTABLISHED))
+            .last()
+            .and_then(|l| log_field(l, "transport"))
+    }
+
     /// Wait until the running server holds a session of `node`'s edge.
     pub async fn wait_for_edge_session(&self, node: &str) {
         let what = format!("a live session of {node} on the server");

@@ -17,7 +17,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
-use crate::config::EdgeConfig;
+use crate::config::{EdgeConfig, Transport};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::Egress;
 use crate::refusal::{RefusedCertificate, SessionError};
@@ -42,6 +42,13 @@ pub struct Edge {
     /// Which replicas the sessions reach (the admin listener's readiness).
     replicas: Arc<Replicas>,
     metrics: Arc<EdgeMetrics>,
+    /// The QUIC transport (`None` with `transport = "tcp"`).
+    quic: Option<crate::quic::QuicClient>,
+    /// Name verified in the server certificate over QUIC (as `server_name` over TCP).
+    quic_server_name: String,
+    /// When `auto` last found QUIC unavailable: later sessions go straight to TCP for
+    /// `quic_retry_interval` (their background probe looks for QUIC meanwhile).
+    quic_failed: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Edge {
@@ -77,6 +84,10 @@ impl Edge {
         )?;
         let name = s.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = tunnel_io::tls::server_name(&name).map_err(anyhow::Error::msg)?;
+        let quic = match s.transport {
+            Transport::Tcp => None,
+            _ => Some(crate::quic::QuicClient::new(&config, &tls).map_err(anyhow::Error::msg)?),
+        };
         let leaf = tunnel_io::tls::load_certs(cert)?;
         let identity = tunnel_io::identity::edge_identity_from_der(leaf[0].as_ref())
             .with_context(|| format!("identity of {}", cert.display()))?;
@@ -103,6 +114,9 @@ impl Edge {
             egress,
             replicas: Arc::new(Replicas::new(&metrics)),
             metrics,
+            quic,
+            quic_server_name: name,
+            quic_failed: std::sync::Mutex::new(None),
             config,
         })
     }
@@ -120,6 +134,10 @@ impl Edge {
             key,
             &[tunnel_io::tls::ALPN_EDGE_SESSION],
         )?;
+        if let Some(quic) = &self.quic {
+            quic.reload(&self.config, &tls)
+                .map_err(anyhow::Error::msg)?;
+        }
         *self
             .upstream_connector
             .write()
@@ -155,9 +173,10 @@ impl Edge {
 
     /// Open the TLS connection that carries edge → cloud upstream streams (to the first
     /// server address, through the load balancer like the sessions).
-    pub async fn connect_upstream(
-        &self,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    pub async fn connect_upstream(&self) -> Result<Box<dyn tunnel_io::quic_bridge::Io>, String> {
+        if let Some(io) = self.quic.as_ref().and_then(|q| q.upstream_io(&self.config)) {
+            return Ok(io);
+        }
         let (host, port) = self.targets[0].clone();
         let limit = self
             .config
@@ -179,6 +198,7 @@ impl Edge {
             connector
                 .connect(self.server_name.clone(), tcp)
                 .await
+                .map(|tls| Box::new(tls) as Box<dyn tunnel_io::quic_bridge::Io>)
                 .map_err(|e| crate::wrong_port::describe(&host, port, &e))
         };
         tokio::time::timeout(limit, connect)
@@ -258,6 +278,8 @@ impl Edge {
         let (host, port) = self.targets[index % self.targets.len()].clone();
         // Set while the server refuses this node as revoked: attempts wait the maximum.
         let mut refused: Option<RefusedCertificate> = None;
+        // A QUIC connection the last session's probe found: the next session runs on it.
+        let mut pending: Option<quinn::Connection> = None;
         for attempt in 0u64.. {
             if attempt > 0 {
                 self.metrics.reconnects.inc();
@@ -269,7 +291,16 @@ impl Edge {
             let span =
                 tracing::info_span!("session", node = %self.node(), server = %host, slot = index);
             let outcome = self
-                .session(index, &host, port, &status, &replicas, &streams, &cancel)
+                .session(
+                    index,
+                    &host,
+                    port,
+                    &status,
+                    &replicas,
+                    &streams,
+                    &cancel,
+                    &mut pending,
+                )
                 .instrument(span)
                 .await;
             match outcome {
@@ -287,7 +318,9 @@ impl Edge {
             if cancel.is_cancelled() {
                 break;
             }
-            let delay = if refused.is_some() {
+            let delay = if pending.is_some() {
+                Duration::ZERO
+            } else if refused.is_some() {
                 r.max
             } else {
                 backoff.session_ended(started.elapsed(), r.stable_after);
@@ -323,33 +356,28 @@ impl Edge {
         replicas: &Replicas,
         streams: &TaskTracker,
         cancel: &CancellationToken,
+        pending: &mut Option<quinn::Connection>,
     ) -> Result<&'static str, SessionError> {
         let limit = self
             .config
             .server
             .connect_timeout
             .unwrap_or(Duration::from_secs(10));
+        let quic = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok("shutting down"),
+            quic = self.quic_session(host, port, limit, pending) => quic?,
+        };
+        let transport = if quic.is_some() { "quic" } else { "tcp" };
         let handshake = async {
-            let tcp = self
-                .egress
-                .dial(host, port)
-                .await
-                .map_err(|e| e.to_string())?;
-            tunnel_io::set_session_socket_options(&tcp);
-            let connector = self
-                .connector
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let tls = connector
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|e| crate::wrong_port::describe(host, port, &e))?;
-            crate::wrong_port::check_alpn(host, port, tls.get_ref().1.alpn_protocol())?;
+            let io: Box<dyn tunnel_io::quic_bridge::Io> = match &quic {
+                Some(conn) => crate::quic::session_io(conn.clone(), &self.config, limit),
+                None => Box::new(self.tcp_session(host, port).await?),
+            };
             self.config
                 .h2
                 .server_builder()
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(io)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))
         };
@@ -365,7 +393,20 @@ impl Edge {
         status.session_up();
         self.metrics.sessions_up.inc();
         self.metrics.sessions_established.inc();
-        info!("session established");
+        let by_transport = self
+            .metrics
+            .session_transport
+            .get_or_create(&crate::metrics::TransportLabels { transport })
+            .clone();
+        by_transport.inc();
+        if let (Some(client), Some(conn)) = (&self.quic, &quic) {
+            client.set_live(Some(conn.clone()));
+        }
+        info!(transport, "session established");
+        // On TCP under `auto`: look for QUIC in the background and move over when it is there.
+        let probe = self.quic_probe(host, port, quic.is_none());
+        tokio::pin!(probe);
+        let mut switch = None;
         let mut replica: Option<String> = None;
         // Not a child of `cancel`: SIGTERM must not end in-flight streams, only the grace
         // period (or the session's failure) does, below.
@@ -398,6 +439,11 @@ impl Edge {
                     });
                 }
                 reason = &mut keepalive => break Err(reason.into()),
+                conn = &mut probe => {
+                    info!("QUIC reachable again; moving the session over");
+                    switch = Some(conn);
+                    break Ok("moved to QUIC");
+                }
                 accepted = connection.accept() => match accepted {
                     Some(Ok((request, respond))) => {
                         if request.method() == Method::POST
@@ -431,6 +477,28 @@ impl Edge {
         if outcome.is_err() || cancel.is_cancelled() {
             session_cancel.cancel();
         }
+        if let Some(conn) = switch {
+            // The server retires this session once the QUIC one replaces it (GOAWAY); keep
+            // serving what is in flight here until then.
+            *pending = Some(conn);
+            connection.graceful_shutdown();
+            let (allow, metrics) = (self.allow.clone(), self.metrics.clone());
+            let (config, streams, session_cancel) =
+                (self.config.clone(), streams.clone(), session_cancel.clone());
+            streams.clone().spawn(async move {
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    let (allow, metrics, config) = (allow.clone(), metrics.clone(), config.clone());
+                    let cancel = session_cancel.clone();
+                    streams.spawn(async move {
+                        serve_stream(request, respond, &allow, &config, &metrics, &cancel).await;
+                    });
+                }
+            });
+        }
+        by_transport.dec();
+        if let (Some(client), Some(_)) = (&self.quic, &quic) {
+            client.set_live(None);
+        }
         if let Some(id) = &replica {
             replicas.release(id, index);
         }
@@ -441,6 +509,96 @@ impl Edge {
 }
 
 impl Edge {
+    /// TCP, TLS and the ALPN check of a TCP session (through the egress proxy if any).
+    async fn tcp_session(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+        let tcp = self
+            .egress
+            .dial(host, port)
+            .await
+            .map_err(|e| e.to_string())?;
+        tunnel_io::set_session_socket_options(&tcp);
+        let connector = self
+            .connector
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let tls = connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| crate::wrong_port::describe(host, port, &e))?;
+        crate::wrong_port::check_alpn(host, port, tls.get_ref().1.alpn_protocol())?;
+        Ok(tls)
+    }
+
+    /// The QUIC connection the next session runs on, or `None` for TCP: `quic` must
+    /// connect (within `limit`), `auto` tries within `quic_handshake_timeout` unless QUIC
+    /// failed within the last `quic_retry_interval`, and falls back at once.
+    async fn quic_session(
+        &self,
+        host: &str,
+        port: u16,
+        limit: Duration,
+        pending: &mut Option<quinn::Connection>,
+    ) -> Result<Option<quinn::Connection>, String> {
+        let Some(client) = &self.quic else {
+            return Ok(None);
+        };
+        if let Some(conn) = pending.take().filter(|c| c.close_reason().is_none()) {
+            return Ok(Some(conn));
+        }
+        let server = &self.config.server;
+        if server.transport == Transport::Quic {
+            let conn = client
+                .connect(host, port, &self.quic_server_name, limit)
+                .await?;
+            return Ok(Some(conn));
+        }
+        let failed = *self.quic_failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_some_and(|at| at.elapsed() < server.quic_retry_interval()) {
+            return Ok(None);
+        }
+        let bound = server.quic_handshake_timeout();
+        match client
+            .connect(host, port, &self.quic_server_name, bound)
+            .await
+        {
+            Ok(conn) => Ok(Some(conn)),
+            Err(reason) => {
+                warn!(reason, "QUIC unavailable; using TCP");
+                self.metrics.quic_fallbacks.inc();
+                *self.quic_failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                Ok(None)
+            }
+        }
+    }
+
+    /// Under `auto` on a TCP session (`on_tcp`): resolves with a QUIC connection once one
+    /// completes, trying every `quic_retry_interval`; otherwise never.
+    async fn quic_probe(&self, host: &str, port: u16, on_tcp: bool) -> quinn::Connection {
+        let server = &self.config.server;
+        let (Some(client), Transport::Auto, true) = (&self.quic, server.transport, on_tcp) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(server.quic_retry_interval()).await;
+            let bound = server.quic_handshake_timeout();
+            match client
+                .connect(host, port, &self.quic_server_name, bound)
+                .await
+            {
+                Ok(conn) => {
+                    *self.quic_failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    return conn;
+                }
+                Err(reason) => debug!(reason, "QUIC still unavailable"),
+            }
+        }
+    }
+
     /// Serve one tunneled stream on its own task, tracked for the drain.
     fn spawn_stream(
         &self,

@@ -117,10 +117,11 @@ async fn admit(
     Ok((client, slot))
 }
 
-/// A session connection: TLS with its control-frame rate limit.
-type SessionIo = ControlFrameLimit<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A session connection: TLS with its control-frame rate limit, or the in-memory end of a
+/// QUIC session's bridge (`super::quic`).
+pub(super) type SessionIo = Box<dyn tunnel_io::quic_bridge::Io>;
 
-type Handshaken = (
+pub(super) type Handshaken = (
     Arc<EdgeSession>,
     h2::client::Connection<SessionIo, Bytes>,
     PingPong,
@@ -141,6 +142,32 @@ enum Accepted {
     },
 }
 
+/// What an edge's client certificate says and how the registry stands on it.
+pub(super) struct Identified {
+    pub identity: tunnel_io::identity::EdgeIdentity,
+    /// When the node was revoked, if it was.
+    pub revoked_at: Option<u64>,
+    /// When the certificate was issued (Unix seconds).
+    pub issued: Option<u64>,
+    pub certificate: crate::session_certificate::SessionCertificate,
+}
+
+/// The identity checks every transport applies to the peer's certificate (`der`).
+pub(super) fn identify(shared: &Shared, der: &[u8]) -> Result<Identified, (&'static str, String)> {
+    let identity = crate::pki::edge_identity_from_der(der)
+        .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
+    let revoked_at = crate::revocation::revoked_certificate(shared, &identity.node, der);
+    let issued = crate::pki::issued_unix(der);
+    let certificate =
+        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der);
+    Ok(Identified {
+        identity,
+        revoked_at,
+        issued,
+        certificate,
+    })
+}
+
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -157,12 +184,12 @@ async fn handshake(
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or(("identity", "no client certificate".to_string()))?;
-    let identity = crate::pki::edge_identity_from_der(der.as_ref())
-        .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
-    let revoked_at = crate::revocation::revoked_certificate(shared, &identity.node, der.as_ref());
-    let issued = crate::pki::issued_unix(der.as_ref());
-    let certificate =
-        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der.as_ref());
+    let Identified {
+        identity,
+        revoked_at,
+        issued,
+        certificate,
+    } = identify(shared, der.as_ref())?;
     if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
         // No request goes from server to edge on an upstream connection: refuse it plainly.
         if let Some(at) = revoked_at {
@@ -179,7 +206,10 @@ async fn handshake(
             peer,
         });
     }
-    let limited = ControlFrameLimit::from_server(tls, shared.config.edge.control_frame_quota());
+    let limited: SessionIo = Box::new(ControlFrameLimit::from_server(
+        tls,
+        shared.config.edge.control_frame_quota(),
+    ));
     let (send_request, mut connection) = shared
         .config
         .h2
@@ -255,7 +285,7 @@ async fn handle_edge(
     let slots = (admission, source_slot);
     let handshaken =
         tokio::time::timeout_at(deadline, handshake(tcp, peer, acceptor, &shared)).await;
-    let (session, mut connection, ping_pong) = match handshaken {
+    let (session, connection, ping_pong) = match handshaken {
         Ok(Ok(Accepted::Session(h))) => *h,
         Ok(Ok(Accepted::Upstream {
             tls,
@@ -298,6 +328,33 @@ async fn handle_edge(
             return;
         }
     };
+    run_session(
+        session,
+        connection,
+        ping_pong,
+        shared,
+        stop,
+        (deadline, limit),
+        slots,
+        None,
+    )
+    .await;
+}
+
+/// Confirm, route and run an authenticated session until it ends, on either transport.
+/// `slots` (handshake permits) are held until the session is confirmed; `quic`, for a QUIC
+/// session, is told of a drain (its GOAWAY).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run_session<S>(
+    session: Arc<EdgeSession>,
+    mut connection: h2::client::Connection<SessionIo, Bytes>,
+    ping_pong: PingPong,
+    shared: Arc<Shared>,
+    stop: crate::server::Stop,
+    (deadline, limit): (tokio::time::Instant, std::time::Duration),
+    slots: S,
+    quic: Option<quinn::Connection>,
+) {
     tracing::Span::current().record("node", session.node.as_str());
     // Behind a PROXY-protocol balancer this is the edge's own address, not the balancer's.
     let peer = session.peer;
@@ -339,7 +396,7 @@ async fn handle_edge(
         .metrics
         .edges_connected
         .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?tunnel_io::logging::JsonList(&session.ips), %peer, "edge session established");
+    info!(target: "audit", event = "edge_connected", node = %session.node, transport = session.transport(), ips = ?tunnel_io::logging::JsonList(&session.ips), %peer, "edge session established");
 
     let announce = announce_changes(&session, &shared);
     tokio::pin!(announce);
@@ -364,6 +421,10 @@ async fn handle_edge(
                 // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
                 draining = true;
                 session.retire();
+                if let Some(quic) = &quic {
+                    let quic = quic.clone();
+                    tokio::spawn(async move { tunnel_io::quic_bridge::send_goaway(&quic).await });
+                }
                 shared.routes.deregister(&routed);
             }
             result = &mut connection => break match result {
@@ -383,5 +444,5 @@ async fn handle_edge(
         .metrics
         .edges_connected
         .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_disconnected", node = %session.node, %peer, reason = ended, "edge session ended");
+    info!(target: "audit", event = "edge_disconnected", node = %session.node, transport = session.transport(), %peer, reason = ended, "edge session ended");
 }
