@@ -22,6 +22,7 @@ use crate::Shared;
 mod listener;
 mod quic;
 mod refusal;
+mod run;
 pub use listener::serve_edges;
 pub use quic::{bind_quic, serve_quic_edges};
 

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use tether_tests::edge::Transport;
+use tether_tests::frontend::metric;
 use tether_tests::udp_relay::UdpRelay;
 use tether_tests::{poll_until, within, Cluster, ClusterOptions, NODE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,6 +79,12 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_to_quic_when_it_re
         echo_round(&mut held, round).await;
     }
     cluster.checked_exchange(2, 1 << 20).await;
+    let metrics = cluster.metrics().await;
+    assert_eq!(
+        metric(&metrics, "tether_edge_sessions{transport=\"quic\"}"),
+        Some(1.0),
+        "{metrics}"
+    );
     drop(held);
 
     // UDP dropped from now on: the QUIC session dies of silence and the next one is TCP,

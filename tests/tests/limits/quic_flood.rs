@@ -134,7 +134,10 @@ async fn testplan_14_quic_initial_flood_from_unvalidated_sources_gets_retry_and_
     assert_eq!(status, 200);
     let retries =
         metric(&body, "tether_edge_handshakes_total{result=\"quic_retry\"}").unwrap_or_default();
-    for line in body.lines().filter(|l| l.starts_with("tether_edge_handshakes_total")) {
+    for line in body
+        .lines()
+        .filter(|l| l.starts_with("tether_edge_handshakes_total"))
+    {
         println!("{line}");
     }
     println!(

@@ -1,6 +1,6 @@
 //! The edge listener: accepting an edge's connection (per-source and global handshake
 //! slots, the pre-TLS prelude), the TLS and HTTP/2 handshakes, the session-info confirm, and
-//! then running the routed session until it ends. A child of `session`, so it can reach the
+//! then handing the session to `run`. A child of `session`, so it can reach the
 //! session's private state; it owns nothing of the frontends.
 
 use std::net::SocketAddr;
@@ -13,12 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 use tunnel_io::control_frames::ControlFrameLimit;
 
-use super::{streams_done, EdgeSession};
+use super::EdgeSession;
 use crate::prelude::{Prelude, PreludeError};
-use crate::session_info::{announce_changes, announce_once};
 use crate::source_limit::{SourceLimit, SourceSlot};
 use crate::Shared;
 
@@ -328,7 +327,7 @@ async fn handle_edge(
             return;
         }
     };
-    run_session(
+    super::run::run_session(
         session,
         connection,
         ping_pong,
@@ -339,110 +338,4 @@ async fn handle_edge(
         None,
     )
     .await;
-}
-
-/// Confirm, route and run an authenticated session until it ends, on either transport.
-/// `slots` (handshake permits) are held until the session is confirmed; `quic`, for a QUIC
-/// session, is told of a drain (its GOAWAY).
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn run_session<S>(
-    session: Arc<EdgeSession>,
-    mut connection: h2::client::Connection<SessionIo, Bytes>,
-    ping_pong: PingPong,
-    shared: Arc<Shared>,
-    stop: crate::server::Stop,
-    (deadline, limit): (tokio::time::Instant, std::time::Duration),
-    slots: S,
-    quic: Option<quinn::Connection>,
-) {
-    tracing::Span::current().record("node", session.node.as_str());
-    // Behind a PROXY-protocol balancer this is the edge's own address, not the balancer's.
-    let peer = session.peer;
-    // The edge confirms before the session is routed: a duplicate session to this replica
-    // (another of the edge's sessions already holds it) is refused without disturbing it.
-    let confirm = announce_once(&session, &shared, shared.replica.count());
-    let confirmed = tokio::select! {
-        r = confirm => r,
-        r = &mut connection => Err(format!("session ended before confirming: {r:?}")),
-        _ = tokio::time::sleep_until(deadline) => Err(format!("edge did not confirm the session within {limit:?} of connecting")),
-        _ = stop.drain.cancelled() => Err("server draining".to_string()),
-    };
-    drop(slots);
-    if let Err(reason) = confirmed {
-        shared.metrics.handshake("unconfirmed");
-        info!(node = %session.node, %peer, reason, "edge session not established");
-        return;
-    }
-    let routed = Arc::new(crate::node_session::NodeSession::Tether(session.clone()));
-    let replaced = match shared.routes.register(routed.clone()) {
-        Ok(replaced) => replaced,
-        Err(conflict) => {
-            shared.metrics.handshake("conflict");
-            warn!(target: "audit", event = "edge_refused", %peer, node = %session.node, reason = %conflict, "edge session refused");
-            return;
-        }
-    };
-    if let Some(old) = replaced {
-        info!(old_peer = %old.peer(), old_kind = old.kind(), "new session replaces the node's previous one");
-        old.retire();
-    }
-    shared.metrics.handshake("ok");
-    // Counted while the session lives (replaced or not), dropped with this task.
-    let _expiry = session
-        .certificate()
-        .expires_unix
-        .map(|at| shared.metrics.edge_certificates.session(at as i64));
-    shared
-        .metrics
-        .edges_connected
-        .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_connected", node = %session.node, transport = session.transport(), ips = ?tunnel_io::logging::JsonList(&session.ips), %peer, "edge session established");
-
-    let announce = announce_changes(&session, &shared);
-    tokio::pin!(announce);
-    let edge = &shared.config.edge;
-    let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
-    tokio::pin!(keepalive);
-    // Also after the session was replaced: a retired session still draining is the node's too.
-    let revoked = crate::revocation::until_revoked(
-        shared.revocations.clone(),
-        session.node.clone(),
-        session.certificate_issued(),
-    );
-    tokio::pin!(revoked);
-    let mut draining = false;
-    let ended = loop {
-        tokio::select! {
-            biased;
-            _ = stop.hard.cancelled() => break "server shut down".to_string(),
-            _ = session.closed.cancelled() => break "session closed by the server".to_string(),
-            _ = &mut revoked => break "node revoked".to_string(),
-            _ = stop.drain.cancelled(), if !draining => {
-                // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
-                draining = true;
-                session.retire();
-                if let Some(quic) = &quic {
-                    let quic = quic.clone();
-                    tokio::spawn(async move { tunnel_io::quic_bridge::send_goaway(&quic).await });
-                }
-                shared.routes.deregister(&routed);
-            }
-            result = &mut connection => break match result {
-                Ok(()) => "session closed after its last stream".to_string(),
-                Err(e) => format!("session error: {e}"),
-            },
-            reason = &mut keepalive => break reason,
-            reason = &mut announce => break reason,
-            _ = streams_done(&session) => {
-                break "retired; its streams are done".to_string()
-            }
-        }
-    };
-    session.closed.cancel();
-    shared.routes.deregister(&routed);
-    shared
-        .metrics
-        .edges_connected
-        .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_disconnected", node = %session.node, transport = session.transport(), %peer, reason = ended, "edge session ended");
 }

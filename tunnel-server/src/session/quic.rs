@@ -36,7 +36,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 use tunnel_io::quic_bridge::{self, QuicTuning, CODE_DONE, DUPLEX_BUFFER};
 
-use super::listener::{identify, run_session, Identified, SessionIo};
+use super::listener::{identify, Identified, SessionIo};
+use super::run::run_session;
 use super::EdgeSession;
 use crate::source_limit::SourceLimit;
 use crate::Shared;
