@@ -338,8 +338,7 @@ filter = "info"
     pub fn edge_transport(&self, node: &str) -> Option<String> {
         self.log_since_start()
             .lines()
-            .filter(|l| l.contains(node) && l.contains(EDGE_ESTABLISHED))
-            .last()
+            .rfind(|l| l.contains(node) && l.contains(EDGE_ESTABLISHED))
             .and_then(|l| log_field(l, "transport"))
     }
 

@@ -101,3 +101,111 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_to_quic_when_it_re
     );
     cluster.checked_exchange(3, 1 << 20).await;
 }
+
+/// Set in the environment of the run inside the network namespace.
+const IN_NETNS: &str = "TETHER_TEST_IN_NETNS";
+/// The iptables rule that stands for a firewall dropping UDP.
+const DROP_UDP: [&str; 6] = ["INPUT", "-p", "udp", "-j", "DROP", "-w"];
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"))
+}
+
+/// Removes the namespace (and everything in it) when the test ends, however it ends.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "delete", &self.0]);
+    }
+}
+
+/// The real firewall case: server, edge and targets run in a network namespace of their own
+/// (this test binary again, inside `ip netns exec`) whose iptables drops every UDP packet.
+#[tokio::test]
+async fn udp_dropped_by_iptables_in_a_network_namespace_falls_back_and_quic_returns() {
+    if std::env::var_os(IN_NETNS).is_some() {
+        return;
+    }
+    let root = run("id", &["-u"]);
+    if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+        eprintln!("skipped: creating a network namespace needs root");
+        return;
+    }
+    let ns = Netns(format!("tether-udp-{}", std::process::id()));
+    let added = run("ip", &["netns", "add", &ns.0]);
+    assert!(added.status.success(), "ip netns add: {added:?}");
+    let lo = run(
+        "ip",
+        &["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"],
+    );
+    assert!(lo.status.success(), "lo up: {lo:?}");
+    let mut rule = vec!["netns", "exec", &ns.0, "iptables", "-A"];
+    rule.extend(DROP_UDP);
+    let dropped = run("ip", &rule);
+    assert!(dropped.status.success(), "iptables: {dropped:?}");
+    let exe = std::env::current_exe().expect("test binary");
+    let inner = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(exe)
+        .args([
+            "--exact",
+            "fallback::inside_the_namespace",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(IN_NETNS, "1")
+        .output()
+        .expect("run the test inside the namespace");
+    let out = String::from_utf8_lossy(&inner.stdout);
+    let err = String::from_utf8_lossy(&inner.stderr);
+    println!("{out}");
+    assert!(
+        inner.status.success() && out.contains("1 passed"),
+        "inside the namespace:\n{out}\n{err}"
+    );
+}
+
+/// Run by the test above inside its namespace, where iptables drops UDP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "runs inside a network namespace, started by udp_dropped_by_iptables_in_a_network_namespace_falls_back_and_quic_returns"]
+async fn inside_the_namespace() {
+    assert!(
+        std::env::var_os(IN_NETNS).is_some(),
+        "run only inside the namespace"
+    );
+    let mut tuning = Transport::Auto.tuning();
+    tuning.quic_retry_interval = Some(Duration::from_secs(1));
+    let started = Instant::now();
+    let mut cluster = Cluster::start(ClusterOptions {
+        edge: tuning,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let up = started.elapsed();
+    println!("UDP dropped by iptables: TCP session {up:?} after start");
+    assert_eq!(cluster.server.edge_transport(NODE).as_deref(), Some("tcp"));
+    assert!(cluster.edge.log().contains("QUIC unavailable; using TCP"));
+    assert!(up < BOUND + Duration::from_secs(5), "took {up:?}");
+    cluster.checked_exchange(1, 1 << 20).await;
+
+    let mut held = cluster
+        .connect(&cluster.target(cluster.echo.addr.port()))
+        .await
+        .expect("CONNECT to echo");
+    echo_round(&mut held, 1).await;
+    let mut delete = vec!["-D"];
+    delete.extend(DROP_UDP);
+    let removed = run("iptables", &delete);
+    assert!(removed.status.success(), "iptables -D: {removed:?}");
+    let opened = Instant::now();
+    wait_transport(&cluster, "quic", Duration::from_secs(10)).await;
+    println!("UDP let through: on QUIC after {:?}", opened.elapsed());
+    for round in 2..6 {
+        echo_round(&mut held, round).await;
+    }
+    cluster.checked_exchange(2, 1 << 20).await;
+}
