@@ -1,0 +1,172 @@
+//! Joins decided once for the whole fleet, and what happens to them when etcd fails.
+
+use std::time::Duration;
+
+use tether_tests::data::{exchange, PeerRequest};
+use tether_tests::registration::JoinedEdge;
+use tether_tests::targets::{ChecksumPeer, EchoServer};
+
+use crate::fixture::{Replicas, REFUSED};
+
+/// Bytes each way of the transfer that spans the etcd outage: 16 MiB, a few seconds
+/// through the tunnel on loopback in a debug build, longer than the kills take.
+const TRANSFER: u64 = 16 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one() {
+    let Some(r) = Replicas::start("single_use_token_race", 3, vec![10250]).await else {
+        return;
+    };
+    let token = r.servers[0].create_token(&["--usage-limit", "1"]);
+    let (ok, refused) = r.join_burst(&token, "race", 1, 20).await;
+    assert_eq!(
+        ok, 1,
+        "exactly one certificate for a single-use token: {refused:#?}"
+    );
+    assert_eq!(refused.len(), 19);
+    for output in &refused {
+        assert!(
+            output.contains(REFUSED),
+            "the generic refusal, not: {output}"
+        );
+    }
+    // A token created on another replica, limit 5: exactly 5 of 20.
+    let token = r.servers[2].create_token(&["--usage-limit", "5"]);
+    let (ok, refused) = r.join_burst(&token, "five", 2, 20).await;
+    assert_eq!(ok, 5, "a limit of 5 admits exactly 5: {refused:#?}");
+    assert!(refused.iter().all(|o| o.contains(REFUSED)), "{refused:#?}");
+    let listed = r.servers[1].admin(&["token", "list"]);
+    let used_up = listed.lines().filter(|l| l.contains("used-up")).count();
+    assert_eq!(
+        used_up, 2,
+        "both tokens listed as used up from etcd:\n{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_member_loss_keeps_joins_and_total_loss_fails_them_closed_but_not_tunnels() {
+    let echo = EchoServer::start().await;
+    let mut peer = ChecksumPeer::start().await;
+    let ports = vec![echo.addr.port(), peer.addr.port()];
+    let Some(mut r) = Replicas::start("etcd_faults", 1, ports.clone()).await else {
+        return;
+    };
+    let server = &r.servers[0];
+    let token = server.create_token(&[]);
+    let mut edge = JoinedEdge::new();
+    let (ok, output) = edge.join(&r.pki, server, &token, "fault-0", &["10.78.0.1"], &[]);
+    assert!(ok, "{output}");
+    edge.run(server, &ports, "info");
+    let target = format!("10.78.0.1:{}", echo.addr.port());
+    tether_tests::poll_until(
+        "the edge's session",
+        Duration::from_secs(15),
+        Duration::from_millis(50),
+        || async {
+            tunnel_server::client::connect_tls(
+                server.connect_tcp,
+                r.pki.frontend_client_tls(),
+                &target,
+            )
+            .await
+            .ok()
+            .map(|_| ())
+        },
+    )
+    .await;
+
+    // One member down: the other two keep a quorum (after an election if it led).
+    r.etcd.kill(0);
+    let joined = retry_join(&r, &token, "fault-1", "10.78.0.2", Duration::from_secs(10)).await;
+    assert!(joined.0, "join with one member down: {}", joined.1);
+
+    // Every member down while a checksummed transfer runs: it finishes intact; joins fail
+    // closed with the clear error; new CONNECTs to the connected edge still work.
+    let tunnel = tunnel_server::client::connect_tls(
+        r.servers[0].connect_tcp,
+        r.pki.frontend_client_tls(),
+        &format!("10.78.0.1:{}", peer.addr.port()),
+    )
+    .await
+    .expect("CONNECT to the checksum peer");
+    let request = PeerRequest {
+        seed: 14,
+        reply_len: TRANSFER,
+        reply_after_eof: false,
+    };
+    let transfer = tokio::spawn(exchange(tunnel, request, TRANSFER));
+    r.etcd.kill(1);
+    r.etcd.kill(2);
+    let server = &r.servers[0];
+    let started = std::time::Instant::now();
+    let (ok, output) =
+        JoinedEdge::new().join(&r.pki, server, &token, "fault-2", &["10.78.0.3"], &[]);
+    assert!(!ok, "a join without etcd must fail");
+    assert!(
+        output.contains("state store unavailable"),
+        "the clear error: {output}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "failed within the request timeout"
+    );
+    server
+        .echo_through(&r.pki, &target, b"etcd is down, the tunnel is not")
+        .await;
+    let _stream = tunnel_server::client::connect_tls(
+        server.connect_tcp,
+        r.pki.frontend_client_tls(),
+        &target,
+    )
+    .await
+    .expect("a new CONNECT to a connected edge with etcd down");
+    let client = tether_tests::within("the transfer", Duration::from_secs(60), transfer)
+        .await
+        .expect("transfer task")
+        .expect("transfer with etcd down");
+    let report = tether_tests::within(
+        "the peer's report",
+        Duration::from_secs(10),
+        peer.next_report(),
+    )
+    .await;
+    report.assert_matches(
+        "transfer across the etcd outage",
+        request,
+        TRANSFER,
+        &client,
+    );
+    assert!(
+        server.log_lines_with(&["join refused", "state_store_unavailable"]) >= 1,
+        "audited:\n{}",
+        server.log()
+    );
+
+    // Members back: joins work again without a restart of the replica.
+    r.etcd.restart_all(&[0, 1, 2]).await;
+    let joined = retry_join(&r, &token, "fault-3", "10.78.0.4", Duration::from_secs(20)).await;
+    assert!(joined.0, "join after etcd returned: {}", joined.1);
+}
+
+/// Join until it succeeds or `timeout` passes (an election may be under way).
+async fn retry_join(
+    r: &Replicas,
+    token: &str,
+    node: &str,
+    ip: &str,
+    timeout: Duration,
+) -> (bool, String) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let edge = JoinedEdge::new();
+        let (ok, output) = edge.join(&r.pki, &r.servers[0], token, node, &[ip], &[]);
+        if ok || std::time::Instant::now() >= deadline {
+            return (ok, output);
+        }
+        assert!(
+            output.contains("state store unavailable"),
+            "only unavailability may be retried: {output}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
