@@ -170,3 +170,41 @@ async fn retry_join(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csr_replayed_to_another_replica_is_refused() {
+    let Some(r) = Replicas::start("csr_replay_across_replicas", 3, vec![10250]).await else {
+        return;
+    };
+    // Uses left on the token: only the certified-key record in etcd can refuse the replay.
+    let token = r.servers[0].create_token(&["--usage-limit", "10"]);
+    let ip: std::net::IpAddr = "10.80.0.1".parse().expect("ip");
+    let (_, csr_der) = tunnel_edge::join::new_csr("replayed", &[ip]).expect("csr");
+    let request = tunnel_io::registration::pb::JoinRequest {
+        token,
+        node_name: "replayed".into(),
+        node_ips: vec![ip.to_string()],
+        csr_der,
+    };
+    let ca = r.pki.layout.ca_cert();
+    let call = |i: usize, request| {
+        let address = r.servers[i].registration.to_string();
+        let ca = ca.clone();
+        async move {
+            tunnel_edge::join::call_join(&address, "127.0.0.1", &ca, request)
+                .await
+                .expect("registration API reachable")
+        }
+    };
+    call(0, request.clone()).await.expect("the first join");
+    for i in [1, 2] {
+        let replayed = call(i, request.clone()).await.expect_err("a replay");
+        assert_eq!(replayed.message(), REFUSED, "replica {i}");
+        assert_eq!(
+            r.servers[i].log_lines_with(&["join refused", "reason=\"replay\""]),
+            1,
+            "replica {i} refused it as a replay:\n{}",
+            r.servers[i].log()
+        );
+    }
+}
