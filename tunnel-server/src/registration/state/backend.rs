@@ -17,6 +17,8 @@ use super::sessions::LiveSession;
 use crate::registration::RegistrationConfig;
 
 /// The control state, in one of its backends.
+// One per process, behind an `Arc`: the size of the etcd client costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum StateStore {
     /// Files beside the token file: one replica.
     File(FileState),
