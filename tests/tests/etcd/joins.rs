@@ -146,6 +146,43 @@ async fn etcd_member_loss_keeps_joins_and_total_loss_fails_them_closed_but_not_t
     r.etcd.restart_all(&[0, 1, 2]).await;
     let joined = retry_join(&r, &token, "fault-3", "10.78.0.4", Duration::from_secs(20)).await;
     assert!(joined.0, "join after etcd returned: {}", joined.1);
+    store_metrics_pass_promtool(&r).await;
+}
+
+/// The store's families after an outage: latency and errors by operation, watch lag and last
+/// sync, all passing `promtool check metrics`.
+async fn store_metrics_pass_promtool(r: &Replicas) {
+    let admin = r.servers[0].admin;
+    // The watch resyncs within its retry pause once etcd is back.
+    let text = tether_tests::poll_until(
+        "a sync after etcd returned",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || async move {
+            let (_, text) = tether_tests::frontend::admin_get(admin, "/metrics")
+                .await
+                .ok()?;
+            let synced = text.lines().any(|l| {
+                l.starts_with("tether_state_last_sync_timestamp_seconds ") && !l.ends_with(" 0")
+            });
+            synced.then_some(text)
+        },
+    )
+    .await;
+    for needle in [
+        "tether_state_operation_duration_seconds_count{op=\"join\"}",
+        "tether_state_operation_errors_total{op=\"token_get\"}",
+        "tether_state_operation_errors_total{op=\"watch\"}",
+        "tether_state_watch_lag_seconds ",
+    ] {
+        assert!(text.contains(needle), "{needle} in /metrics:\n{text}");
+    }
+    let Some(promtool) = tether_tests::monitoring::promtool() else {
+        return;
+    };
+    let (ok, report) =
+        tether_tests::monitoring::run(&promtool, &["check", "metrics"], Some(&text)).await;
+    assert!(ok, "promtool check metrics:\n{report}");
 }
 
 /// Join until it succeeds or `timeout` passes (an election may be under way).
