@@ -1,9 +1,11 @@
 //! Three replicas on one etcd: each a `tunnel-server` with `[state] backend = "etcd"` and its
 //! own `[replica] id`, all with the same CA, so a node joined on one is known to all.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tether_tests::etcd::{binary_or_skip, EtcdCluster};
+use tether_tests::haproxy::{Backend, Haproxy};
 use tether_tests::registration::{JoinedEdge, RegistrationOptions, RegistrationServer};
 use tether_tests::Pki;
 
@@ -45,10 +47,26 @@ impl Replicas {
         Some(Replicas { servers, pki, etcd })
     }
 
-    /// `n` concurrent `tunnel-edge join`s with `token`, spread over the replicas; node `i`
+    /// haproxy (round robin, TCP) in front of the replicas' registration listeners, as the
+    /// load balancer's port 443 is in production; `None` when haproxy is not installed.
+    pub async fn balancer(&self, test: &str) -> Option<Haproxy> {
+        let binary = tether_tests::haproxy::binary_or_skip(test)?;
+        let backends: Vec<Backend> = self
+            .servers
+            .iter()
+            .map(|s| Backend {
+                addr: s.registration,
+                admin: s.admin,
+            })
+            .collect();
+        Some(Haproxy::start(binary, &backends, false).await)
+    }
+
+    /// `n` concurrent `tunnel-edge join`s with `token` to `address` (the balancer); node `i`
     /// is `<prefix>-i` with IP 10.77.<k>.i. Returns (successes, the refusals' outputs).
     pub async fn join_burst(
         &self,
+        address: SocketAddr,
         token: &str,
         prefix: &str,
         k: u8,
@@ -56,8 +74,7 @@ impl Replicas {
     ) -> (usize, Vec<String>) {
         let mut tasks = Vec::new();
         for i in 0..n {
-            let server = &self.servers[i % self.servers.len()];
-            let (registration, ca) = (server.registration, self.pki.layout.ca_cert());
+            let (registration, ca) = (address, self.pki.layout.ca_cert());
             let token = token.to_owned();
             let node = format!("{prefix}-{i}");
             let ip = format!("10.77.{k}.{}", i + 1);

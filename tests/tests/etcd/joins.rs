@@ -17,8 +17,11 @@ async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one()
     let Some(r) = Replicas::start("single_use_token_race", 3, vec![10250]).await else {
         return;
     };
+    let Some(balancer) = r.balancer("single_use_token_race").await else {
+        return;
+    };
     let token = r.servers[0].create_token(&["--usage-limit", "1"]);
-    let (ok, refused) = r.join_burst(&token, "race", 1, 20).await;
+    let (ok, refused) = r.join_burst(balancer.addr, &token, "race", 1, 20).await;
     assert_eq!(
         ok, 1,
         "exactly one certificate for a single-use token: {refused:#?}"
@@ -32,7 +35,7 @@ async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one()
     }
     // A token created on another replica, limit 5: exactly 5 of 20.
     let token = r.servers[2].create_token(&["--usage-limit", "5"]);
-    let (ok, refused) = r.join_burst(&token, "five", 2, 20).await;
+    let (ok, refused) = r.join_burst(balancer.addr, &token, "five", 2, 20).await;
     assert_eq!(ok, 5, "a limit of 5 admits exactly 5: {refused:#?}");
     assert!(refused.iter().all(|o| o.contains(REFUSED)), "{refused:#?}");
     let listed = r.servers[1].admin(&["token", "list"]);
