@@ -6,5 +6,6 @@
 //! two cores shared with the other end-to-end tests.
 
 mod fixture;
+mod import;
 mod joins;
 mod revocation;
