@@ -118,3 +118,64 @@ async fn node_revoke_on_one_replica_closes_sessions_on_all_3_within_2s_and_a_new
     );
     assert!(ok, "re-admitted with a new token: {output}");
 }
+
+/// The rows `tunnel-server edges --config` reads from etcd, as (node, replica).
+fn fleet(config_of: &tether_tests::registration::RegistrationServer) -> Vec<(String, String)> {
+    let out = config_of.admin(&["edges", "-o", "json"]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    rows.iter()
+        .map(|row| {
+            let field = |k: &str| row[k].as_str().unwrap_or_default().to_owned();
+            (field("node"), field("replica"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_sessions_vanish_from_the_fleet_view_with_its_lease() {
+    let Some(r) = Replicas::start("dead_replica_sessions_vanish", 2, vec![10250]).await else {
+        return;
+    };
+    let token = r.servers[0].create_token(&[]);
+    let mut edges = Vec::new();
+    for (i, server) in r.servers.iter().enumerate() {
+        let mut edge = JoinedEdge::new();
+        let node = format!("lease-{i}");
+        let ip = format!("10.82.0.{}", i + 1);
+        let (ok, output) = edge.join(&r.pki, server, &token, &node, &[&ip], &[]);
+        assert!(ok, "{output}");
+        edge.run(server, &[10250], "info");
+        edges.push(edge);
+    }
+    let both = vec![
+        ("lease-0".to_string(), "replica-0".to_string()),
+        ("lease-1".to_string(), "replica-1".to_string()),
+    ];
+    tether_tests::poll_until(
+        "both sessions in etcd",
+        Duration::from_secs(15),
+        Duration::from_millis(200),
+        || {
+            let rows = fleet(&r.servers[0]);
+            std::future::ready((rows == both).then_some(()))
+        },
+    )
+    .await;
+    // SIGKILL: no clean shutdown, no lease revocation; etcd expires the lease (3 s here).
+    r.servers[1].signal("KILL");
+    let killed = Instant::now();
+    tether_tests::poll_until(
+        "the dead replica's session gone",
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        || {
+            let rows = fleet(&r.servers[0]);
+            std::future::ready((rows == both[..1]).then_some(()))
+        },
+    )
+    .await;
+    eprintln!(
+        "a dead replica's sessions left the fleet view after {:?}",
+        killed.elapsed()
+    );
+}
