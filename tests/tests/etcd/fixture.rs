@@ -22,6 +22,16 @@ pub struct Replicas {
 impl Replicas {
     /// `None` when etcd is not installed (the test is skipped).
     pub async fn start(test: &str, replicas: usize, allowed_ports: Vec<u16>) -> Option<Replicas> {
+        Replicas::start_with(test, replicas, allowed_ports, "1h").await
+    }
+
+    /// [`Replicas::start`] issuing certificates for `cert_lifetime` (a humantime string).
+    pub async fn start_with(
+        test: &str,
+        replicas: usize,
+        allowed_ports: Vec<u16>,
+        cert_lifetime: &'static str,
+    ) -> Option<Replicas> {
         let binary = binary_or_skip(test)?;
         let etcd = EtcdCluster::start(binary, 3).await;
         let pki = Pki::new();
@@ -35,6 +45,7 @@ impl Replicas {
         for i in 0..replicas {
             let options = RegistrationOptions {
                 allowed_ports: allowed_ports.clone(),
+                cert_lifetime,
                 // `[state]` and `[replica]` after the `[registration]` keys; TOML allows
                 // `[registration.rate]` to follow them.
                 registration_extra: format!(

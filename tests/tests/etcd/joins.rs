@@ -248,3 +248,61 @@ async fn csr_replayed_to_another_replica_is_refused() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_through_one_replica_makes_the_new_certificate_current_on_the_others() {
+    let echo = EchoServer::start().await;
+    let port = echo.addr.port();
+    let Some(r) = Replicas::start_with("renewal_across_replicas", 2, vec![port], "6s").await else {
+        return;
+    };
+    let token = r.servers[0].create_token(&[]);
+    let mut edge = JoinedEdge::new();
+    let (ok, output) = edge.join(
+        &r.pki,
+        &r.servers[0],
+        &token,
+        "renew-a",
+        &["10.83.0.1"],
+        &[],
+    );
+    assert!(ok, "{output}");
+    // The edge renews through replica 0 (where it joined) and holds its session on replica 1.
+    edge.run(&r.servers[1], &[port], "info");
+    r.servers[0]
+        .wait_log(
+            &["node certificate renewed", "renew-a"],
+            1,
+            Duration::from_secs(20),
+        )
+        .await;
+    // Replica 1 learnt the new current certificate through the watch: its node list (the
+    // identity view its edge listener checks) names the renewed serial.
+    let target = format!("10.83.0.1:{port}");
+    let admin = r.servers[1].admin.to_string();
+    let state = edge.state.clone();
+    tether_tests::poll_until(
+        "replica 1 sees the renewed certificate as current",
+        Duration::from_secs(10),
+        Duration::from_millis(100),
+        || {
+            let (admin, state) = (admin.clone(), state.clone());
+            async move {
+                let renewed = std::fs::read_to_string(state.join("cert.pem")).ok()?;
+                let renewed = tunnel_server::pki::certificate_facts_pem(&renewed)?.serial;
+                let nodes = tunnel_server::fleet::get::<tunnel_server::admin_api::NodesResponse>(
+                    &admin,
+                    tunnel_server::admin_api::NODES_PATH,
+                )
+                .await
+                .ok()?;
+                let current = nodes.nodes.into_iter().find(|n| n.node == "renew-a")?;
+                (current.certificate_serial.as_deref() == Some(renewed.as_str())).then_some(())
+            }
+        },
+    )
+    .await;
+    r.servers[1]
+        .echo_through(&r.pki, &target, b"renewed elsewhere")
+        .await;
+}
