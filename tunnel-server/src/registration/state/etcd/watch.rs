@@ -90,8 +90,8 @@ impl EtcdState {
                     synced = Some(resume);
                     true
                 }
+                // Counted by the failed operation itself (`sync` or `watch`).
                 Err(error) => {
-                    self.metrics().watch_error();
                     warn!(%error, "etcd unreachable; handshakes use the last state seen");
                     true
                 }
@@ -201,8 +201,12 @@ impl EtcdState {
             let message = match tokio::time::timeout_at(deadline, stream.message()).await {
                 Err(_) => return Ok(None),
                 Ok(Ok(Some(message))) => message,
-                Ok(Ok(None)) => return Ok(Some(state)),
+                Ok(Ok(None)) => {
+                    self.metrics().watch_error();
+                    return Ok(Some(state));
+                }
                 Ok(Err(error)) => {
+                    self.metrics().watch_error();
                     warn!(%error, "etcd watch broke; resuming from the last revision");
                     return Ok(Some(state));
                 }
