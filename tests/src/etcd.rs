@@ -131,6 +131,17 @@ impl EtcdCluster {
         self.wait_healthy(i).await;
     }
 
+    /// Start every member in `members` again, then wait until each is healthy: members
+    /// restarted one at a time would wait for a quorum that only the others bring.
+    pub async fn restart_all(&mut self, members: &[usize]) {
+        for &i in members {
+            self.spawn(i);
+        }
+        for &i in members {
+            self.wait_healthy(i).await;
+        }
+    }
+
     /// Whether member `i` answers `/health` with `"health":"true"` (it has a leader).
     pub async fn healthy(&self, i: usize) -> bool {
         let port = self.members[i].client_port;

@@ -305,13 +305,35 @@ impl JoinedEdge {
     ) -> (bool, String) {
         let ca = pki.layout.ca_cert();
         self.join_trusting(
-            server,
+            server.registration,
             token,
             node,
             ips,
             &["--ca".as_ref(), ca.as_os_str()],
             extra,
             env,
+        )
+    }
+
+    /// [`JoinedEdge::join`] to the registration API at `registration` trusting `ca`, without
+    /// borrowing a server (for joins run on other threads).
+    pub fn join_at(
+        &self,
+        registration: SocketAddr,
+        ca: &Path,
+        token: &str,
+        node: &str,
+        ips: &[&str],
+        extra: &[&str],
+    ) -> (bool, String) {
+        self.join_trusting(
+            registration,
+            token,
+            node,
+            ips,
+            &["--ca".as_ref(), ca.as_os_str()],
+            extra,
+            &[],
         )
     }
 
@@ -326,7 +348,7 @@ impl JoinedEdge {
         pin: &str,
     ) -> (bool, String) {
         self.join_trusting(
-            server,
+            server.registration,
             token,
             node,
             ips,
@@ -339,7 +361,7 @@ impl JoinedEdge {
     #[allow(clippy::too_many_arguments)]
     fn join_trusting(
         &self,
-        server: &RegistrationServer,
+        registration: SocketAddr,
         token: &str,
         node: &str,
         ips: &[&str],
@@ -353,7 +375,7 @@ impl JoinedEdge {
         command
             .arg("join")
             .arg("--server")
-            .arg(format!("https://{}", server.registration))
+            .arg(format!("https://{registration}"))
             .arg("--server-name")
             .arg("127.0.0.1")
             .args(trust)

@@ -38,6 +38,10 @@ pub struct EdgesArgs {
     /// which replica holds each edge.
     #[arg(long = "admin", value_name = "ADDR", default_value = DEFAULT_ADMIN)]
     pub admin: Vec<String>,
+    /// Instead of admin APIs: the server config of a replica using `[state] backend =
+    /// "etcd"`; the whole fleet's sessions are read from etcd.
+    #[arg(long, short, conflicts_with = "admin")]
+    pub config: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -147,7 +151,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, FleetError> {
         .map_err(|e| FleetError::Output(e.to_string()))
 }
 
-fn print_json(value: &impl Serialize) -> Result<(), FleetError> {
+pub(crate) fn print_json(value: &impl Serialize) -> Result<(), FleetError> {
     let text =
         serde_json::to_string_pretty(value).map_err(|e| FleetError::Output(e.to_string()))?;
     println!("{text}");
@@ -301,7 +305,7 @@ fn nodes_table(response: &NodesResponse) -> String {
 }
 
 /// Left-aligned columns two spaces apart, a header line first.
-fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -42,6 +42,9 @@ enum Command {
     /// List the edge sessions of one or more running replicas (their admin API): node, IPs,
     /// replica, since, streams, bytes each way, transport, certificate serial and expiry.
     Edges(tunnel_server::fleet::EdgesArgs),
+    /// The shared control state: `import` copies a file store into etcd.
+    #[command(subcommand)]
+    State(tunnel_server::registration::cli_state::StateCommand),
     /// Start a server, an edge named `demo-node` and a demo kubelet on loopback, make one
     /// request through the tunnel, print ready-to-paste curl commands, run until Ctrl-C.
     Demo {
@@ -173,7 +176,13 @@ fn main() -> anyhow::Result<()> {
         Command::Ca(ca) => run_ca(ca),
         Command::Token(t) => tunnel_server::registration::cli::run_token(t),
         Command::Node(n) => tunnel_server::registration::cli::run_node(n),
-        Command::Edges(args) => Ok(tunnel_server::fleet::run_edges(args)?),
+        Command::Edges(args) => match args.config.clone() {
+            Some(config) => {
+                tunnel_server::registration::cli_state::run_edges_from_store(&config, args.output)
+            }
+            None => Ok(tunnel_server::fleet::run_edges(args)?),
+        },
+        Command::State(s) => tunnel_server::registration::cli_state::run_state(s),
         Command::Demo { dir, once } => {
             tunnel_io::logging::init(LogFormat::Text, "warn");
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -5,6 +5,7 @@ pub mod edge_certificates;
 mod guards;
 mod process;
 pub mod registration;
+pub mod state;
 pub mod upstream;
 
 /// The exposition formats, shared with the edge's admin endpoint.
@@ -135,6 +136,8 @@ pub struct Metrics {
     pub stream_duration: Family<FrontendLabels, Histogram>,
     /// Registration API calls: issued, refused, lockouts.
     pub registration: registration::RegistrationMetrics,
+    /// The shared control state (etcd backend): operations, watch lag, last sync.
+    pub state: std::sync::Arc<state::StateMetrics>,
     /// Edge → cloud upstream streams and bytes.
     pub upstream: upstream::UpstreamMetrics,
     /// Certificate expiry of the connected edges.
@@ -257,6 +260,7 @@ impl Default for Metrics {
             stream_duration.clone(),
         );
         let registration = registration::RegistrationMetrics::register(&mut registry);
+        let state = std::sync::Arc::new(state::StateMetrics::register(&mut registry));
         let upstream = upstream::UpstreamMetrics::register(&mut registry);
         let edge_certificates = edge_certificates::EdgeCertificates::register(&mut registry);
         let process_open_fds = Gauge::default();
@@ -283,6 +287,7 @@ impl Default for Metrics {
             registry,
             stream_duration,
             registration,
+            state,
             upstream,
             edge_certificates,
             certificate_expiry,

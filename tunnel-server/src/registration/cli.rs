@@ -1,6 +1,7 @@
 //! `tunnel-server token create|list|revoke` and `tunnel-server node revoke`: the operator's
 //! side of the token and revocation files. The files are found through the server config's
-//! `[registration]` section (`--config`) or named directly (`--file`).
+//! `[registration]` section (`--config`) or named directly (`--file`); with `[state] backend =
+//! "etcd"` in that config they go to etcd instead ([`super::cli_state`]).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
+use super::cli_state::{etcd_store, runtime};
 use crate::config::ServerConfig;
 use crate::registration::state::{self as tokens, NodePool, DEFAULT_TOKEN_TTL};
 
@@ -179,7 +181,6 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let path = token_file(&files)?;
             let mut label_map = BTreeMap::new();
             for label in labels {
                 let (k, v) = label
@@ -202,26 +203,44 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             } else {
                 ttl
             };
-            let (token, record) = tokens::create(
-                &path,
+            let spec = tokens::TokenSpec {
                 pool,
                 ttl,
                 usage_limit,
                 node_name_pattern,
                 description,
-                reprovision
+                reprovision: reprovision
                     .iter()
                     .map(|n| {
                         protocol::NodeName::parse(n)
                             .map_err(|e| anyhow::anyhow!("--reprovision {n:?}: {e}"))
                     })
                     .collect::<anyhow::Result<_>>()?,
-            )?;
+            };
+            let rt = runtime()?;
+            let (token, record, place) = match etcd_store(&rt, files.config.as_ref())? {
+                Some((state, _)) => {
+                    let (token, record) = rt.block_on(state.create_token(&spec))?;
+                    (token, record, "etcd".to_owned())
+                }
+                None => {
+                    let path = token_file(&files)?;
+                    let (token, record) = tokens::create(
+                        &path,
+                        spec.pool,
+                        spec.ttl,
+                        spec.usage_limit,
+                        spec.node_name_pattern,
+                        spec.description,
+                        spec.reprovision,
+                    )?;
+                    (token, record, path.display().to_string())
+                }
+            };
             eprintln!(
-                "token {} for pool {:?} in {} (expires at {})",
+                "token {} for pool {:?} in {place} (expires at {})",
                 record.id,
                 record.pool.name,
-                path.display(),
                 rfc3339(record.expires_unix)
             );
             // The one place a secret is printed: stdout, for the operator to hand to the node.
@@ -234,12 +253,16 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCommand::List { files } => {
-            let path = token_file(&files)?;
+            let rt = runtime()?;
+            let listed = match etcd_store(&rt, files.config.as_ref())? {
+                Some((state, _)) => rt.block_on(state.list_tokens())?,
+                None => tokens::list(&token_file(&files)?)?,
+            };
             let now = tokens::unix_now();
             println!(
                 "ID      POOL            USES  LIMIT  EXPIRES               STATE    PATTERN  NETWORKS"
             );
-            for (r, uses) in tokens::list(&path)? {
+            for (r, uses) in listed {
                 let state = if r.revoked {
                     "revoked"
                 } else if now >= r.expires_unix {
@@ -275,8 +298,11 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
         TokenCommand::Revoke { files, id } => {
-            let path = token_file(&files)?;
-            tokens::revoke(&path, &id)?;
+            let rt = runtime()?;
+            match etcd_store(&rt, files.config.as_ref())? {
+                Some((state, _)) => rt.block_on(state.revoke_token(&id))?,
+                None => tokens::revoke(&token_file(&files)?, &id)?,
+            }
             println!("token {id} revoked");
             Ok(())
         }
@@ -290,12 +316,19 @@ pub fn run_node(command: NodeCommand) -> anyhow::Result<()> {
         NodeCommand::Revoke { files, name } => {
             let node = protocol::NodeName::parse(&name)
                 .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?;
-            let path = revocation_file(&files)?;
-            let at = crate::revocation::revoke_node(&path, &node)?;
+            let rt = runtime()?;
+            let (at, place) = match etcd_store(&rt, files.config.as_ref())? {
+                // Every replica watches etcd: its sessions close within milliseconds.
+                Some((state, _)) => (rt.block_on(state.revoke_node(&node))?, "etcd".to_owned()),
+                None => {
+                    let path = revocation_file(&files)?;
+                    let at = crate::revocation::revoke_node(&path, &node)?;
+                    (at, path.display().to_string())
+                }
+            };
             println!(
-                "node {node} revoked at {} ({}); servers close its sessions within {:?}",
+                "node {node} revoked at {} ({place}); servers close its sessions within {:?}",
                 rfc3339(at),
-                path.display(),
                 crate::revocation::POLL_INTERVAL * 2
             );
             Ok(())

@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod chain;
 pub mod cli;
+pub mod cli_state;
 pub mod config;
 pub mod join_command;
 pub mod limits;
@@ -100,7 +101,7 @@ pub async fn bind(
         .with_context(|| format!("registration certificate {}", cert.display()))?;
     tls.alpn_protocols = vec![ALPN_REGISTRATION.to_vec()];
     tls.send_tls13_tickets = 0;
-    let state = Arc::new(state::StateStore::open(config, state_config)?);
+    let state = Arc::new(state::StateStore::open(config, state_config).await?);
     let api = service::RegistrationApi::load(config, state.clone())?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -124,6 +125,7 @@ pub fn spawn(registration: Registration, shared: Arc<Shared>, stop: Stop, tracke
     // Not in `tracker`: the watcher is no tunnel work a drain waits for. It keeps applying
     // revocations during the drain and stops with everything else on `stop.hard`.
     let state = registration.state.clone();
+    state.count_in(&shared.metrics.state);
     let (watched, cancel) = (shared.clone(), stop.hard.clone());
     tokio::spawn(async move { state.watch_revocations(watched, cancel).await });
     let (handoff, mut incoming) = mpsc::channel::<io::Result<RegistrationConn>>(HANDOFF_QUEUE);

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{Backend, StateConfig};
 use super::decision::{Declined, IssueFn, Issued, JoinClaim, Joined, RenewClaim, StateError};
+use super::etcd::EtcdState;
 use super::file::FileState;
 use super::identities::IdentityStore;
 use super::revocation::RevocationList;
@@ -16,24 +17,32 @@ use super::sessions::LiveSession;
 use crate::registration::RegistrationConfig;
 
 /// The control state, in one of its backends.
+// One per process, behind an `Arc`: the size of the etcd client costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum StateStore {
     /// Files beside the token file: one replica.
     File(FileState),
+    /// An etcd cluster: any number of replicas.
+    Etcd(EtcdState),
 }
 
 impl StateStore {
     /// Open the backend `state` names, for the registration section `registration`.
-    pub fn open(
+    /// The etcd backend does not wait for etcd: a replica starts while it is down.
+    pub async fn open(
         registration: &RegistrationConfig,
         state: &StateConfig,
     ) -> Result<StateStore, StateError> {
         match state.backend {
             Backend::File => Ok(StateStore::File(FileState::open(registration)?)),
-            // Fail closed at startup rather than run replicas that each decide alone.
-            Backend::Etcd => Err(StateError::Unavailable(
-                "key `state.backend`: the etcd backend is not part of this build yet; use \"file\""
-                    .into(),
-            )),
+            Backend::Etcd => Ok(StateStore::Etcd(EtcdState::open(state).await?)),
+        }
+    }
+
+    /// Count store operations in the server's metrics (the etcd backend's).
+    pub fn count_in(&self, metrics: &Arc<crate::metrics::state::StateMetrics>) {
+        if let StateStore::Etcd(e) = self {
+            e.count_in(metrics);
         }
     }
 
@@ -42,6 +51,7 @@ impl StateStore {
     pub fn revocations(&self) -> Arc<RevocationList> {
         match self {
             StateStore::File(f) => f.revocations(),
+            StateStore::Etcd(e) => e.revocations(),
         }
     }
 
@@ -49,6 +59,7 @@ impl StateStore {
     pub fn identities(&self) -> Arc<dyn IdentityStore> {
         match self {
             StateStore::File(f) => f.identities(),
+            StateStore::Etcd(e) => e.identities(),
         }
     }
 
@@ -56,6 +67,7 @@ impl StateStore {
     pub async fn token_created(&self, id: &str) -> Result<Option<u64>, StateError> {
         match self {
             StateStore::File(f) => Ok(f.token_created(id)),
+            StateStore::Etcd(e) => e.token_created(id).await,
         }
     }
 
@@ -67,6 +79,7 @@ impl StateStore {
     ) -> Result<Joined, Declined> {
         match self {
             StateStore::File(f) => f.join(claim, issue),
+            StateStore::Etcd(e) => e.join(claim, issue).await,
         }
     }
 
@@ -78,6 +91,7 @@ impl StateStore {
     ) -> Result<Issued, Declined> {
         match self {
             StateStore::File(f) => f.renew(claim, issue),
+            StateStore::Etcd(e) => e.renew(claim, issue).await,
         }
     }
 
@@ -85,6 +99,7 @@ impl StateStore {
     pub async fn revoke_node(&self, node: &NodeName) -> Result<u64, StateError> {
         match self {
             StateStore::File(f) => f.revoke_node(node),
+            StateStore::Etcd(e) => e.revoke_node(node).await,
         }
     }
 
@@ -95,6 +110,9 @@ impl StateStore {
                 f.sessions.put(session);
                 Ok(())
             }
+            // Published from the route table under the replica's lease (see
+            // `EtcdState::publish_sessions`), not call by call.
+            StateStore::Etcd(_) => Ok(()),
         }
     }
 
@@ -105,6 +123,7 @@ impl StateStore {
                 f.sessions.remove(node.as_str());
                 Ok(())
             }
+            StateStore::Etcd(_) => Ok(()),
         }
     }
 
@@ -112,14 +131,22 @@ impl StateStore {
     pub async fn list_sessions(&self) -> Result<Vec<LiveSession>, StateError> {
         match self {
             StateStore::File(f) => Ok(f.sessions.list()),
+            StateStore::Etcd(e) => e.list_sessions().await,
         }
     }
 
     /// Keep [`StateStore::revocations`] current and close the sessions of newly revoked
-    /// nodes, until `cancel`.
+    /// nodes, until `cancel` (the etcd backend also keeps the identity view current and
+    /// publishes this replica's live sessions).
     pub async fn watch_revocations(&self, shared: Arc<crate::Shared>, cancel: CancellationToken) {
         match self {
             StateStore::File(f) => super::revocation::watch(f.revocations(), shared, cancel).await,
+            StateStore::Etcd(e) => {
+                tokio::join!(
+                    e.watch_views(shared.clone(), cancel.clone()),
+                    e.publish_sessions(shared, cancel),
+                );
+            }
         }
     }
 }

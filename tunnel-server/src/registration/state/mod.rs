@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod decision;
+pub mod etcd;
 pub mod file;
 pub mod files;
 pub mod identities;
@@ -33,6 +34,6 @@ pub use files::{unix_now, StoreError};
 pub use store::{Admission, Refusal, TokenStore};
 pub use tokens::{
     create, glob_match, list, revoke, BootstrapToken, MalformedToken, NodePool, TokenFile,
-    TokenRecord, DEFAULT_TOKEN_TTL, TOKEN_ID_LEN, TOKEN_SECRET_LEN,
+    TokenRecord, TokenSpec, DEFAULT_TOKEN_TTL, TOKEN_ID_LEN, TOKEN_SECRET_LEN,
 };
 pub use usage::Usage;

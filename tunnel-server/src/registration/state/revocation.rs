@@ -56,7 +56,8 @@ pub fn revoke_node(path: &Path, node: &NodeName) -> Result<u64, StoreError> {
 
 /// The revoked nodes, as the running server sees them.
 pub struct RevocationList {
-    path: PathBuf,
+    /// The file polled; `None` when a shared backend's watch feeds the list ([`RevocationList::replace`]).
+    path: Option<PathBuf>,
     state: RwLock<(Option<FileStamp>, RevocationFile)>,
     /// Bumped whenever a refresh finds the file changed: what every live connection of a
     /// node waits on ([`until_revoked`]).
@@ -68,20 +69,49 @@ impl RevocationList {
     pub fn open(path: &Path) -> Result<RevocationList, StoreError> {
         let file = read(path)?;
         Ok(RevocationList {
-            path: path.to_owned(),
+            path: Some(path.to_owned()),
             state: RwLock::new((stamp(path), file)),
             changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
+    /// An empty list fed by a shared backend's watch rather than a file.
+    pub fn in_memory() -> RevocationList {
+        RevocationList {
+            path: None,
+            state: RwLock::new((None, RevocationFile::default())),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Replace the whole list (a shared backend's view after a sync or watch event);
+    /// returns the nodes whose revocation is new or newer, and wakes [`until_revoked`].
+    pub fn replace(&self, nodes: BTreeMap<String, u64>) -> Vec<String> {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let changed: Vec<String> = nodes
+            .iter()
+            .filter(|(node, at)| state.1.nodes.get(*node) != Some(at))
+            .map(|(node, _)| node.clone())
+            .collect();
+        state.1.nodes = nodes;
+        drop(state);
+        if !changed.is_empty() {
+            self.changes.send_modify(|generation| *generation += 1);
+        }
+        changed
+    }
+
     /// Re-read the file if it changed; returns the nodes whose revocation is new or newer.
     /// An unreadable file is logged and the last good version kept.
     pub fn refresh(&self) -> Vec<String> {
-        let now = stamp(&self.path);
+        let Some(path) = &self.path else {
+            return Vec::new();
+        };
+        let now = stamp(path);
         if self.state.read().unwrap_or_else(|p| p.into_inner()).0 == now {
             return Vec::new();
         }
-        let fresh = match read(&self.path) {
+        let fresh = match read(path) {
             Ok(f) => f,
             Err(error) => {
                 warn!(%error, "revocation file unreadable; keeping the previous version");
@@ -221,10 +251,17 @@ pub async fn watch(
             .map(|(node, _)| node.clone())
             .collect();
         seen = now;
-        for name in newly {
-            let Ok(node) = NodeName::parse(&name) else {
-                continue;
-            };
+        close_revoked(&shared, newly);
+    }
+}
+
+/// Close the live sessions of `newly` revoked nodes on this replica, with an audit line each.
+pub fn close_revoked(shared: &crate::Shared, newly: Vec<String>) {
+    for name in newly {
+        let Ok(node) = NodeName::parse(&name) else {
+            continue;
+        };
+        {
             match shared.routes.get(&node) {
                 Some(session) => {
                     session.close();

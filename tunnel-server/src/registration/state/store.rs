@@ -158,7 +158,7 @@ impl TokenStore {
     ) -> Result<Admission, Refusal> {
         let mut inner = self.lock();
         self.refresh_locked(&mut inner);
-        evaluate(&inner, token, node, ips, public_key, now)
+        evaluate(&inner.file, &inner.usage, token, node, ips, public_key, now)
     }
 
     /// [`TokenStore::check`], and on success count the use and remember the key before
@@ -176,7 +176,7 @@ impl TokenStore {
     ) -> Result<Admission, Refusal> {
         let mut inner = self.lock();
         self.refresh_locked(&mut inner);
-        let admission = evaluate(&inner, token, node, ips, public_key, now)?;
+        let admission = evaluate(&inner.file, &inner.usage, token, node, ips, public_key, now)?;
         let until = certificate_expires.max(admission.token_expires_unix);
         inner.usage.keys.insert(sha256_hex(public_key), until);
         *inner
@@ -213,8 +213,10 @@ impl TokenStore {
 }
 
 /// Every check of a join against the token file and the usage record; changes nothing.
-fn evaluate(
-    inner: &Inner,
+/// Shared by every backend (the etcd one passes the token and use records it read).
+pub(crate) fn evaluate(
+    file: &TokenFile,
+    usage: &Usage,
     token: &BootstrapToken,
     node: &NodeName,
     ips: &[std::net::IpAddr],
@@ -222,7 +224,7 @@ fn evaluate(
     now: u64,
 ) -> Result<Admission, Refusal> {
     let presented = Sha256::digest(token.secret.expose().as_bytes());
-    let record = inner.file.tokens.iter().find(|r| r.id == token.id);
+    let record = file.tokens.iter().find(|r| r.id == token.id);
     // Compare even for an unknown ID, so timing does not tell known IDs apart.
     let stored = record
         .and_then(|r| hex_decode(&r.secret_sha256))
@@ -238,7 +240,7 @@ fn evaluate(
     if now >= record.expires_unix {
         return Err(Refusal::Expired);
     }
-    let uses = inner.usage.uses.get(&record.id).copied().unwrap_or(0);
+    let uses = usage.uses.get(&record.id).copied().unwrap_or(0);
     if record.usage_limit.is_some_and(|limit| uses >= limit) {
         return Err(Refusal::Exhausted);
     }
@@ -251,7 +253,7 @@ fn evaluate(
     if !networks.is_empty() && !ips.iter().all(|ip| networks.iter().any(|n| n.contains(ip))) {
         return Err(Refusal::NodeIpNotAllowed);
     }
-    if inner.usage.keys.contains_key(&sha256_hex(public_key)) {
+    if usage.keys.contains_key(&sha256_hex(public_key)) {
         return Err(Refusal::KeyReused);
     }
     Ok(Admission {

@@ -188,49 +188,92 @@ pub fn create(
     description: String,
     reprovision: Vec<protocol::NodeName>,
 ) -> Result<(BootstrapToken, TokenRecord), StoreError> {
-    if ttl.is_zero() {
-        return Err(StoreError::Invalid("token lifetime must be > 0".into()));
-    }
-    if usage_limit == Some(0) {
-        return Err(StoreError::Invalid("usage limit must be >= 1".into()));
-    }
-    if let Some(p) = &node_name_pattern {
-        let ok = !p.is_empty()
-            && p.len() <= MAX_PATTERN_LEN
-            && p.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.*".contains(&b));
-        if !ok {
-            return Err(StoreError::Invalid(format!(
-                "node name pattern {p:?}: lowercase letters, digits, '-', '.' and '*' only"
-            )));
-        }
-    }
-    if pool.name.is_empty() {
-        return Err(StoreError::Invalid("pool name must not be empty".into()));
-    }
-    let mut file: TokenFile = read_json(path)?;
-    let token = loop {
-        let t = BootstrapToken::generate();
-        if !file.tokens.iter().any(|r| r.id == t.id) {
-            break t;
-        }
-    };
-    let now = unix_now();
-    let record = TokenRecord {
-        id: token.id.clone(),
-        secret_sha256: sha256_hex(token.secret.expose().as_bytes()),
-        created_unix: now,
-        expires_unix: now.saturating_add(ttl.as_secs().max(1)),
+    let spec = TokenSpec {
+        pool,
+        ttl,
         usage_limit,
         node_name_pattern,
-        pool,
         description,
-        revoked: false,
-        reprovision: reprovision.iter().map(|n| n.as_str().to_owned()).collect(),
+        reprovision,
     };
+    spec.validate()?;
+    let mut file: TokenFile = read_json(path)?;
+    let (token, record) = spec.new_token(&|id| file.tokens.iter().any(|r| r.id == id));
     file.tokens.push(record.clone());
     write_json(path, &file)?;
     Ok((token, record))
+}
+
+/// What `token create` asks for, the same for every backend.
+#[derive(Debug, Clone)]
+pub struct TokenSpec {
+    /// What nodes joined with it get.
+    pub pool: NodePool,
+    /// Lifetime.
+    pub ttl: Duration,
+    /// Joins allowed; `None` is unlimited.
+    pub usage_limit: Option<u32>,
+    /// Node names allowed, glob with `*`.
+    pub node_name_pattern: Option<String>,
+    /// Free text.
+    pub description: String,
+    /// Joined nodes it may re-provision.
+    pub reprovision: Vec<protocol::NodeName>,
+}
+
+impl TokenSpec {
+    /// Refuse bad arguments before anything is written.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.ttl.is_zero() {
+            return Err(StoreError::Invalid("token lifetime must be > 0".into()));
+        }
+        if self.usage_limit == Some(0) {
+            return Err(StoreError::Invalid("usage limit must be >= 1".into()));
+        }
+        if let Some(p) = &self.node_name_pattern {
+            let ok = !p.is_empty()
+                && p.len() <= MAX_PATTERN_LEN
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.*".contains(&b));
+            if !ok {
+                return Err(StoreError::Invalid(format!(
+                    "node name pattern {p:?}: lowercase letters, digits, '-', '.' and '*' only"
+                )));
+            }
+        }
+        if self.pool.name.is_empty() {
+            return Err(StoreError::Invalid("pool name must not be empty".into()));
+        }
+        Ok(())
+    }
+
+    /// A fresh token whose ID `taken` does not know, and its record (hash only).
+    pub fn new_token(&self, taken: &dyn Fn(&str) -> bool) -> (BootstrapToken, TokenRecord) {
+        let token = loop {
+            let t = BootstrapToken::generate();
+            if !taken(&t.id) {
+                break t;
+            }
+        };
+        let now = unix_now();
+        let record = TokenRecord {
+            id: token.id.clone(),
+            secret_sha256: sha256_hex(token.secret.expose().as_bytes()),
+            created_unix: now,
+            expires_unix: now.saturating_add(self.ttl.as_secs().max(1)),
+            usage_limit: self.usage_limit,
+            node_name_pattern: self.node_name_pattern.clone(),
+            pool: self.pool.clone(),
+            description: self.description.clone(),
+            revoked: false,
+            reprovision: self
+                .reprovision
+                .iter()
+                .map(|n| n.as_str().to_owned())
+                .collect(),
+        };
+        (token, record)
+    }
 }
 
 /// Operator command: every token with its use count. Never a secret: the file has none.
