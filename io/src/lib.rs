@@ -15,6 +15,7 @@ pub mod liveness;
 pub mod logging;
 pub mod metrics_text;
 pub mod pipe;
+pub mod quic_bridge;
 pub mod registration;
 pub mod secret;
 pub mod tls;

@@ -37,6 +37,9 @@ struct Cli {
     /// Which Tether CONNECT frontend to use.
     #[arg(long, value_enum, default_value_t = Frontend::Unix)]
     frontend: Frontend,
+    /// The edge session's transport (Tether started here, in-process or as processes).
+    #[arg(long, value_enum, default_value_t = setup::SessionTransport::Tcp)]
+    transport: setup::SessionTransport,
     /// Run Tether as the `tunnel-server` and `tunnel-edge` binaries beside this one, in
     /// child processes, and report their RSS (hold) instead of running them in-process.
     #[arg(long)]
@@ -144,6 +147,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
+    setup::set_transport(cli.transport);
     let report = if let Scenario::Edges = cli.scenario {
         let opts = scenario::edges::EdgesOpts {
             edges: cli.edges,

@@ -192,6 +192,29 @@ impl Tether {
     }
 }
 
+/// The edge session's transport of a Tether this process starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionTransport {
+    /// TLS + HTTP/2 over TCP.
+    Tcp,
+    /// QUIC (UDP).
+    Quic,
+}
+
+static TRANSPORT: std::sync::OnceLock<SessionTransport> = std::sync::OnceLock::new();
+
+/// Choose the transport of every edge this process starts (once, before the first).
+pub fn set_transport(transport: SessionTransport) {
+    let _ = TRANSPORT.set(transport);
+}
+
+fn transport() -> &'static str {
+    match TRANSPORT.get() {
+        Some(SessionTransport::Quic) => "quic",
+        _ => "tcp",
+    }
+}
+
 /// Write the edge's config for a server whose edge listener is `server`.
 fn write_edge_config(
     d: &std::path::Path,
@@ -201,8 +224,9 @@ fn write_edge_config(
     std::fs::write(
         d.join("edge.toml"),
         format!(
-            "[server]\naddress = \"{server}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
-             [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{target_port}]\n"
+            "[server]\naddress = \"{server}\"\ntransport = \"{transport}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+             [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{target_port}]\n",
+            transport = transport(),
         ),
     )?;
     Ok(())

@@ -10,6 +10,7 @@ pub mod connect;
 pub mod h2_authority;
 pub mod konnectivity;
 pub mod node;
+pub mod quic_head;
 pub mod stream;
 pub mod target;
 

@@ -36,6 +36,16 @@ pub struct ClusterOptions {
     pub relay: bool,
 }
 
+impl ClusterOptions {
+    /// The defaults, with the edge on `transport`.
+    pub fn over(transport: crate::edge::Transport) -> ClusterOptions {
+        ClusterOptions {
+            edge: transport.tuning(),
+            ..ClusterOptions::default()
+        }
+    }
+}
+
 /// A running test topology.
 pub struct Cluster {
     // Fields drop in order: the edge first, then the server, then targets and certificates.
@@ -109,6 +119,13 @@ impl Cluster {
             relay,
         };
         cluster.server.wait_for_edge_session(NODE).await;
+        if options.edge.transport == crate::edge::Transport::Quic {
+            assert_eq!(
+                cluster.server.edge_transport(NODE).as_deref(),
+                Some("quic"),
+                "the session runs over QUIC"
+            );
+        }
         cluster
     }
 

@@ -42,6 +42,41 @@ pub struct EdgeTuning {
     pub admin: bool,
     /// `log.format = "json"`.
     pub log_json: bool,
+    /// `server.transport`: the harness pins `tcp` unless a test asks for another, so the
+    /// fault relays (TCP) sit on the session's path.
+    pub transport: Transport,
+    /// `server.quic_retry_interval` (`None`: the edge's default).
+    pub quic_retry_interval: Option<Duration>,
+}
+
+/// The session transport of a test edge; tests that run over both take it as a parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TLS + HTTP/2 over TCP.
+    Tcp,
+    /// QUIC only.
+    Quic,
+    /// QUIC, falling back to TCP.
+    Auto,
+}
+
+impl Transport {
+    /// The config value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Quic => "quic",
+            Transport::Auto => "auto",
+        }
+    }
+
+    /// The tuning a test edge of this transport starts with.
+    pub fn tuning(self) -> EdgeTuning {
+        EdgeTuning {
+            transport: self,
+            ..EdgeTuning::default()
+        }
+    }
 }
 
 impl Default for EdgeTuning {
@@ -57,6 +92,8 @@ impl Default for EdgeTuning {
             self_host: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             admin: false,
             log_json: false,
+            transport: Transport::Tcp,
+            quic_retry_interval: None,
         }
     }
 }
@@ -125,6 +162,8 @@ ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
 connect_timeout = "5s"
+transport = "{transport}"
+{quic_retry}
 
 [reconnect]
 min = "{reconnect_min}"
@@ -160,6 +199,11 @@ format = "{log_format}"
                 ""
             },
             log_format = if tuning.log_json { "json" } else { "text" },
+            transport = tuning.transport.as_str(),
+            quic_retry = tuning
+                .quic_retry_interval
+                .map(|d| format!("quic_retry_interval = \"{}\"", ms(d)))
+                .unwrap_or_default(),
             reconnect_min = ms(tuning.reconnect_min),
             reconnect_max = ms(tuning.reconnect_max),
             ping_interval = ms(tuning.ping_interval),

@@ -25,6 +25,7 @@ pub mod relay;
 pub mod server;
 pub mod targets;
 pub mod tinyproxy;
+pub mod udp_relay;
 
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};

@@ -419,6 +419,19 @@ impl JoinedEdge {
         self.spawn_edge(server, ports, filter, max_backoff, "", &[]);
     }
 
+    /// [`JoinedEdge::run_with_max_backoff`] with the session on `transport` (`tcp`, `quic`).
+    pub fn run_over(
+        &mut self,
+        server: &RegistrationServer,
+        ports: &[u16],
+        filter: &str,
+        max_backoff: &str,
+        transport: &str,
+    ) {
+        let extra = format!("transport = \"{transport}\"");
+        self.spawn_edge(server, ports, filter, max_backoff, &extra, &[]);
+    }
+
     /// [`JoinedEdge::run`] with more `[server]` lines (verbatim) and environment variables.
     /// The egress proxy variables (`HTTPS_PROXY` and the like) are cleared first, so only
     /// those in `env` reach the edge.
@@ -455,6 +468,7 @@ impl JoinedEdge {
 [server]
 address = "{edge}"
 connect_timeout = "5s"
+{transport}
 {server_extra}
 [reconnect]
 min = "50ms"
@@ -470,6 +484,12 @@ ports = [{ports}]
 [log]
 filter = "{filter}"
 "#,
+                // TCP unless the test chose: the harness's relays and balancers are TCP.
+                transport = if server_extra.contains("transport") {
+                    ""
+                } else {
+                    "transport = \"tcp\""
+                },
                 edge = server.edge,
             ),
         )

@@ -83,6 +83,8 @@ fn toml_duration(d: Duration) -> String {
 pub struct ServerAddrs {
     /// Edge listener.
     pub edge: SocketAddr,
+    /// Edge listener on UDP (QUIC), when enabled.
+    pub edge_quic: Option<SocketAddr>,
     /// mTLS CONNECT frontend.
     pub connect_tcp: SocketAddr,
     /// CONNECT frontend Unix socket.
@@ -202,6 +204,7 @@ filter = "info"
         let mut server = ServerProc {
             addrs: ServerAddrs {
                 edge: SocketAddr::from(([127, 0, 0, 1], 0)),
+                edge_quic: None,
                 connect_tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
                 connect_unix: PathBuf::new(),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -227,6 +230,7 @@ filter = "info"
         };
         ServerAddrs {
             edge: addr("edge"),
+            edge_quic: addrs["edge_quic"].as_str().and_then(|s| s.parse().ok()),
             connect_tcp: addr("connect_tcp"),
             connect_unix: PathBuf::from(
                 addrs["connect_unix"]
@@ -328,6 +332,14 @@ filter = "info"
             }
         }
         !live.is_empty()
+    }
+
+    /// The transport (`tcp`, `quic`) of `node`'s most recently established session.
+    pub fn edge_transport(&self, node: &str) -> Option<String> {
+        self.log_since_start()
+            .lines()
+            .rfind(|l| l.contains(node) && l.contains(EDGE_ESTABLISHED))
+            .and_then(|l| log_field(l, "transport"))
     }
 
     /// Wait until the running server holds a session of `node`'s edge.

@@ -36,7 +36,8 @@ fn json(output: &Output) -> Value {
     serde_json::from_str(&stdout(output)).expect("JSON output")
 }
 
-/// Two joined edges, each routed: (server, edges, echo target).
+/// Two joined edges, each routed: (server, edges, echo target). `idc-a` holds its session
+/// over TCP, `idc-b` over QUIC.
 async fn two_edges(pki: &Pki) -> (RegistrationServer, [JoinedEdge; 2], EchoServer) {
     let echo = EchoServer::start().await;
     let port = echo.addr.port();
@@ -56,7 +57,12 @@ async fn two_edges(pki: &Pki) -> (RegistrationServer, [JoinedEdge; 2], EchoServe
     {
         let (ok, output) = edge.join(pki, &server, &token, node, &[ip], &[]);
         assert!(ok, "{output}");
-        edge.run(&server, &[port], "info");
+        let transport = match node {
+            "idc-a" => "tcp",
+            _ => "quic",
+        };
+        let extra = format!("transport = \"{transport}\"");
+        edge.run_with(&server, &[port], "info", &extra, &[]);
         server
             .wait_log(&["edge session established", node], 1, UP)
             .await;
@@ -103,8 +109,9 @@ async fn edges_and_node_list_show_the_fleet_from_the_admin_api() {
         "{a:#}"
     );
     assert_eq!(b["bytes_to_edge"], 0, "{b:#}");
+    assert_eq!(a["transport"], "tcp");
+    assert_eq!(b["transport"], "quic");
     for edge in edges {
-        assert_eq!(edge["transport"], "tcp");
         assert_eq!(edge["admin"], admin.as_str());
         assert!(edge["replica"].as_str().is_some_and(|r| !r.is_empty()));
         assert!(edge["streams_open"].is_u64(), "{edge:#}");
@@ -224,6 +231,15 @@ async fn revoked_handshakes(server: &RegistrationServer) -> f64 {
 
 #[tokio::test]
 async fn a_revoked_edge_is_told_why_and_retries_only_at_max_backoff() {
+    revoked_edge_is_told_why("tcp").await;
+}
+
+#[tokio::test]
+async fn quic_a_revoked_edge_is_told_why_and_retries_only_at_max_backoff() {
+    revoked_edge_is_told_why("quic").await;
+}
+
+async fn revoked_edge_is_told_why(transport: &str) {
     const MAX_BACKOFF: Duration = Duration::from_secs(1);
     const WINDOW: Duration = Duration::from_secs(5);
     let pki = Pki::new();
@@ -241,7 +257,7 @@ async fn a_revoked_edge_is_told_why_and_retries_only_at_max_backoff() {
     let mut edge = JoinedEdge::new();
     let (ok, output) = edge.join(&pki, &server, &token, "idc-a", &["192.0.2.10"], &[]);
     assert!(ok, "{output}");
-    edge.run_with_max_backoff(&server, &[port], "info", "1s");
+    edge.run_over(&server, &[port], "info", "1s", transport);
     server
         .wait_log(&["edge session established", "idc-a"], 1, UP)
         .await;

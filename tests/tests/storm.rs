@@ -58,6 +58,7 @@ fn start_edges(
                 r#"
 [server]
 address = "{server}"
+transport = "tcp"
 server_name = "127.0.0.1"
 ca = "{ca}"
 cert = "{cert}"

@@ -47,6 +47,12 @@ impl Rig {
 }
 
 async fn start() -> Rig {
+    start_over("tcp").await
+}
+
+/// The rig with the edge's session on `transport` (`tcp`, `quic`): over QUIC the upstream
+/// streams ride the session's own connection.
+async fn start_over(transport: &str) -> Rig {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let layout = pki::init_ca_dir(d, &[], &[], pki::SERVER_VALIDITY, true).unwrap();
@@ -91,7 +97,7 @@ async fn start() -> Rig {
     std::fs::write(
         d.join("edge.toml"),
         format!(
-            "[server]\naddress = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+            "[server]\naddress = \"{}\"\ntransport = \"{transport}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
              [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"kube-apiserver\"\n\
              [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"etcd\"\n\
              [[forward]]\nlisten = \"127.0.0.1:0\"\nupstream = \"echo\"\n\
@@ -124,7 +130,33 @@ async fn start() -> Rig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_forward_reaches_the_https_apiserver_with_a_checksummed_transfer() {
-    let rig = start().await;
+    forward_reaches_the_apiserver(start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_loopback_forward_reaches_the_https_apiserver_with_a_checksummed_transfer() {
+    let rig = start_over("quic").await;
+    wait_for_quic_session(&rig).await;
+    forward_reaches_the_apiserver(rig).await;
+}
+
+/// Until the edge's session is up over QUIC (upstream streams use it from then on).
+async fn wait_for_quic_session(rig: &Rig) {
+    tether_tests::poll_until(
+        "the edge's QUIC session",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || {
+            std::future::ready(
+                (rig.edge_metric("tether_edge_session_transport{transport=\"quic\"}") >= 1.0)
+                    .then_some(()),
+            )
+        },
+    )
+    .await;
+}
+
+async fn forward_reaches_the_apiserver(rig: Rig) {
     // Plain request first: TLS to the apiserver end to end through the forward port.
     let tunnel = TcpStream::connect(rig.forwards[0]).await.unwrap();
     let (status, body) = tunnel_server::client::https_get(
@@ -229,7 +261,17 @@ async fn an_upstream_the_server_does_not_list_is_refused() {
 /// streams echoed on (15 s and more, until EOF or the 4 h idle timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_cuts_an_open_upstream_stream_within_seconds() {
-    let rig = start().await;
+    revocation_cuts_upstream(start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_revocation_cuts_an_open_upstream_stream_within_seconds() {
+    let rig = start_over("quic").await;
+    wait_for_quic_session(&rig).await;
+    revocation_cuts_upstream(rig).await;
+}
+
+async fn revocation_cuts_upstream(rig: Rig) {
     let mut stream = TcpStream::connect(rig.forwards[2]).await.unwrap();
     let mut buf = [0u8; 5];
     stream.write_all(b"hello").await.unwrap();

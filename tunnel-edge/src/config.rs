@@ -93,7 +93,65 @@ pub struct ServerSection {
     /// Hosts reached directly although a proxy is set, `NO_PROXY` syntax. Unset: the
     /// `NO_PROXY` environment variable (`tunnel-edge run` only).
     pub no_proxy: Option<String>,
+    /// Session transport: `auto` (QUIC first, TCP when no QUIC handshake completes within
+    /// `quic_handshake_timeout`), `quic` or `tcp`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// How long `auto` waits for a QUIC handshake before it uses TCP (default
+    /// [`DEFAULT_QUIC_HANDSHAKE_TIMEOUT`]).
+    #[serde(default, with = "humantime_serde")]
+    pub quic_handshake_timeout: Option<Duration>,
+    /// How often `auto`, while on TCP, tries QUIC again in the background (default
+    /// [`DEFAULT_QUIC_RETRY_INTERVAL`]).
+    #[serde(default, with = "humantime_serde")]
+    pub quic_retry_interval: Option<Duration>,
 }
+
+impl ServerSection {
+    /// `quic_handshake_timeout` or its default.
+    pub fn quic_handshake_timeout(&self) -> Duration {
+        self.quic_handshake_timeout
+            .unwrap_or(DEFAULT_QUIC_HANDSHAKE_TIMEOUT)
+    }
+
+    /// `quic_retry_interval` or its default.
+    pub fn quic_retry_interval(&self) -> Duration {
+        self.quic_retry_interval
+            .unwrap_or(DEFAULT_QUIC_RETRY_INTERVAL)
+    }
+}
+
+/// How sessions reach the server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// QUIC when a handshake completes within the bound, else TCP (and QUIC retried later).
+    #[default]
+    Auto,
+    /// QUIC only (UDP, ALPN `tether-quic/1`).
+    Quic,
+    /// TLS + HTTP/2 over TCP only (the only one that goes through an egress proxy).
+    Tcp,
+}
+
+impl Transport {
+    /// `auto`, `quic` or `tcp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Auto => "auto",
+            Transport::Quic => "quic",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// Default of `server.quic_handshake_timeout`: a QUIC handshake takes one or two round trips
+/// (three with a Retry), and quinn resends a lost Initial after about 1 s, so 2 s lets one
+/// loss pass while an edge whose UDP is blocked waits only 2 s for TCP.
+pub const DEFAULT_QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default of `server.quic_retry_interval`: a blocked UDP path is rarely opened within
+/// minutes; one 2 s probe a minute costs nothing and picks it up soon enough.
+pub const DEFAULT_QUIC_RETRY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Reconnect backoff bounds.
 #[derive(Debug, Clone, Deserialize)]

@@ -12,6 +12,7 @@ pub mod forward;
 pub mod join;
 pub mod metrics;
 pub mod proxy;
+pub mod quic;
 mod refusal;
 pub mod renew;
 pub mod replicas;

@@ -139,6 +139,9 @@ struct Overrides {
     /// Log format (text or json).
     #[arg(long, env = "TETHER_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// Session transport: auto (QUIC, TCP when UDP is blocked), quic or tcp.
+    #[arg(long, env = "TETHER_TRANSPORT")]
+    transport: Option<tunnel_edge::config::Transport>,
     #[command(flatten)]
     egress: EgressArgs,
 }
@@ -171,6 +174,9 @@ fn load(o: Overrides) -> anyhow::Result<EdgeConfig> {
     s.key = o.key.or(s.key.take());
     s.proxy = o.egress.proxy.or(s.proxy.take());
     s.no_proxy = o.egress.no_proxy.or(s.no_proxy.take());
+    if let Some(transport) = o.transport {
+        s.transport = transport;
+    }
     if o.self_host.is_some() {
         config.dial.self_host = o.self_host;
     }
@@ -214,6 +220,7 @@ fn main() -> anyhow::Result<()> {
                 self_host: None,
                 allow_ports: vec![],
                 log_format: None,
+                transport: None,
                 egress: EgressArgs::default(),
             })?;
             let lines = tunnel_edge::check::check_files(&config, tunnel_io::check::unix_now())?;

@@ -32,6 +32,13 @@ pub struct ReplicaLabels {
     pub replica: String,
 }
 
+/// Label of a per-transport gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `tcp` or `quic`.
+    pub transport: &'static str,
+}
+
 /// Every edge metric.
 pub struct EdgeMetrics {
     registry: Registry,
@@ -55,6 +62,10 @@ pub struct EdgeMetrics {
     pub upstream: ByteCounters,
     /// When this node's certificate expires, Unix seconds.
     pub certificate_expiry: Gauge,
+    /// Sessions up now by transport (`tcp`, `quic`).
+    pub session_transport: Family<TransportLabels, Gauge>,
+    /// Times `transport = "auto"` found no QUIC handshake within its bound and used TCP.
+    pub quic_fallbacks: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -124,6 +135,21 @@ impl Default for EdgeMetrics {
                 env!("CARGO_PKG_VERSION").to_string(),
             )]),
         );
+        let session_transport = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "session_transport",
+            "Sessions up now by transport (tcp or quic)",
+            session_transport.clone(),
+        );
+        for transport in ["tcp", "quic"] {
+            let _ = session_transport.get_or_create(&TransportLabels { transport });
+        }
+        let quic_fallbacks = Counter::default();
+        registry.register(
+            "quic_fallbacks",
+            "Times auto transport found no QUIC handshake within its bound and used TCP",
+            quic_fallbacks.clone(),
+        );
         let ok = ResultLabels { result: "ok" };
         let _ = dials.get_or_create(&ok);
         let _ = upstream_streams.get_or_create(&ok);
@@ -139,6 +165,8 @@ impl Default for EdgeMetrics {
             upstream_streams,
             upstream: ByteCounters::of(&upstream_family, "from_upstream", "to_upstream"),
             certificate_expiry,
+            session_transport,
+            quic_fallbacks,
         }
     }
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Method;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -17,12 +16,14 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::backoff::Backoff;
-use crate::config::EdgeConfig;
+use crate::config::{EdgeConfig, Transport};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::Egress;
 use crate::refusal::{RefusedCertificate, SessionError};
 use crate::replicas::{session_info, Control, Readiness, Replicas};
 pub use crate::status::EdgeStatus;
+
+mod transport;
 use crate::stream::serve_stream;
 
 /// Everything a running edge needs, built once from the validated config.
@@ -42,6 +43,13 @@ pub struct Edge {
     /// Which replicas the sessions reach (the admin listener's readiness).
     replicas: Arc<Replicas>,
     metrics: Arc<EdgeMetrics>,
+    /// The QUIC transport (`None` with `transport = "tcp"`).
+    quic: Option<crate::quic::QuicClient>,
+    /// Name verified in the server certificate over QUIC (as `server_name` over TCP).
+    quic_server_name: String,
+    /// When `auto` last found QUIC unavailable: later sessions go straight to TCP for
+    /// `quic_retry_interval` (their background probe looks for QUIC meanwhile).
+    quic_failed: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Edge {
@@ -77,6 +85,10 @@ impl Edge {
         )?;
         let name = s.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = tunnel_io::tls::server_name(&name).map_err(anyhow::Error::msg)?;
+        let quic = match s.transport {
+            Transport::Tcp => None,
+            _ => Some(crate::quic::QuicClient::new(&config, &tls).map_err(anyhow::Error::msg)?),
+        };
         let leaf = tunnel_io::tls::load_certs(cert)?;
         let identity = tunnel_io::identity::edge_identity_from_der(leaf[0].as_ref())
             .with_context(|| format!("identity of {}", cert.display()))?;
@@ -103,6 +115,9 @@ impl Edge {
             egress,
             replicas: Arc::new(Replicas::new(&metrics)),
             metrics,
+            quic,
+            quic_server_name: name,
+            quic_failed: std::sync::Mutex::new(None),
             config,
         })
     }
@@ -120,6 +135,10 @@ impl Edge {
             key,
             &[tunnel_io::tls::ALPN_EDGE_SESSION],
         )?;
+        if let Some(quic) = &self.quic {
+            quic.reload(&self.config, &tls)
+                .map_err(anyhow::Error::msg)?;
+        }
         *self
             .upstream_connector
             .write()
@@ -155,9 +174,10 @@ impl Edge {
 
     /// Open the TLS connection that carries edge → cloud upstream streams (to the first
     /// server address, through the load balancer like the sessions).
-    pub async fn connect_upstream(
-        &self,
-    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, String> {
+    pub async fn connect_upstream(&self) -> Result<Box<dyn tunnel_io::quic_bridge::Io>, String> {
+        if let Some(io) = self.quic.as_ref().and_then(|q| q.upstream_io(&self.config)) {
+            return Ok(io);
+        }
         let (host, port) = self.targets[0].clone();
         let limit = self
             .config
@@ -179,6 +199,7 @@ impl Edge {
             connector
                 .connect(self.server_name.clone(), tcp)
                 .await
+                .map(|tls| Box::new(tls) as Box<dyn tunnel_io::quic_bridge::Io>)
                 .map_err(|e| crate::wrong_port::describe(&host, port, &e))
         };
         tokio::time::timeout(limit, connect)
@@ -258,6 +279,8 @@ impl Edge {
         let (host, port) = self.targets[index % self.targets.len()].clone();
         // Set while the server refuses this node as revoked: attempts wait the maximum.
         let mut refused: Option<RefusedCertificate> = None;
+        // A QUIC connection the last session's probe found: the next session runs on it.
+        let mut pending: Option<quinn::Connection> = None;
         for attempt in 0u64.. {
             if attempt > 0 {
                 self.metrics.reconnects.inc();
@@ -269,7 +292,16 @@ impl Edge {
             let span =
                 tracing::info_span!("session", node = %self.node(), server = %host, slot = index);
             let outcome = self
-                .session(index, &host, port, &status, &replicas, &streams, &cancel)
+                .session(
+                    index,
+                    &host,
+                    port,
+                    &status,
+                    &replicas,
+                    &streams,
+                    &cancel,
+                    &mut pending,
+                )
                 .instrument(span)
                 .await;
             match outcome {
@@ -287,7 +319,9 @@ impl Edge {
             if cancel.is_cancelled() {
                 break;
             }
-            let delay = if refused.is_some() {
+            let delay = if pending.is_some() {
+                Duration::ZERO
+            } else if refused.is_some() {
                 r.max
             } else {
                 backoff.session_ended(started.elapsed(), r.stable_after);
@@ -323,33 +357,28 @@ impl Edge {
         replicas: &Replicas,
         streams: &TaskTracker,
         cancel: &CancellationToken,
+        pending: &mut Option<quinn::Connection>,
     ) -> Result<&'static str, SessionError> {
         let limit = self
             .config
             .server
             .connect_timeout
             .unwrap_or(Duration::from_secs(10));
+        let quic = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok("shutting down"),
+            quic = self.quic_session(host, port, limit, pending) => quic?,
+        };
+        let transport = if quic.is_some() { "quic" } else { "tcp" };
         let handshake = async {
-            let tcp = self
-                .egress
-                .dial(host, port)
-                .await
-                .map_err(|e| e.to_string())?;
-            tunnel_io::set_session_socket_options(&tcp);
-            let connector = self
-                .connector
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let tls = connector
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|e| crate::wrong_port::describe(host, port, &e))?;
-            crate::wrong_port::check_alpn(host, port, tls.get_ref().1.alpn_protocol())?;
+            let io: Box<dyn tunnel_io::quic_bridge::Io> = match &quic {
+                Some(conn) => crate::quic::session_io(conn.clone(), &self.config, limit),
+                None => Box::new(self.tcp_session(host, port).await?),
+            };
             self.config
                 .h2
                 .server_builder()
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(io)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))
         };
@@ -365,7 +394,20 @@ impl Edge {
         status.session_up();
         self.metrics.sessions_up.inc();
         self.metrics.sessions_established.inc();
-        info!("session established");
+        let by_transport = self
+            .metrics
+            .session_transport
+            .get_or_create(&crate::metrics::TransportLabels { transport })
+            .clone();
+        by_transport.inc();
+        if let (Some(client), Some(conn)) = (&self.quic, &quic) {
+            client.set_live(Some(conn.clone()));
+        }
+        info!(transport, "session established");
+        // On TCP under `auto`: look for QUIC in the background and move over when it is there.
+        let probe = self.quic_probe(host, port, quic.is_none());
+        tokio::pin!(probe);
+        let mut switch = None;
         let mut replica: Option<String> = None;
         // Not a child of `cancel`: SIGTERM must not end in-flight streams, only the grace
         // period (or the session's failure) does, below.
@@ -398,6 +440,11 @@ impl Edge {
                     });
                 }
                 reason = &mut keepalive => break Err(reason.into()),
+                conn = &mut probe => {
+                    info!("QUIC reachable again; moving the session over");
+                    switch = Some(conn);
+                    break Ok("moved to QUIC");
+                }
                 accepted = connection.accept() => match accepted {
                     Some(Ok((request, respond))) => {
                         if request.method() == Method::POST
@@ -430,6 +477,28 @@ impl Edge {
         };
         if outcome.is_err() || cancel.is_cancelled() {
             session_cancel.cancel();
+        }
+        if let Some(conn) = switch {
+            // The server retires this session once the QUIC one replaces it (GOAWAY); keep
+            // serving what is in flight here until then.
+            *pending = Some(conn);
+            connection.graceful_shutdown();
+            let (allow, metrics) = (self.allow.clone(), self.metrics.clone());
+            let (config, streams, session_cancel) =
+                (self.config.clone(), streams.clone(), session_cancel.clone());
+            streams.clone().spawn(async move {
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    let (allow, metrics, config) = (allow.clone(), metrics.clone(), config.clone());
+                    let cancel = session_cancel.clone();
+                    streams.spawn(async move {
+                        serve_stream(request, respond, &allow, &config, &metrics, &cancel).await;
+                    });
+                }
+            });
+        }
+        by_transport.dec();
+        if let (Some(client), Some(_)) = (&self.quic, &quic) {
+            client.set_live(None);
         }
         if let Some(id) = &replica {
             replicas.release(id, index);

@@ -45,6 +45,13 @@ pub struct HandshakeLabels {
     pub result: &'static str,
 }
 
+/// Label of the per-transport session gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `tcp` or `quic`.
+    pub transport: &'static str,
+}
+
 /// Label of a per-frontend gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrontendLabels {
@@ -87,6 +94,8 @@ pub struct Metrics {
     registry: Registry,
     /// Edges with a live session.
     pub edges_connected: Gauge,
+    /// Tether edge sessions up now, by transport (replaced ones still draining included).
+    pub edge_sessions: Family<TransportLabels, Gauge>,
     /// Tunneled streams open now.
     pub streams_open: Gauge,
     /// Dials by frontend and result.
@@ -148,6 +157,15 @@ impl Default for Metrics {
             "Edges with a live session",
             edges_connected.clone(),
         );
+        let edge_sessions = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "edge_sessions",
+            "Tether edge sessions up now by transport (tcp or quic)",
+            edge_sessions.clone(),
+        );
+        for transport in ["tcp", "quic"] {
+            let _ = edge_sessions.get_or_create(&TransportLabels { transport });
+        }
         let streams_open = Gauge::default();
         registry.register(
             "streams_open",
@@ -283,6 +301,7 @@ impl Default for Metrics {
             agent_sessions,
             agent_stalled_resets,
             edges_connected,
+            edge_sessions,
             streams_open,
             dials,
             dials_pending,

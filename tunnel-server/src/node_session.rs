@@ -86,10 +86,11 @@ impl NodeSession {
     }
 
     /// How the node reaches this replica, for operators: `tcp` (TLS + HTTP/2 over TCP, a
-    /// Tether edge) or `konnectivity` (a stock agent's gRPC stream).
+    /// Tether edge), `quic` (a Tether edge over QUIC) or `konnectivity` (a stock agent's
+    /// gRPC stream).
     pub fn transport(&self) -> &'static str {
         match self {
-            NodeSession::Tether(_) => "tcp",
+            NodeSession::Tether(session) => session.transport(),
             NodeSession::Agent(_) => "konnectivity",
         }
     }

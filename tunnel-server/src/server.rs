@@ -65,6 +65,8 @@ pub struct Stop {
 pub struct BoundAddrs {
     /// Edge listener.
     pub edge: SocketAddr,
+    /// Edge listener on UDP (QUIC), if enabled.
+    pub edge_quic: Option<SocketAddr>,
     /// mTLS CONNECT frontend, if enabled.
     pub connect_tcp: Option<SocketAddr>,
     /// CONNECT frontend Unix socket, if enabled.
@@ -107,6 +109,16 @@ impl RunningServer {
         let edge_listener = TcpListener::bind(config.edge.listen)
             .await
             .with_context(|| format!("bind edge listener {}", config.edge.listen))?;
+        let edge_quic = match config.edge.quic {
+            true => {
+                let addr = config
+                    .edge
+                    .quic_listen
+                    .unwrap_or(edge_listener.local_addr()?);
+                Some(crate::session::bind_quic(&config, edge_tls.clone(), addr)?)
+            }
+            false => None,
+        };
 
         let connect_tcp = match config.connect.tcp_listen {
             Some(addr) => {
@@ -166,6 +178,7 @@ impl RunningServer {
             konnectivity_unix: konnectivity.as_ref().and_then(|k| k.unix_path.clone()),
             konnectivity_agent: agents.as_ref().map(|a| a.addr),
             edge: edge_listener.local_addr()?,
+            edge_quic: edge_quic.as_ref().map(|e| e.local_addr()).transpose()?,
             connect_tcp: connect_tcp
                 .as_ref()
                 .map(|(l, _)| l.local_addr())
@@ -207,6 +220,14 @@ impl RunningServer {
             stop.clone(),
             tracker.clone(),
         ));
+        if let Some(endpoint) = edge_quic {
+            tracker.spawn(crate::session::serve_quic_edges(
+                endpoint,
+                shared.clone(),
+                stop.clone(),
+                tracker.clone(),
+            ));
+        }
         if let Some((listener, acceptor)) = connect_tcp {
             tracker.spawn(crate::frontend::connect::serve_tcp(
                 listener,
@@ -242,7 +263,7 @@ impl RunningServer {
             ));
         }
         shared.ready.store(true, Ordering::Release);
-        info!(replica = %shared.replica.id, replicas = shared.replica.count(), edge = %addrs.edge, connect_tcp = addrs.connect_tcp.map(display), connect_unix = addrs.connect_unix.as_ref().map(|p| display(p.display())), admin = addrs.admin.map(display), "tunnel-server listening");
+        info!(replica = %shared.replica.id, replicas = shared.replica.count(), edge = %addrs.edge, edge_quic = addrs.edge_quic.map(display), connect_tcp = addrs.connect_tcp.map(display), connect_unix = addrs.connect_unix.as_ref().map(|p| display(p.display())), admin = addrs.admin.map(display), "tunnel-server listening");
         Ok(RunningServer {
             addrs,
             shared,

@@ -20,8 +20,11 @@ use crate::routing::Routable;
 use crate::Shared;
 
 mod listener;
+mod quic;
 mod refusal;
+mod run;
 pub use listener::serve_edges;
+pub use quic::{bind_quic, serve_quic_edges};
 
 /// One live edge session, as the route table and the frontends see it.
 pub struct EdgeSession {
@@ -48,6 +51,8 @@ pub struct EdgeSession {
     since_unix: u64,
     /// What its streams count bytes into.
     meter: StreamMeter,
+    /// `tcp` or `quic` (set once, at the handshake; `tcp` when never set).
+    transport: std::sync::OnceLock<&'static str>,
 }
 
 /// Bytes moved on one session's streams, for the admin API's per-edge view: one relaxed
@@ -184,7 +189,18 @@ impl EdgeSession {
                 global: shared.metrics.tunneled.clone(),
                 session: Arc::default(),
             },
+            transport: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Record how the edge reached this replica (set once, at the handshake).
+    pub(crate) fn set_transport(&self, transport: &'static str) {
+        let _ = self.transport.set(transport);
+    }
+
+    /// `tcp` (TLS + HTTP/2) or `quic`.
+    pub fn transport(&self) -> &'static str {
+        self.transport.get().copied().unwrap_or("tcp")
     }
 
     /// When the session was created, Unix seconds.

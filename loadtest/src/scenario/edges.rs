@@ -282,7 +282,7 @@ fn edge_config(files: &EdgeFiles, server: SocketAddr) -> anyhow::Result<EdgeConf
         .and_then(Path::parent)
         .context("edge dir")?;
     let text = format!(
-        "[server]\naddress = \"{server}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"{}\"\nkey = \"{}\"\n\
+        "[server]\naddress = \"{server}\"\ntransport = \"tcp\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"{}\"\nkey = \"{}\"\n\
          [reconnect]\nstable_after = \"{STABLE_AFTER}\"\n[allow]\nports = [10250]\n",
         files.cert.display(),
         files.key.display()

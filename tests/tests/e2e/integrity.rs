@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_tests::data::{exchange, hex, mb_per_s, read_hashing, write_seeded, PeerRequest, MIB};
+use tether_tests::edge::Transport;
 use tether_tests::frontend::read_answer;
 use tether_tests::targets::PeerReport;
 use tether_tests::{within, Cluster, ClusterOptions, NODE_IP};
@@ -14,8 +15,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_mib_each_way_arrive_intact_through_one_stream() {
+    sixty_four_mib_each_way(Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_sixty_four_mib_each_way_arrive_intact_through_one_stream() {
+    sixty_four_mib_each_way(Transport::Quic).await;
+}
+
+async fn sixty_four_mib_each_way(transport: Transport) {
     const LEN: u64 = 64 * MIB;
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let mut cluster = Cluster::start(ClusterOptions::over(transport)).await;
     let tunnel = cluster
         .connect(&cluster.target(cluster.peer.addr.port()))
         .await
@@ -40,7 +50,8 @@ async fn sixty_four_mib_each_way_arrive_intact_through_one_stream() {
     .await;
     peer.assert_matches("64 MiB", request, LEN, &client);
     println!(
-        "64 MiB each way through one stream in {:.2} s: {:.0} MB/s per direction, {:.0} MB/s both ways",
+        "64 MiB each way through one {} stream in {:.2} s: {:.0} MB/s per direction, {:.0} MB/s both ways",
+        transport.as_str(),
         client.elapsed.as_secs_f64(),
         mb_per_s(LEN, client.elapsed),
         mb_per_s(2 * LEN, client.elapsed),
@@ -150,7 +161,17 @@ async fn check_half_close<S: AsyncRead + AsyncWrite + Unpin>(
 
 #[tokio::test]
 async fn testplan_05_half_close_delivers_exactly_n_bytes_then_eof_and_the_reply_still_arrives() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    half_close(Transport::Tcp).await;
+}
+
+#[tokio::test]
+async fn quic_testplan_05_half_close_delivers_exactly_n_bytes_then_eof_and_the_reply_still_arrives()
+{
+    half_close(Transport::Quic).await;
+}
+
+async fn half_close(transport: Transport) {
+    let mut cluster = Cluster::start(ClusterOptions::over(transport)).await;
     let target = cluster.target(cluster.peer.addr.port());
     let tls = cluster.connect(&target).await.expect("CONNECT (mTLS)");
     check_half_close(&mut cluster, tls, "half-close through the mTLS frontend").await;

@@ -8,6 +8,7 @@
 mod admin;
 mod backpressure;
 mod counting;
+mod fallback;
 mod frontends;
 mod idle;
 mod integrity;

@@ -5,6 +5,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
+use tether_tests::edge::Transport;
 use tether_tests::frontend::{connect_answer, curl, curl_proxy_args, read_answer, tls_to, Answer};
 use tether_tests::targets::EchoServer;
 use tether_tests::{
@@ -142,12 +143,21 @@ fn mentions(log: &str, target: &str) -> bool {
 
 #[tokio::test]
 async fn testplan_16_port_refused_by_edge_allowlist_carries_the_edge_reason() {
+    refused_by_edge_allowlist(Transport::Tcp).await;
+}
+
+#[tokio::test]
+async fn quic_testplan_16_port_refused_by_edge_allowlist_carries_the_edge_reason() {
+    refused_by_edge_allowlist(Transport::Quic).await;
+}
+
+async fn refused_by_edge_allowlist(transport: Transport) {
     // A listening port the server's policy allows but the edge's allowlist does not: only
     // the edge stands between the cloud side and this port.
     let unlisted = EchoServer::start().await;
     let cluster = Cluster::start(ClusterOptions {
         allow_server_only: vec![unlisted.addr.port()],
-        ..ClusterOptions::default()
+        ..ClusterOptions::over(transport)
     })
     .await;
     let target = cluster.target(unlisted.addr.port());

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use tether_tests::edge::Transport;
 use tether_tests::{poll_until, Cluster, ClusterOptions, NODE, NODE_IP};
 
 /// GET /healthz on the kubelet through the mTLS frontend.
@@ -21,7 +22,16 @@ async fn healthz(cluster: &Cluster) -> anyhow::Result<(u16, String)> {
 
 #[tokio::test]
 async fn edge_reconnects_after_server_restart_on_the_same_port() {
-    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    reconnects_after_restart(Transport::Tcp).await;
+}
+
+#[tokio::test]
+async fn quic_edge_reconnects_after_server_restart_on_the_same_port() {
+    reconnects_after_restart(Transport::Quic).await;
+}
+
+async fn reconnects_after_restart(transport: Transport) {
+    let mut cluster = Cluster::start(ClusterOptions::over(transport)).await;
     let edge_pid = cluster.edge.pid();
     let (status, body) = healthz(&cluster).await.expect("healthz before the restart");
     assert_eq!((status, body.as_str()), (200, "ok"));
@@ -39,7 +49,10 @@ async fn edge_reconnects_after_server_restart_on_the_same_port() {
         Duration::from_millis(20),
         || {
             let log = cluster.edge.log();
-            std::future::ready(log.contains("session failed").then_some(()))
+            // Over QUIC a lost peer is the bridge's end: the session ends rather than fails.
+            let noticed = log.contains("session failed")
+                || (transport == Transport::Quic && log.contains("session ended"));
+            std::future::ready(noticed.then_some(()))
         },
     )
     .await;
@@ -74,5 +87,10 @@ async fn edge_reconnects_after_server_restart_on_the_same_port() {
         cluster.edge.pid(),
         edge_pid,
         "the edge must not have been restarted"
+    );
+    assert_eq!(
+        cluster.server.edge_transport(NODE).as_deref(),
+        Some(transport.as_str()),
+        "the new session's transport"
     );
 }

@@ -276,3 +276,65 @@ async fn graceful_drain_grace_period_ends_the_streams_still_open() {
         "{log}"
     );
 }
+
+/// TESTPLAN 4 over QUIC: the drain keeps an open stream flowing on the QUIC session, new
+/// CONNECTs are refused by the draining replica, and the process exits as soon as the stream
+/// ends, long before the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_graceful_drain_keeps_an_open_stream_and_exits_early_when_it_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cluster = Cluster::start(ClusterOptions {
+        server: ServerOptions {
+            shutdown_grace: GRACE,
+            ..ServerOptions::default()
+        },
+        ..ClusterOptions::over(tether_tests::edge::Transport::Quic)
+    })
+    .await;
+    let mut held = cluster
+        .connect(&cluster.target(cluster.echo.addr.port()))
+        .await
+        .expect("CONNECT to echo");
+    cluster.server.signal("TERM");
+    let admin = cluster.server.addrs.admin;
+    poll_until(
+        "/readyz to turn 503",
+        Duration::from_secs(3),
+        Duration::from_millis(10),
+        || async move { matches!(admin_get(admin, "/readyz").await, Ok((503, _))).then_some(()) },
+    )
+    .await;
+    // The stream in flight keeps echoing through the draining session.
+    for round in 0..20u8 {
+        let sent = [round; 64];
+        held.write_all(&sent).await.expect("write during the drain");
+        let mut back = [0u8; 64];
+        within(
+            "the echo during the drain",
+            Duration::from_secs(5),
+            held.read_exact(&mut back),
+        )
+        .await
+        .expect("echo during the drain");
+        assert_eq!(back, sent, "round {round}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        cluster.server.exited().is_none(),
+        "the server exited with a stream in flight"
+    );
+    let left = Instant::now();
+    drop(held);
+    cluster
+        .server
+        .wait_exit(GRACE)
+        .await
+        .expect("the draining server to exit");
+    let exit = left.elapsed();
+    println!("QUIC drain: exited {exit:?} after the last stream ended (grace {GRACE:?})");
+    assert!(
+        exit < Duration::from_secs(3),
+        "exit took {exit:?} after the last stream ended"
+    );
+    assert!(cluster.server.log().contains("drained: no stream left"));
+}

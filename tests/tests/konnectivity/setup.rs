@@ -157,7 +157,7 @@ listen = "127.0.0.1:0"
         std::fs::write(
             d.join("edge.toml"),
             format!(
-                "[server]\naddress = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+                "[server]\naddress = \"{}\"\ntransport = \"tcp\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
                  [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{ports}]\n",
                 server.addrs.edge
             ),

@@ -12,6 +12,7 @@ mod accept_loop;
 mod edge_flood;
 mod frontend_slowloris;
 mod proxy_trust;
+mod quic_flood;
 mod registration_flood;
 mod session_abuse;
 mod stream_confusion;

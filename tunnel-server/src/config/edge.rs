@@ -80,6 +80,18 @@ pub struct EdgeListenerConfig {
     /// limit, so the rest stays available to the listeners, sessions and frontends.
     #[serde(default)]
     pub max_upstream_streams: Option<usize>,
+    /// Serve edge sessions over QUIC on UDP as well (ALPN `tether-quic/1`).
+    #[serde(default = "default_quic")]
+    pub quic: bool,
+    /// UDP address of the QUIC listener; absent = `listen`'s address and port number (the
+    /// port actually bound, when `listen` asks for port 0).
+    #[serde(default)]
+    pub quic_listen: Option<SocketAddr>,
+    /// QUIC handshakes from unvalidated addresses in progress at once before every further
+    /// one is answered with a stateless Retry (address validation, one extra round trip);
+    /// 0 = always Retry. See `session/quic.rs` for the measurement behind the default.
+    #[serde(default = "default_quic_retry_above")]
+    pub quic_retry_above: usize,
 }
 
 impl EdgeListenerConfig {
@@ -147,6 +159,15 @@ impl EdgeListenerConfig {
     }
 }
 
+fn default_quic() -> bool {
+    true
+}
+/// Default of `edge.quic_retry_above`: a fleet's reconnect after a replica restart brings at
+/// most a few hundred handshakes at once per replica, well below this; a flood of Initials
+/// passes it within milliseconds and then costs no state.
+fn default_quic_retry_above() -> usize {
+    64
+}
 fn default_edge_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], DEFAULT_EDGE_PORT))
 }

@@ -1,6 +1,6 @@
 //! The edge listener: accepting an edge's connection (per-source and global handshake
 //! slots, the pre-TLS prelude), the TLS and HTTP/2 handshakes, the session-info confirm, and
-//! then running the routed session until it ends. A child of `session`, so it can reach the
+//! then handing the session to `run`. A child of `session`, so it can reach the
 //! session's private state; it owns nothing of the frontends.
 
 use std::net::SocketAddr;
@@ -13,12 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, warn, Instrument};
 use tunnel_io::control_frames::ControlFrameLimit;
 
-use super::{streams_done, EdgeSession};
+use super::EdgeSession;
 use crate::prelude::{Prelude, PreludeError};
-use crate::session_info::{announce_changes, announce_once};
 use crate::source_limit::{SourceLimit, SourceSlot};
 use crate::Shared;
 
@@ -117,10 +116,11 @@ async fn admit(
     Ok((client, slot))
 }
 
-/// A session connection: TLS with its control-frame rate limit.
-type SessionIo = ControlFrameLimit<tokio_rustls::server::TlsStream<TcpStream>>;
+/// A session connection: TLS with its control-frame rate limit, or the in-memory end of a
+/// QUIC session's bridge (`super::quic`).
+pub(super) type SessionIo = Box<dyn tunnel_io::quic_bridge::Io>;
 
-type Handshaken = (
+pub(super) type Handshaken = (
     Arc<EdgeSession>,
     h2::client::Connection<SessionIo, Bytes>,
     PingPong,
@@ -141,6 +141,32 @@ enum Accepted {
     },
 }
 
+/// What an edge's client certificate says and how the registry stands on it.
+pub(super) struct Identified {
+    pub identity: tunnel_io::identity::EdgeIdentity,
+    /// When the node was revoked, if it was.
+    pub revoked_at: Option<u64>,
+    /// When the certificate was issued (Unix seconds).
+    pub issued: Option<u64>,
+    pub certificate: crate::session_certificate::SessionCertificate,
+}
+
+/// The identity checks every transport applies to the peer's certificate (`der`).
+pub(super) fn identify(shared: &Shared, der: &[u8]) -> Result<Identified, (&'static str, String)> {
+    let identity = crate::pki::edge_identity_from_der(der)
+        .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
+    let revoked_at = crate::revocation::revoked_certificate(shared, &identity.node, der);
+    let issued = crate::pki::issued_unix(der);
+    let certificate =
+        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der);
+    Ok(Identified {
+        identity,
+        revoked_at,
+        issued,
+        certificate,
+    })
+}
+
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -157,12 +183,12 @@ async fn handshake(
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or(("identity", "no client certificate".to_string()))?;
-    let identity = crate::pki::edge_identity_from_der(der.as_ref())
-        .map_err(|e| ("identity", format!("certificate identity refused: {e}")))?;
-    let revoked_at = crate::revocation::revoked_certificate(shared, &identity.node, der.as_ref());
-    let issued = crate::pki::issued_unix(der.as_ref());
-    let certificate =
-        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der.as_ref());
+    let Identified {
+        identity,
+        revoked_at,
+        issued,
+        certificate,
+    } = identify(shared, der.as_ref())?;
     if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
         // No request goes from server to edge on an upstream connection: refuse it plainly.
         if let Some(at) = revoked_at {
@@ -179,7 +205,10 @@ async fn handshake(
             peer,
         });
     }
-    let limited = ControlFrameLimit::from_server(tls, shared.config.edge.control_frame_quota());
+    let limited: SessionIo = Box::new(ControlFrameLimit::from_server(
+        tls,
+        shared.config.edge.control_frame_quota(),
+    ));
     let (send_request, mut connection) = shared
         .config
         .h2
@@ -255,7 +284,7 @@ async fn handle_edge(
     let slots = (admission, source_slot);
     let handshaken =
         tokio::time::timeout_at(deadline, handshake(tcp, peer, acceptor, &shared)).await;
-    let (session, mut connection, ping_pong) = match handshaken {
+    let (session, connection, ping_pong) = match handshaken {
         Ok(Ok(Accepted::Session(h))) => *h,
         Ok(Ok(Accepted::Upstream {
             tls,
@@ -298,90 +327,15 @@ async fn handle_edge(
             return;
         }
     };
-    tracing::Span::current().record("node", session.node.as_str());
-    // Behind a PROXY-protocol balancer this is the edge's own address, not the balancer's.
-    let peer = session.peer;
-    // The edge confirms before the session is routed: a duplicate session to this replica
-    // (another of the edge's sessions already holds it) is refused without disturbing it.
-    let confirm = announce_once(&session, &shared, shared.replica.count());
-    let confirmed = tokio::select! {
-        r = confirm => r,
-        r = &mut connection => Err(format!("session ended before confirming: {r:?}")),
-        _ = tokio::time::sleep_until(deadline) => Err(format!("edge did not confirm the session within {limit:?} of connecting")),
-        _ = stop.drain.cancelled() => Err("server draining".to_string()),
-    };
-    drop(slots);
-    if let Err(reason) = confirmed {
-        shared.metrics.handshake("unconfirmed");
-        info!(node = %session.node, %peer, reason, "edge session not established");
-        return;
-    }
-    let routed = Arc::new(crate::node_session::NodeSession::Tether(session.clone()));
-    let replaced = match shared.routes.register(routed.clone()) {
-        Ok(replaced) => replaced,
-        Err(conflict) => {
-            shared.metrics.handshake("conflict");
-            warn!(target: "audit", event = "edge_refused", %peer, node = %session.node, reason = %conflict, "edge session refused");
-            return;
-        }
-    };
-    if let Some(old) = replaced {
-        info!(old_peer = %old.peer(), old_kind = old.kind(), "new session replaces the node's previous one");
-        old.retire();
-    }
-    shared.metrics.handshake("ok");
-    // Counted while the session lives (replaced or not), dropped with this task.
-    let _expiry = session
-        .certificate()
-        .expires_unix
-        .map(|at| shared.metrics.edge_certificates.session(at as i64));
-    shared
-        .metrics
-        .edges_connected
-        .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_connected", node = %session.node, ips = ?tunnel_io::logging::JsonList(&session.ips), %peer, "edge session established");
-
-    let announce = announce_changes(&session, &shared);
-    tokio::pin!(announce);
-    let edge = &shared.config.edge;
-    let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
-    tokio::pin!(keepalive);
-    // Also after the session was replaced: a retired session still draining is the node's too.
-    let revoked = crate::revocation::until_revoked(
-        shared.revocations.clone(),
-        session.node.clone(),
-        session.certificate_issued(),
-    );
-    tokio::pin!(revoked);
-    let mut draining = false;
-    let ended = loop {
-        tokio::select! {
-            biased;
-            _ = stop.hard.cancelled() => break "server shut down".to_string(),
-            _ = session.closed.cancelled() => break "session closed by the server".to_string(),
-            _ = &mut revoked => break "node revoked".to_string(),
-            _ = stop.drain.cancelled(), if !draining => {
-                // Drain: no new streams here; in-flight ones run on, then h2 says GOAWAY.
-                draining = true;
-                session.retire();
-                shared.routes.deregister(&routed);
-            }
-            result = &mut connection => break match result {
-                Ok(()) => "session closed after its last stream".to_string(),
-                Err(e) => format!("session error: {e}"),
-            },
-            reason = &mut keepalive => break reason,
-            reason = &mut announce => break reason,
-            _ = streams_done(&session) => {
-                break "retired; its streams are done".to_string()
-            }
-        }
-    };
-    session.closed.cancel();
-    shared.routes.deregister(&routed);
-    shared
-        .metrics
-        .edges_connected
-        .set(shared.routes.len() as i64);
-    info!(target: "audit", event = "edge_disconnected", node = %session.node, %peer, reason = ended, "edge session ended");
+    super::run::run_session(
+        session,
+        connection,
+        ping_pong,
+        shared,
+        stop,
+        (deadline, limit),
+        slots,
+        None,
+    )
+    .await;
 }
