@@ -13,7 +13,8 @@ use crate::fixture::{Replicas, REFUSED};
 const TRANSFER: u64 = 16 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one() {
+async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one_and_revoked_tokens_are_refused(
+) {
     let Some(r) = Replicas::start("single_use_token_race", 3, vec![10250]).await else {
         return;
     };
@@ -44,6 +45,53 @@ async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one()
         used_up, 2,
         "both tokens listed as used up from etcd:\n{listed}"
     );
+    revoked_token_is_refused_on_every_replica(&r, balancer.addr).await;
+}
+
+/// `token create|list|revoke` with `--config` (etcd), each from another replica's config: the
+/// list shows both tokens and neither secret; a join with the revoked one gets the generic
+/// refusal, the other is admitted.
+async fn revoked_token_is_refused_on_every_replica(r: &Replicas, balancer: std::net::SocketAddr) {
+    let kept = r.servers[0].create_token(&["--description", "kept"]);
+    let dropped = r.servers[1].create_token(&["--description", "dropped"]);
+    let id = |token: &str| token.split_once('.').expect("id.secret").0.to_owned();
+    let secret = |token: &str| token.split_once('.').expect("id.secret").1.to_owned();
+    let listed = r.servers[2].admin(&["token", "list"]);
+    for token in [&kept, &dropped] {
+        assert!(listed.contains(&id(token)), "{listed}");
+        assert!(
+            !listed.contains(&secret(token)),
+            "no secret listed:\n{listed}"
+        );
+    }
+    r.servers[2].admin(&["token", "revoke", &id(&dropped)]);
+    let listed = r.servers[0].admin(&["token", "list"]);
+    let state = |token: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(&id(token)))
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        (state(&kept), state(&dropped)),
+        ("active".into(), "revoked".into()),
+        "{listed}"
+    );
+    // The revoked token on every replica (round robin over 3), then the kept one.
+    let (ok, refused) = r.join_burst(balancer, &dropped, "dropped", 3, 3).await;
+    assert_eq!(ok, 0, "a revoked token admits nobody");
+    assert!(refused.iter().all(|o| o.contains(REFUSED)), "{refused:#?}");
+    let (ok, refused) = r.join_burst(balancer, &kept, "kept", 4, 1).await;
+    assert_eq!(ok, 1, "the other token still admits: {refused:#?}");
+    for server in &r.servers {
+        assert!(
+            server.log_lines_with(&["join refused", &id(&dropped)]) >= 1,
+            "each replica refused the revoked token:\n{}",
+            server.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
