@@ -11,6 +11,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::registration::state::identities::IssuedIdentity;
 use crate::routing::Routable;
 use crate::Shared;
 
@@ -73,7 +74,8 @@ pub struct NodeView {
     pub certificate_serial: Option<String>,
     /// When its certificate expires, RFC 3339 (registry: the last one issued for it).
     pub certificate_expires: Option<String>,
-    /// Whether it holds a session with this replica now.
+    /// Whether it holds a session with this replica now (read from etcd by `node list
+    /// --config`: with any replica).
     pub connected: bool,
     /// Whether its certificate is refused as revoked (false again once re-admitted with a
     /// certificate issued after the revocation).
@@ -133,6 +135,17 @@ pub fn edges(shared: &Shared) -> EdgesResponse {
     }
 }
 
+/// What a live session tells about its node, where the registry does not.
+#[derive(Debug, Clone, Default)]
+pub struct LiveNode {
+    /// The session's node IPs.
+    pub ips: Vec<IpAddr>,
+    /// Its certificate's serial, when known.
+    pub certificate_serial: Option<String>,
+    /// When its certificate expires, Unix seconds, when known.
+    pub certificate_expires: Option<u64>,
+}
+
 /// The nodes view: the identity registry, the revocation list and the live sessions.
 pub fn nodes(shared: &Shared) -> NodesResponse {
     let identities = shared
@@ -147,38 +160,59 @@ pub fn nodes(shared: &Shared) -> NodesResponse {
         }
         None => BTreeMap::new(),
     };
-    let sessions: BTreeMap<String, _> = shared
+    let live: BTreeMap<String, LiveNode> = shared
         .routes
         .sessions()
         .into_iter()
-        .map(|s| (s.node().to_string(), s))
+        .map(|s| {
+            let certificate = s.edge_session().certificate();
+            let node = LiveNode {
+                ips: s.ips().to_vec(),
+                certificate_serial: known_serial(&certificate.serial),
+                certificate_expires: certificate.expires_unix,
+            };
+            (s.node().to_string(), node)
+        })
         .collect();
+    NodesResponse {
+        replica: shared.replica.id.to_string(),
+        registration: shared.identities.is_some(),
+        nodes: node_views(&identities, &revoked, &live),
+    }
+}
+
+/// One row per node named by the registry, the revocations or a live session, by name: the
+/// same rows whether read from one replica or from the shared store (`node list --config`).
+pub fn node_views(
+    identities: &BTreeMap<String, IssuedIdentity>,
+    revoked: &BTreeMap<String, u64>,
+    live: &BTreeMap<String, LiveNode>,
+) -> Vec<NodeView> {
     let names: BTreeSet<&String> = identities
         .keys()
         .chain(revoked.keys())
-        .chain(sessions.keys())
+        .chain(live.keys())
         .collect();
-    let nodes = names
+    names
         .into_iter()
         .map(|name| {
             let entry = identities.get(name);
-            let session = sessions.get(name);
+            let session = live.get(name);
             let revoked_at = revoked.get(name).copied();
-            let certificate = session.map(|s| s.edge_session().certificate());
             NodeView {
                 node: name.clone(),
                 ips: entry
                     .map(|e| e.ips.clone())
-                    .or_else(|| session.map(|s| s.ips().to_vec()))
+                    .or_else(|| session.map(|s| s.ips.clone()))
                     .unwrap_or_default(),
                 pool: entry.map(|e| e.pool.clone()),
                 joined: entry.is_some(),
                 certificate_serial: entry
                     .map(|e| e.serial.clone())
-                    .or_else(|| certificate.as_ref().and_then(|c| known_serial(&c.serial))),
+                    .or_else(|| session.and_then(|s| s.certificate_serial.clone())),
                 certificate_expires: entry
                     .map(|e| e.expires_unix)
-                    .or_else(|| certificate.as_ref().and_then(|c| c.expires_unix))
+                    .or_else(|| session.and_then(|s| s.certificate_expires))
                     .map(rfc3339),
                 connected: session.is_some(),
                 // Re-admitted when its current certificate was issued after the revocation.
@@ -186,10 +220,5 @@ pub fn nodes(shared: &Shared) -> NodesResponse {
                 revoked_at: revoked_at.map(rfc3339),
             }
         })
-        .collect();
-    NodesResponse {
-        replica: shared.replica.id.to_string(),
-        registration: shared.identities.is_some(),
-        nodes,
-    }
+        .collect()
 }

@@ -51,10 +51,14 @@ pub struct EdgesArgs {
 #[derive(clap::Args, Debug)]
 pub struct NodeListArgs {
     /// The admin address (`admin.listen`) of a running replica, host:port. The list comes
-    /// from the live server (registration state plus who is connected to that replica);
-    /// there is no offline mode.
+    /// from the live server (registration state plus who is connected to that replica).
     #[arg(long = "admin", value_name = "ADDR", default_value = DEFAULT_ADMIN)]
     pub admin: String,
+    /// Instead of an admin API: the server config of a replica using `[state] backend =
+    /// "etcd"`; identities, revocations and live sessions (on any replica) are read from
+    /// etcd, so no replica needs to be running.
+    #[arg(long, short, conflicts_with = "admin")]
+    pub config: Option<std::path::PathBuf>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -212,16 +216,21 @@ pub fn run_edges(args: EdgesArgs) -> Result<(), FleetError> {
 /// Run `tunnel-server node list`.
 pub fn run_node_list(args: NodeListArgs) -> Result<(), FleetError> {
     let response = runtime()?.block_on(get::<NodesResponse>(&args.admin, NODES_PATH))?;
-    match args.output {
+    if !response.registration && args.output == Output::Table {
+        eprintln!(
+            "note: {} has no [registration]: only connected nodes are listed",
+            args.admin
+        );
+    }
+    print_nodes(&response, args.output)
+}
+
+/// Print a nodes view, from an admin API or from the state store alike.
+pub(crate) fn print_nodes(response: &NodesResponse, output: Output) -> Result<(), FleetError> {
+    match output {
         Output::Json => print_json(&response.nodes),
         Output::Table => {
-            if !response.registration {
-                eprintln!(
-                    "note: {} has no [registration]: only connected nodes are listed",
-                    args.admin
-                );
-            }
-            print!("{}", nodes_table(&response));
+            print!("{}", nodes_table(response));
             Ok(())
         }
     }

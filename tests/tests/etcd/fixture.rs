@@ -13,6 +13,9 @@ pub const REFUSED: &str = "registration refused";
 /// How long a whole burst of joins may take: each `tunnel-edge join` takes ~50 ms alone.
 pub const JOINS_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The replicas' `state.prune_interval` here (default 60 s): a janitor pass within a test.
+pub const PRUNE_INTERVAL: &str = "1s";
+
 pub struct Replicas {
     pub servers: Vec<RegistrationServer>,
     pub pki: Pki,
@@ -49,7 +52,7 @@ impl Replicas {
                 // `[state]` and `[replica]` after the `[registration]` keys; TOML allows
                 // `[registration.rate]` to follow them.
                 registration_extra: format!(
-                    "\n[state]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nrequest_timeout = \"2s\"\nsession_ttl = \"3s\"\n\n[replica]\nid = \"replica-{i}\"\ncount = 1\n"
+                    "\n[state]\nbackend = \"etcd\"\nendpoints = [{endpoints}]\nrequest_timeout = \"2s\"\nsession_ttl = \"3s\"\nprune_interval = \"{PRUNE_INTERVAL}\"\n\n[replica]\nid = \"replica-{i}\"\ncount = 1\n"
                 ),
                 ..RegistrationOptions::default()
             };

@@ -13,7 +13,8 @@ use crate::fixture::{Replicas, REFUSED};
 const TRANSFER: u64 = 16 << 20;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one() {
+async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one_and_revoked_tokens_are_refused(
+) {
     let Some(r) = Replicas::start("single_use_token_race", 3, vec![10250]).await else {
         return;
     };
@@ -44,6 +45,53 @@ async fn single_use_token_raced_by_20_joins_over_3_replicas_admits_exactly_one()
         used_up, 2,
         "both tokens listed as used up from etcd:\n{listed}"
     );
+    revoked_token_is_refused_on_every_replica(&r, balancer.addr).await;
+}
+
+/// `token create|list|revoke` with `--config` (etcd), each from another replica's config: the
+/// list shows both tokens and neither secret; a join with the revoked one gets the generic
+/// refusal, the other is admitted.
+async fn revoked_token_is_refused_on_every_replica(r: &Replicas, balancer: std::net::SocketAddr) {
+    let kept = r.servers[0].create_token(&["--description", "kept"]);
+    let dropped = r.servers[1].create_token(&["--description", "dropped"]);
+    let id = |token: &str| token.split_once('.').expect("id.secret").0.to_owned();
+    let secret = |token: &str| token.split_once('.').expect("id.secret").1.to_owned();
+    let listed = r.servers[2].admin(&["token", "list"]);
+    for token in [&kept, &dropped] {
+        assert!(listed.contains(&id(token)), "{listed}");
+        assert!(
+            !listed.contains(&secret(token)),
+            "no secret listed:\n{listed}"
+        );
+    }
+    r.servers[2].admin(&["token", "revoke", &id(&dropped)]);
+    let listed = r.servers[0].admin(&["token", "list"]);
+    let state = |token: &str| {
+        listed
+            .lines()
+            .find(|l| l.starts_with(&id(token)))
+            .and_then(|l| l.split_whitespace().nth(5))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(
+        (state(&kept), state(&dropped)),
+        ("active".into(), "revoked".into()),
+        "{listed}"
+    );
+    // The revoked token on every replica (round robin over 3), then the kept one.
+    let (ok, refused) = r.join_burst(balancer, &dropped, "dropped", 3, 3).await;
+    assert_eq!(ok, 0, "a revoked token admits nobody");
+    assert!(refused.iter().all(|o| o.contains(REFUSED)), "{refused:#?}");
+    let (ok, refused) = r.join_burst(balancer, &kept, "kept", 4, 1).await;
+    assert_eq!(ok, 1, "the other token still admits: {refused:#?}");
+    for server in &r.servers {
+        assert!(
+            server.log_lines_with(&["join refused", &id(&dropped)]) >= 1,
+            "each replica refused the revoked token:\n{}",
+            server.log()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +260,7 @@ async fn retry_join(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn csr_replayed_to_another_replica_is_refused() {
+async fn csr_replayed_to_another_replica_is_refused_and_node_list_reads_etcd() {
     let Some(r) = Replicas::start("csr_replay_across_replicas", 3, vec![10250]).await else {
         return;
     };
@@ -247,6 +295,98 @@ async fn csr_replayed_to_another_replica_is_refused() {
             r.servers[i].log()
         );
     }
+    // Another node joins through replica 1 and is revoked through replica 2's config.
+    let gone: std::net::IpAddr = "10.80.0.2".parse().expect("ip");
+    let (_, csr_der) = tunnel_edge::join::new_csr("replay-gone", &[gone]).expect("csr");
+    let joined = tunnel_io::registration::pb::JoinRequest {
+        node_name: "replay-gone".into(),
+        node_ips: vec![gone.to_string()],
+        csr_der,
+        ..request
+    };
+    call(1, joined).await.expect("the second node's join");
+    r.servers[2].admin(&["node", "revoke", "replay-gone"]);
+    node_list_from_etcd_matches_a_replicas_view(&r).await;
+}
+
+/// `node list --config` reads etcd: the joined node with its certificate's expiry, the revoked
+/// one with its revocation time, the same rows a replica's admin API gives once its watch
+/// has the revocation.
+async fn node_list_from_etcd_matches_a_replicas_view(r: &Replicas) {
+    let listed = r.servers[0].admin(&["node", "list", "-o", "json"]);
+    let from_etcd: Vec<tunnel_server::admin_api::NodeView> =
+        serde_json::from_str(&listed).expect("node list JSON");
+    let row = |name: &str| {
+        from_etcd
+            .iter()
+            .find(|n| n.node == name)
+            .unwrap_or_else(|| panic!("{name} listed from etcd: {listed}"))
+            .clone()
+    };
+    let joined = row("replayed");
+    assert!(joined.joined && !joined.revoked, "{joined:?}");
+    assert!(joined.certificate_expires.is_some(), "{joined:?}");
+    assert_eq!(
+        joined.ips,
+        vec!["10.80.0.1".parse::<std::net::IpAddr>().expect("ip")]
+    );
+    let revoked = row("replay-gone");
+    assert!(
+        revoked.revoked && revoked.revoked_at.is_some(),
+        "{revoked:?}"
+    );
+    assert!(revoked.certificate_expires.is_some(), "{revoked:?}");
+    let admin = r.servers[1].admin.to_string();
+    let expected = from_etcd.clone();
+    tether_tests::poll_until(
+        "replica 1's admin API lists the same rows",
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        || {
+            let (admin, expected) = (admin.clone(), expected.clone());
+            async move {
+                let nodes = tunnel_server::fleet::get::<tunnel_server::admin_api::NodesResponse>(
+                    &admin,
+                    tunnel_server::admin_api::NODES_PATH,
+                )
+                .await
+                .ok()?;
+                (nodes.nodes == expected).then_some(())
+            }
+        },
+    )
+    .await;
+    let table = r.servers[2].admin(&["node", "list"]);
+    // NODE IPS POOL CONNECTED CERT-EXPIRES REVOKED REVOKED-AT
+    let columns = |name: &str| -> Vec<String> {
+        table
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            .find(|c| c.first().map(String::as_str) == Some(name))
+            .unwrap_or_else(|| panic!("{name} in the table:\n{table}"))
+    };
+    let expires = |view: &tunnel_server::admin_api::NodeView| view.certificate_expires.clone();
+    let (joined_row, revoked_row) = (columns("replayed"), columns("replay-gone"));
+    assert_eq!(
+        joined_row[3..],
+        [
+            "no".to_owned(),
+            expires(&joined).expect("expiry"),
+            "no".into(),
+            "-".into()
+        ],
+        "{table}"
+    );
+    assert_eq!(
+        revoked_row[3..],
+        [
+            "no".to_owned(),
+            expires(&revoked).expect("expiry"),
+            "yes".into(),
+            revoked.revoked_at.clone().expect("revocation time"),
+        ],
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

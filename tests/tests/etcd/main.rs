@@ -8,4 +8,5 @@
 mod fixture;
 mod import;
 mod joins;
+mod prune;
 mod revocation;

@@ -99,7 +99,7 @@ pub enum TokenCommand {
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
     /// List joined, connected and revoked nodes, with IPs, pool, certificate expiry and
-    /// revocation time, from a running replica's admin API (live only: no offline mode).
+    /// revocation time, from a running replica's admin API, or from etcd with --config.
     List(crate::fleet::NodeListArgs),
     /// Remove a node: close its sessions and upstream streams, refuse every certificate
     /// issued to it until now and its re-joins; its edge is told "node revoked at …; re-join
@@ -312,7 +312,10 @@ pub fn run_token(command: TokenCommand) -> anyhow::Result<()> {
 /// Run a `node` command.
 pub fn run_node(command: NodeCommand) -> anyhow::Result<()> {
     match command {
-        NodeCommand::List(args) => Ok(crate::fleet::run_node_list(args)?),
+        NodeCommand::List(args) => match args.config.clone() {
+            Some(config) => super::cli_state::run_node_list_from_store(&config, args.output),
+            None => Ok(crate::fleet::run_node_list(args)?),
+        },
         NodeCommand::Revoke { files, name } => {
             let node = protocol::NodeName::parse(&name)
                 .map_err(|e| anyhow::anyhow!("node name {name:?}: {e}"))?;

@@ -129,3 +129,36 @@ pub fn run_edges_from_store(config: &PathBuf, output: crate::fleet::Output) -> a
     }
     Ok(())
 }
+
+/// `tunnel-server node list --config SERVER.toml`: the nodes view the admin API gives, read
+/// from etcd: identities (expired ones left out, as a replica does), revocations, and
+/// "connected" when any replica publishes a session for the node.
+pub fn run_node_list_from_store(
+    config: &PathBuf,
+    output: crate::fleet::Output,
+) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let (state, _) = etcd_store(&rt, Some(config))?.with_context(|| {
+        format!(
+            "{}: `[state] backend` is not \"etcd\"; ask a replica's admin API (--admin)",
+            config.display()
+        )
+    })?;
+    let ((revoked, mut identities, _), sessions) =
+        rt.block_on(async { tokio::try_join!(state.read_views(), state.list_sessions()) })?;
+    identities.prune(super::state::unix_now());
+    let mut live = std::collections::BTreeMap::new();
+    for session in sessions {
+        live.entry(session.node)
+            .or_insert_with(|| crate::admin_api::LiveNode {
+                ips: session.addresses,
+                ..Default::default()
+            });
+    }
+    let response = crate::admin_api::NodesResponse {
+        replica: String::new(),
+        registration: true,
+        nodes: crate::admin_api::node_views(&identities.nodes, &revoked, &live),
+    };
+    Ok(crate::fleet::print_nodes(&response, output)?)
+}

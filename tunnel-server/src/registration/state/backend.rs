@@ -136,14 +136,16 @@ impl StateStore {
     }
 
     /// Keep [`StateStore::revocations`] current and close the sessions of newly revoked
-    /// nodes, until `cancel` (the etcd backend also keeps the identity view current and
-    /// publishes this replica's live sessions).
+    /// nodes, until `cancel` (the etcd backend also keeps the identity view current,
+    /// publishes this replica's live sessions and prunes expired records).
     pub async fn watch_revocations(&self, shared: Arc<crate::Shared>, cancel: CancellationToken) {
         match self {
             StateStore::File(f) => super::revocation::watch(f.revocations(), shared, cancel).await,
             StateStore::Etcd(e) => {
+                let replica = shared.replica.id.to_string();
                 tokio::join!(
                     e.watch_views(shared.clone(), cancel.clone()),
+                    e.prune_expired(replica, cancel.clone()),
                     e.publish_sessions(shared, cancel),
                 );
             }

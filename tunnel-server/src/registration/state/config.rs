@@ -52,6 +52,10 @@ pub struct StateConfig {
     /// replica dies.
     #[serde(default = "default_session_ttl", with = "humantime_serde")]
     pub session_ttl: Duration,
+    /// How often one replica deletes expired certified-key records and expired tokens' use
+    /// counts (see `etcd::prune`).
+    #[serde(default = "default_prune_interval", with = "humantime_serde")]
+    pub prune_interval: Duration,
 }
 
 impl Default for StateConfig {
@@ -66,6 +70,7 @@ impl Default for StateConfig {
             connect_timeout: default_connect_timeout(),
             request_timeout: default_request_timeout(),
             session_ttl: default_session_ttl(),
+            prune_interval: default_prune_interval(),
         }
     }
 }
@@ -87,6 +92,12 @@ fn default_request_timeout() -> Duration {
 /// 10 s: the live-session view may show a dead replica's sessions for at most this long.
 fn default_session_ttl() -> Duration {
     Duration::from_secs(10)
+}
+
+/// 60 s: expired records cost only space, and a minute keeps the pruning's reads (a range
+/// over `keys/`) negligible next to the joins; a shorter interval is for tests.
+fn default_prune_interval() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl StateConfig {
@@ -159,6 +170,12 @@ impl StateConfig {
             if value.is_zero() {
                 return Err(format!("key `state.{key}` must be > 0"));
             }
+        }
+        if self.prune_interval < Duration::from_secs(1) {
+            return Err(
+                "key `state.prune_interval` must be at least 1s (etcd leases are whole seconds)"
+                    .into(),
+            );
         }
         if self.session_ttl < Duration::from_secs(2) {
             return Err(
@@ -243,5 +260,18 @@ mod tests {
         let mut prefix = etcd(&["http://127.0.0.1:2379"]);
         prefix.prefix = "tether".into();
         assert!(prefix.validate(true).unwrap_err().contains("state.prefix"));
+    }
+
+    #[test]
+    fn prune_interval_defaults_to_a_minute_and_takes_whole_seconds() {
+        let config = etcd(&["http://127.0.0.1:2379"]);
+        assert_eq!(config.prune_interval, Duration::from_secs(60));
+        assert!(config.validate(true).is_ok());
+        let short = StateConfig {
+            prune_interval: Duration::from_millis(500),
+            ..config
+        };
+        let error = short.validate(true).expect_err("under 1s");
+        assert!(error.contains("state.prune_interval"), "{error}");
     }
 }

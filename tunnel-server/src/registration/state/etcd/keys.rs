@@ -62,6 +62,11 @@ impl Keys {
         format!("{}sessions/{node}/{replica}", self.prefix)
     }
 
+    /// Held, under a lease of one prune interval, by the replica pruning this interval.
+    pub fn janitor(&self) -> String {
+        format!("{}janitor", self.prefix)
+    }
+
     /// The last path segment of `key` under `kind/` (a node name, token ID), if it is one.
     pub fn name_in<'k>(&self, kind: &str, key: &'k [u8]) -> Option<&'k str> {
         let key = std::str::from_utf8(key).ok()?;

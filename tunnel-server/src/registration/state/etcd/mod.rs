@@ -17,10 +17,14 @@
 //! | `ips/<ip>`                   | the node holding the address (index of `identities/`)  |
 //! | `revoked/<node>`             | revocation time (Unix s, decimal)                      |
 //! | `sessions/<node>/<replica>`  | a live session, under the holding replica's lease      |
+//! | `janitor`                    | the replica pruning this interval, under a lease       |
+//!
+//! Expired `keys/` records and expired tokens' `uses/` are deleted by [`prune`].
 
 mod decide;
 pub mod import;
 pub mod keys;
+pub mod prune;
 mod sessions;
 mod tokens;
 mod watch;

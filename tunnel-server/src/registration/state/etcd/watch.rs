@@ -120,6 +120,18 @@ impl EtcdState {
 
     /// Read every revocation and identity at one revision and replace the views.
     async fn full_sync(&self) -> Result<Synced, StateError> {
+        let (revocations, registry, revision) = self.read_views().await?;
+        self.revocations.replace(revocations.clone());
+        *self.identities.write() = registry;
+        self.metrics().synced(0.0);
+        Ok(Synced {
+            revocations,
+            revision,
+        })
+    }
+
+    /// Every revocation (node → Unix s) and identity as of one revision, and that revision.
+    pub async fn read_views(&self) -> Result<(BTreeMap<String, u64>, Identities, i64), StateError> {
         let (revoked, identities) = (self.keys.kind("revoked"), self.keys.kind("identities"));
         let txn = etcd_client::Txn::new().and_then(vec![
             TxnOp::get(revoked.as_bytes(), Some(GetOptions::new().with_prefix())),
@@ -154,13 +166,7 @@ impl EtcdState {
                 }
             }
         }
-        self.revocations.replace(revocations.clone());
-        *self.identities.write() = registry;
-        self.metrics().synced(0.0);
-        Ok(Synced {
-            revocations,
-            revision,
-        })
+        Ok((revocations, registry, revision))
     }
 
     /// Seconds between the newest revocation in `message` and now: how late a change
