@@ -105,26 +105,46 @@ pub(crate) fn service<'a>(objects: &'a [Object], name: &str) -> &'a Service {
         .unwrap_or_else(|| panic!("no Service {name}"))
 }
 
-fn container_port(container: &Container, name: &str) -> u16 {
-    let port = container
+/// The container port named `name`, and its protocol (Kubernetes' default: TCP).
+fn container_port_on(container: &Container, name: &str) -> (u16, String) {
+    let found = container
         .ports
         .iter()
         .flatten()
         .find(|p| p.name.as_deref() == Some(name))
-        .unwrap_or_else(|| panic!("no containerPort named {name}"))
-        .container_port;
-    u16::try_from(port).expect("port in range")
+        .unwrap_or_else(|| panic!("no containerPort named {name}"));
+    let protocol = found.protocol.clone().unwrap_or_else(|| "TCP".into());
+    (
+        u16::try_from(found.container_port).expect("port in range"),
+        protocol,
+    )
 }
 
-/// The Service's port `port`, checked to lead to the container port named `target`.
+fn container_port(container: &Container, name: &str) -> u16 {
+    let (port, protocol) = container_port_on(container, name);
+    assert_eq!(protocol, "TCP", "containerPort {name}");
+    port
+}
+
+/// The Service's TCP port `port`, checked to lead to the container port named `target`.
 pub(crate) fn service_port(service: &Service, port: u16, target: &str) {
+    service_port_on(service, "TCP", port, target);
+}
+
+/// The Service's `protocol` port `port`, checked to lead to the container port named `target`.
+fn service_port_on(service: &Service, protocol: &str, port: u16, target: &str) {
     let spec = service.spec.as_ref().expect("spec");
     let found = spec
         .ports
         .iter()
         .flatten()
-        .find(|p| p.port == i32::from(port))
-        .unwrap_or_else(|| panic!("{:?} has no port {port}", service.metadata.name));
+        .find(|p| p.port == i32::from(port) && p.protocol.as_deref().unwrap_or("TCP") == protocol)
+        .unwrap_or_else(|| {
+            panic!(
+                "{:?} has no {protocol} port {port}",
+                service.metadata.name
+            )
+        });
     assert_eq!(
         found.target_port,
         Some(IntOrString::String(target.into())),
@@ -161,6 +181,13 @@ fn in_cluster_ports_names_and_paths_agree() {
     assert_eq!(container_port(c, "frontend"), frontend.port());
     assert_eq!(container_port(c, "admin"), admin.port());
     assert!(admin.ip().is_unspecified(), "probes need the pod address");
+    // QUIC sessions: on by default, on UDP at the edge port unless `quic_listen` says otherwise.
+    assert!(r.config.edge.quic, "[edge] quic");
+    let quic = r.config.edge.quic_listen.unwrap_or(r.config.edge.listen);
+    assert_eq!(
+        container_port_on(c, "edge-quic"),
+        (quic.port(), "UDP".to_owned())
+    );
 
     // Edges: the load balancer's 443 (join) and 9000 (sessions), with the annotations slot.
     let lb = service(&r.objects, "tether-edge");
@@ -182,6 +209,7 @@ fn in_cluster_ports_names_and_paths_agree() {
     );
     service_port(lb, 443, "registration");
     service_port(lb, 9000, "edge");
+    service_port_on(lb, "UDP", 9000, "edge-quic");
 
     // kube-apiserver: the egress URL is the tether-server Service by its DNS name.
     let (host, port) = egress_url(&r.egress);
