@@ -11,6 +11,7 @@ mod counting;
 mod frontends;
 mod idle;
 mod integrity;
+mod interactive;
 mod isolation;
 mod liveness;
 mod node_name;
