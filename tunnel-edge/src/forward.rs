@@ -158,7 +158,10 @@ impl Forwarder {
             .config()
             .h2
             .client_builder()
-            .handshake::<_, Bytes>(io)
+            .handshake::<_, Bytes>(tunnel_io::turns::TakeTurns::new(
+                io,
+                tunnel_io::turns::SESSION_TURN_BYTES,
+            ))
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         tokio::spawn(async move {

@@ -349,7 +349,10 @@ impl Edge {
             self.config
                 .h2
                 .server_builder()
-                .handshake::<_, Bytes>(tls)
+                .handshake::<_, Bytes>(tunnel_io::turns::TakeTurns::new(
+                    tls,
+                    tunnel_io::turns::SESSION_TURN_BYTES,
+                ))
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))
         };
