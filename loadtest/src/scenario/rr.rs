@@ -87,7 +87,10 @@ const BULK_LEAD: Duration = Duration::from_millis(300);
 fn spawn_bulk(
     path: Arc<Path>,
     length: Duration,
-) -> anyhow::Result<(Instant, tokio::sync::oneshot::Receiver<anyhow::Result<bulk::Moved>>)> {
+) -> anyhow::Result<(
+    Instant,
+    tokio::sync::oneshot::Receiver<anyhow::Result<bulk::Moved>>,
+)> {
     let deadline = Instant::now() + length;
     let (done, moved) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
