@@ -18,7 +18,6 @@ pub mod pipe;
 pub mod registration;
 pub mod secret;
 pub mod tls;
-pub mod turns;
 
 /// Set TCP_NODELAY, ignoring failure (a socket that already failed will report it on first use).
 ///

@@ -158,10 +158,7 @@ impl Forwarder {
             .config()
             .h2
             .client_builder()
-            .handshake::<_, Bytes>(tunnel_io::turns::TakeTurns::new(
-                io,
-                tunnel_io::turns::SESSION_TURN_BYTES,
-            ))
+            .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
         tokio::spawn(async move {

@@ -349,10 +349,7 @@ impl Edge {
             self.config
                 .h2
                 .server_builder()
-                .handshake::<_, Bytes>(tunnel_io::turns::TakeTurns::new(
-                    tls,
-                    tunnel_io::turns::SESSION_TURN_BYTES,
-                ))
+                .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|e| format!("HTTP/2 handshake: {e}"))
         };

@@ -15,7 +15,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 use tunnel_io::control_frames::ControlFrameLimit;
-use tunnel_io::turns::{TakeTurns, SESSION_TURN_BYTES};
 
 use super::{streams_done, EdgeSession};
 use crate::prelude::{Prelude, PreludeError};
@@ -118,9 +117,8 @@ async fn admit(
     Ok((client, slot))
 }
 
-/// A session connection: TLS taking turns with the thread's other tasks
-/// ([`tunnel_io::turns`]), with its control-frame rate limit.
-type SessionIo = ControlFrameLimit<TakeTurns<tokio_rustls::server::TlsStream<TcpStream>>>;
+/// A session connection: TLS with its control-frame rate limit.
+type SessionIo = ControlFrameLimit<tokio_rustls::server::TlsStream<TcpStream>>;
 
 type Handshaken = (
     Arc<EdgeSession>,
@@ -181,7 +179,6 @@ async fn handshake(
             peer,
         });
     }
-    let tls = TakeTurns::new(tls, SESSION_TURN_BYTES);
     let limited = ControlFrameLimit::from_server(tls, shared.config.edge.control_frame_quota());
     let (send_request, mut connection) = shared
         .config
@@ -269,7 +266,6 @@ async fn handle_edge(
             tracing::Span::current().record("node", node.as_str());
             drop(slots);
             let quota = shared.config.edge.control_frame_quota();
-            let tls = TakeTurns::new(tls, SESSION_TURN_BYTES);
             let limited = ControlFrameLimit::from_client(tls, quota);
             crate::upstream::serve(limited, node, cert_der, peer, shared, stop).await;
             return;
