@@ -82,9 +82,9 @@ struct RunArgs {
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Runtime threads [default: the cores this process may use]. One replica carries every
-    /// node's traffic, so it uses every core it is given; CPU per request and per GB stays
-    /// within a few percent of one thread (docs/ARCHITECTURE.md, "Threads"). 1 runs everything
-    /// on one thread: the cheapest on a machine of one or two cores shared with other work.
+    /// node's traffic, so by default it can use every core it is given. 1 runs everything on
+    /// one thread: the cheapest per GB and per request where cores are few and shared (on 2
+    /// shared cores two threads cost 25-65 % more CPU per GB; docs/ARCHITECTURE.md).
     #[arg(long, env = "TETHER_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// How long in-flight streams may run after SIGTERM before the process exits.

@@ -15,9 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const EXCHANGES: usize = 200;
 /// Bytes per exchange, like a `kubectl exec` keystroke burst or a metrics request.
 const EXCHANGE_BYTES: usize = 512;
-/// Bytes the bulk stream sends each way: long enough to outlast the exchanges on this
-/// machine (it moves ~200 MB/s per direction in a debug build).
-const BULK_BYTES: u64 = 512 * MIB;
+/// Bytes the bulk stream would send each way: far more than it moves while the exchanges
+/// run (it is aborted after them), so it is still running when they end on any machine.
+const BULK_BYTES: u64 = 64 * 1024 * MIB;
 /// The firehose's cap; the stalled stream blocks long before it (the windows bound it).
 const FIREHOSE_CAP: u64 = 160 * MIB;
 
