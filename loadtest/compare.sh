@@ -163,7 +163,9 @@ for line in open(sys.argv[1]):
         paths.append(r["path"])
 KEY = [("bulk", "total_gbit_s"), ("rr", "rps"), ("rr", "latency_p50_us"),
        ("rr", "latency_p99_us"), ("hol", "idle_rps"), ("hol", "busy_rps"),
-       ("hol", "rps_ratio"), ("hol", "busy_p99_us"), ("connect", "conn_per_s"),
+       ("hol", "rps_ratio"), ("hol", "idle_p99_us"), ("hol", "busy_p50_us"),
+       ("hol", "busy_p99_us"), ("hol", "busy_p999_us"), ("hol", "bulk_alone_mb_s"),
+       ("hol", "bulk_mb_s"), ("hol", "bulk_ratio"), ("connect", "conn_per_s"),
        ("connect", "latency_p50_us"), ("connect", "latency_p99_us"),
        ("hold", "rss_per_conn_kib"), ("hold", "server_rss_per_conn_kib"),
        ("hold", "edge_rss_per_conn_kib")]
@@ -206,6 +208,17 @@ for fe in ["tether-unix", "tether-tls"]:
         (f"rr p99 {fe} / direct p99", ratio(med("rr", fe, "latency_p99_us"), med("rr", "direct", "latency_p99_us")), 2.0, False),
         (f"hol busy/idle {fe}", med("hol", fe, "rps_ratio"), 0.9, True),
         (f"hold server KiB/conn {fe}", med("hold", fe, "server_rss_per_conn_kib"), 12.0, False),
+    ]
+    # Issue 16: small requests beside one bulk stream on the same session.
+    rathole_hol = [med("hol", p, "rps_ratio") for p in ["rathole-tcp", "rathole-tls"]]
+    rathole_hol = [v for v in rathole_hol if v is not None]
+    T += [
+        (f"hol rps ratio {fe}", med("hol", fe, "rps_ratio"), 0.6, True),
+        (f"hol rps ratio {fe} / best rathole", ratio(med("hol", fe, "rps_ratio"), max(rathole_hol, default=None)), 1.0, True),
+        (f"hol busy p99 ms {fe}", (lambda v: v / 1000 if v is not None else None)(med("hol", fe, "busy_p99_us")), 3.0, False),
+        (f"hol busy p99 / idle p99 {fe}", med("hol", fe, "busy_p99_over_idle"), 4.0, False),
+        (f"hol bulk beside / alone {fe}", med("hol", fe, "bulk_ratio"), 0.8, True),
+        (f"rr rps {fe} / rathole-tcp", ratio(med("rr", fe, "rps"), med("rr", "rathole-tcp", "rps")), 1.0, True),
     ]
 if edges:
     T += [("edges server KiB/edge", statistics.median(x["server_rss_per_edge_kib"] for x in edges), 100.0, False),

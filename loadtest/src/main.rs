@@ -31,7 +31,8 @@ struct Cli {
     /// Workload.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Seconds the measured phase runs (hol: half idle, half busy).
+    /// Seconds the measured phase runs (hol: three phases of half of it: requests alone, bulk
+    /// alone, both).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
     /// Which Tether CONNECT frontend to use.

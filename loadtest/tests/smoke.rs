@@ -62,6 +62,13 @@ fn hol_reports_idle_and_busy_rates() {
     positive(&r, "busy_rps");
     positive(&r, "rps_ratio");
     positive(&r, "bulk_mb_s");
+    positive(&r, "bulk_alone_mb_s");
+    positive(&r, "bulk_ratio");
+    for phase in ["idle", "busy"] {
+        for q in ["p50", "p99", "p999"] {
+            positive(&r, &format!("{phase}_{q}_us"));
+        }
+    }
 }
 
 #[test]

@@ -84,9 +84,12 @@ struct RunArgs {
     /// Once every listener is bound, write their addresses here as JSON.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Runtime threads; 1 runs everything on one thread, which measured fastest per core.
-    #[arg(long, env = "TETHER_WORKER_THREADS", default_value_t = 1)]
-    worker_threads: usize,
+    /// Runtime threads [default: the cores this process may use]. One replica carries every
+    /// node's traffic, so by default it can use every core it is given. 1 runs everything on
+    /// one thread: the cheapest per GB and per request where cores are few and shared (on 2
+    /// shared cores two threads cost 25-65 % more CPU per GB; docs/ARCHITECTURE.md).
+    #[arg(long, env = "TETHER_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// How long in-flight streams may run after SIGTERM before the process exits.
     #[arg(long, value_parser = humantime_parse, default_value = "30s")]
     shutdown_grace: Duration,
@@ -212,13 +215,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .validate()
         .map_err(|m| anyhow::anyhow!("{}: {m}", args.config.display()))?;
     tunnel_io::logging::init(config.log.format, &config.log.filter);
-    let runtime = if args.worker_threads <= 1 {
+    let threads = args.worker_threads.unwrap_or_else(available_cores);
+    tracing::info!(worker_threads = threads, "starting runtime");
+    let runtime = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(args.worker_threads)
+            .worker_threads(threads)
             .enable_all()
             .build()?
     };
@@ -238,6 +243,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Cores this process may run on (its CPU affinity and cgroup quota), 1 if unknown.
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn write_ready_file(path: &Path, addrs: &tunnel_server::BoundAddrs) -> anyhow::Result<()> {

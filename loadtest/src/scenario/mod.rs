@@ -20,7 +20,7 @@ pub const GRACE: Duration = Duration::from_secs(10);
 /// Knobs shared by the scenarios.
 #[derive(Clone, Copy)]
 pub struct Opts {
-    /// Wall-clock bound of the measured phase (hol splits it in two).
+    /// Wall-clock bound of the measured phase (hol runs three phases of half of it each).
     pub duration: Duration,
     /// bulk: streams at once.
     pub streams: usize,

@@ -78,16 +78,21 @@ pub async fn run(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Rep
     Ok(report)
 }
 
-/// The `hol` scenario: half the duration idle, half with one bulk stream on the same path.
-pub async fn hol(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Report> {
-    let half = opts.duration / 2;
-    let idle = phase(&path, opts.connections, opts.size, half).await?;
-    // The bulk stream starts first and outlives the busy phase (connection setup included).
-    let bulk_deadline = Instant::now() + half + Duration::from_millis(300);
-    let bulk_path = path.clone();
-    // The bulk client runs on its own thread, like a separate client process, so it does not
-    // starve the request connections of this thread's runtime.
-    let (done, bulk) = tokio::sync::oneshot::channel();
+/// How long the bulk stream runs past the measured phase: it starts this much earlier, so
+/// its connection setup and window growth are not inside the phase (milliseconds).
+const BULK_LEAD: Duration = Duration::from_millis(300);
+
+/// Run one bulk stream (both ways) for `length` on a thread of its own, as a separate client
+/// process would, so it does not starve the request connections of this thread's runtime.
+fn spawn_bulk(
+    path: Arc<Path>,
+    length: Duration,
+) -> anyhow::Result<(
+    Instant,
+    tokio::sync::oneshot::Receiver<anyhow::Result<bulk::Moved>>,
+)> {
+    let deadline = Instant::now() + length;
+    let (done, moved) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("bulk-client".into())
         .spawn(move || {
@@ -95,43 +100,69 @@ pub async fn hol(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Rep
                 .enable_all()
                 .build();
             let moved = match rt {
-                Ok(rt) => rt.block_on(bulk::one_stream(&bulk_path, bulk_deadline)),
+                Ok(rt) => rt.block_on(bulk::one_stream(&path, deadline)),
                 Err(e) => Err(e.into()),
             };
             let _ = done.send(moved);
         })?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let busy = phase(&path, opts.connections, opts.size, half).await?;
-    let limit = tokio::time::Instant::from_std(bulk_deadline + GRACE);
-    let moved = tokio::time::timeout_at(limit, bulk)
+    Ok((deadline, moved))
+}
+
+/// Wait for a bulk stream and return its throughput in MB/s (both directions) over `length`.
+async fn bulk_mb_s(
+    deadline: Instant,
+    moved: tokio::sync::oneshot::Receiver<anyhow::Result<bulk::Moved>>,
+    length: Duration,
+) -> anyhow::Result<f64> {
+    let limit = tokio::time::Instant::from_std(deadline + GRACE);
+    let moved = tokio::time::timeout_at(limit, moved)
         .await
         .map_err(|_| anyhow::anyhow!("bulk stream stalled"))???;
     anyhow::ensure!(moved.bad == 0, "bulk download corrupted");
     anyhow::ensure!(moved.down > 0, "bulk stream moved nothing");
-    let bulk_secs = half.as_secs_f64() + 0.3;
+    Ok((moved.up + moved.down) as f64 / 1e6 / length.as_secs_f64())
+}
+
+/// The `hol` scenario, three phases of half the duration each: the small requests alone
+/// (idle), one bulk stream alone, then both on the same path (busy). Reports how the small
+/// requests fare during the bulk transfer (rate ratio, p50/p99/p999) and how much of its
+/// lone throughput the bulk stream keeps, so a fix that starves bulk shows.
+pub async fn hol(path: Arc<Path>, opts: Opts, label: &str) -> anyhow::Result<Report> {
+    let half = opts.duration / 2;
+    let bulk_length = half + BULK_LEAD;
+    let idle = phase(&path, opts.connections, opts.size, half).await?;
+    let (deadline, moved) = spawn_bulk(path.clone(), bulk_length)?;
+    let alone = bulk_mb_s(deadline, moved, bulk_length).await?;
+    // The bulk stream starts first and outlives the busy phase (connection setup included).
+    let (deadline, moved) = spawn_bulk(path.clone(), bulk_length)?;
+    tokio::time::sleep(BULK_LEAD / 3).await;
+    let busy = phase(&path, opts.connections, opts.size, half).await?;
+    let beside = bulk_mb_s(deadline, moved, bulk_length).await?;
     let mut report = Report::new("hol", label);
     report.add("connections", opts.connections.max(1) as f64, "");
     report.add("idle_rps", idle.rps(), "req/s");
     report.add("busy_rps", busy.rps(), "req/s");
     report.add("rps_ratio", busy.rps() / idle.rps(), "busy/idle");
+    for (name, phase) in [("idle", &idle), ("busy", &busy)] {
+        for (q, label) in [(0.5, "p50"), (0.99, "p99"), (0.999, "p999")] {
+            report.add(
+                format!("{name}_{label}_us"),
+                phase.hist.value_at_quantile(q) as f64,
+                "µs",
+            );
+        }
+    }
     report.add(
-        "idle_p99_us",
-        idle.hist.value_at_quantile(0.99) as f64,
-        "µs",
+        "busy_p99_over_idle",
+        busy.hist.value_at_quantile(0.99) as f64 / idle.hist.value_at_quantile(0.99) as f64,
+        "x",
     );
-    report.add(
-        "busy_p99_us",
-        busy.hist.value_at_quantile(0.99) as f64,
-        "µs",
-    );
-    report.add(
-        "bulk_mb_s",
-        (moved.up + moved.down) as f64 / 1e6 / bulk_secs,
-        "MB/s",
-    );
+    report.add("bulk_alone_mb_s", alone, "MB/s");
+    report.add("bulk_mb_s", beside, "MB/s");
+    report.add("bulk_ratio", beside / alone, "beside/alone");
     report.notes.push(
         "one bulk stream (both ways) shares the edge session with the request connections; \
-         all of them also share 2 cores with the load generator"
+         all of them also share the machine's cores with the load generator"
             .into(),
     );
     Ok(report)

@@ -12,6 +12,7 @@ mod fallback;
 mod frontends;
 mod idle;
 mod integrity;
+mod interactive;
 mod isolation;
 mod liveness;
 mod node_name;
