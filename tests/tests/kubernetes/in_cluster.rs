@@ -139,12 +139,7 @@ fn service_port_on(service: &Service, protocol: &str, port: u16, target: &str) {
         .iter()
         .flatten()
         .find(|p| p.port == i32::from(port) && p.protocol.as_deref().unwrap_or("TCP") == protocol)
-        .unwrap_or_else(|| {
-            panic!(
-                "{:?} has no {protocol} port {port}",
-                service.metadata.name
-            )
-        });
+        .unwrap_or_else(|| panic!("{:?} has no {protocol} port {port}", service.metadata.name));
     assert_eq!(
         found.target_port,
         Some(IntOrString::String(target.into())),
