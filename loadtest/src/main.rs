@@ -68,6 +68,10 @@ struct Cli {
     /// Port of the in-process target on 127.0.0.1 (0: any; relays need a fixed one).
     #[arg(long, default_value_t = 0)]
     target_port: u16,
+    /// Port of the started Tether server's edge listener on 127.0.0.1, TCP and (for QUIC) UDP
+    /// alike (0: any). A fixed port lets `lossy.sh` drop the session's packets and no others.
+    #[arg(long, default_value_t = 0)]
+    edge_port: u16,
     /// Name of the path in the output (default: derived from the options).
     #[arg(long)]
     label: Option<String>,
@@ -203,7 +207,7 @@ async fn run_path_scenario(cli: Cli) -> anyhow::Result<report::Report> {
         } else {
             Mode::InProcess
         };
-        let tether = setup::Tether::start(target.port(), cli.frontend, mode)
+        let tether = setup::Tether::start(target.port(), cli.edge_port, cli.frontend, mode)
             .await
             .context("start Tether")?;
         watched.extend(tether.processes());

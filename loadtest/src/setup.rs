@@ -117,8 +117,15 @@ pub trait Tunnel: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Tunnel for T {}
 
 impl Tether {
-    /// Start server and edge; targets are `NODE_IP:target_port` (dialed at 127.0.0.1).
-    pub async fn start(target_port: u16, frontend: Frontend, mode: Mode) -> anyhow::Result<Tether> {
+    /// Start server and edge; targets are `NODE_IP:target_port` (dialed at 127.0.0.1). The
+    /// server's edge listener takes `edge_port` on 127.0.0.1 (0: any), its QUIC listener the
+    /// same port number on UDP.
+    pub async fn start(
+        target_port: u16,
+        edge_port: u16,
+        frontend: Frontend,
+        mode: Mode,
+    ) -> anyhow::Result<Tether> {
         let dir = tempfile::tempdir()?;
         let d = dir.path().to_owned();
         let layout = pki::init_ca_dir(&d, &[], &[], pki::SERVER_VALIDITY, true)?;
@@ -131,7 +138,7 @@ impl Tether {
         std::fs::write(
             d.join("server.toml"),
             format!(
-                "[edge]\nlisten = \"127.0.0.1:0\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
+                "[edge]\nlisten = \"127.0.0.1:{edge_port}\"\ncert = \"server.pem\"\nkey = \"server-key.pem\"\nclient_ca = \"ca.pem\"\n\
                  [connect]\nunix_socket = \"{}\"\ntcp_listen = \"127.0.0.1:0\"\ntcp_cert = \"server.pem\"\ntcp_key = \"server-key.pem\"\ntcp_client_ca = \"frontend-ca.pem\"\n\
                  [policy]\nallowed_ports = [{target_port}]\n[admin]\nlisten = \"127.0.0.1:0\"\n",
                 socket.display()

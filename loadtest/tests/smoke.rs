@@ -137,6 +137,33 @@ fn edges_join_and_all_come_back_after_a_server_restart() {
     assert!(positive(&r, "storm_sessions_per_edge") >= 1.0, "{r}");
 }
 
+/// `--edge-port` is what lets `lossy.sh` drop the session's packets and no others: with its
+/// UDP port number taken, a QUIC run cannot start; once free, the session runs on it.
+#[test]
+fn edge_port_puts_the_session_listener_on_that_port() {
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let args = [
+        "rr",
+        "--connections",
+        "2",
+        "--transport",
+        "quic",
+        "--edge-port",
+        &port,
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_tunnel-loadtest"))
+        .args(args)
+        .args(["--duration", "0.8", "--json"])
+        .output()
+        .expect("run tunnel-loadtest");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "ran beside a taken port: {stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+    drop(taken);
+    positive(&run(&args), "rps");
+}
+
 #[test]
 fn proxy_mode_speaks_connect_to_an_external_proxy() {
     let proxy = connect_proxy();

@@ -1,0 +1,22 @@
+//! The benchmark scripts (`compare.sh`, `lossy.sh`) are `shellcheck` clean: they run as root
+//! (`lossy.sh` makes network namespaces and iptables rules), so quoting mistakes matter.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn benchmark_scripts_are_shellcheck_clean() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new("shellcheck")
+        .arg(dir.join("compare.sh"))
+        .arg(dir.join("lossy.sh"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("shellcheck not found ({e}): .ci/run installs it (apt-get install shellcheck)")
+        });
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
