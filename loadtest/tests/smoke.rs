@@ -141,8 +141,9 @@ fn edges_join_and_all_come_back_after_a_server_restart() {
 /// UDP port number taken, a QUIC run cannot start; once free, the session runs on it.
 #[test]
 fn edge_port_puts_the_session_listener_on_that_port() {
-    let taken = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-    let port = taken.local_addr().expect("addr").port().to_string();
+    let port = port_outside_the_ephemeral_range();
+    let taken = std::net::UdpSocket::bind(("127.0.0.1", port)).expect("bind udp");
+    let port = port.to_string();
     let args = [
         "rr",
         "--connections",
@@ -162,6 +163,23 @@ fn edge_port_puts_the_session_listener_on_that_port() {
     assert!(stderr.contains("in use"), "{stderr}");
     drop(taken);
     positive(&run(&args), "rps");
+}
+
+/// A loopback port free for both TCP and UDP, below Linux's default ephemeral range (32768 and
+/// up): a port from that range can be handed to another test's outgoing connection between
+/// this test's two runs, so the second would find it taken.
+fn port_outside_the_ephemeral_range() -> u16 {
+    let seed = std::process::id() as u16
+        ^ (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()) as u16);
+    (0..500u16)
+        .map(|i| 20_000 + (seed.wrapping_add(i.wrapping_mul(37)) % 12_000))
+        .find(|&port| {
+            std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        })
+        .expect("a free port in 20000-31999 for TCP and UDP")
 }
 
 #[test]
