@@ -2,12 +2,15 @@
 //! `kubectl logs -f`-like stream (curl -N, `follow=true`) runs through it. The stream keeps
 //! flowing, `/readyz` turns 503, the listeners close, new CONNECTs succeed through the other
 //! replica, and the process exits as soon as the stream ends, long before the grace period.
-//! The grace period ends streams still open; a second signal ends a drain at once.
+//! On one replica, over TCP and over QUIC alike: an open stream keeps flowing and the exit
+//! follows its end, the grace period ends streams still open, and a second signal ends a
+//! drain at once.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tether_tests::edge::Transport;
 use tether_tests::frontend::{admin_get, curl_proxy_args};
 use tether_tests::ha::{HaCluster, HaOptions};
 use tether_tests::server::EDGE_ENDED;
@@ -182,12 +185,21 @@ async fn graceful_drain_keeps_a_follow_stream_moves_new_connects_and_exits_early
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_drain_second_signal_exits_at_once() {
+    second_signal_exits_at_once(Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_graceful_drain_second_signal_exits_at_once() {
+    second_signal_exits_at_once(Transport::Quic).await;
+}
+
+async fn second_signal_exits_at_once(transport: Transport) {
     let mut cluster = Cluster::start(ClusterOptions {
         server: ServerOptions {
             shutdown_grace: GRACE,
             ..ServerOptions::default()
         },
-        ..ClusterOptions::default()
+        ..ClusterOptions::over(transport)
     })
     .await;
     // A long-lived stream keeps the drain waiting.
@@ -240,13 +252,22 @@ async fn graceful_drain_second_signal_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_drain_grace_period_ends_the_streams_still_open() {
+    grace_period_ends_the_streams_still_open(Transport::Tcp).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_graceful_drain_grace_period_ends_the_streams_still_open() {
+    grace_period_ends_the_streams_still_open(Transport::Quic).await;
+}
+
+async fn grace_period_ends_the_streams_still_open(transport: Transport) {
     let grace = Duration::from_secs(1);
     let mut cluster = Cluster::start(ClusterOptions {
         server: ServerOptions {
             shutdown_grace: grace,
             ..ServerOptions::default()
         },
-        ..ClusterOptions::default()
+        ..ClusterOptions::over(transport)
     })
     .await;
     let _held = cluster
@@ -277,18 +298,26 @@ async fn graceful_drain_grace_period_ends_the_streams_still_open() {
     );
 }
 
-/// TESTPLAN 4 over QUIC: the drain keeps an open stream flowing on the QUIC session, new
-/// CONNECTs are refused by the draining replica, and the process exits as soon as the stream
-/// ends, long before the grace period.
+/// TESTPLAN 4 on one replica, over each transport: the drain keeps an open stream flowing on
+/// the session and the process exits as soon as the stream ends, long before the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_drain_keeps_an_open_stream_and_exits_early_when_it_ends() {
+    keeps_an_open_stream_and_exits_early_when_it_ends(Transport::Tcp).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quic_graceful_drain_keeps_an_open_stream_and_exits_early_when_it_ends() {
+    keeps_an_open_stream_and_exits_early_when_it_ends(Transport::Quic).await;
+}
+
+async fn keeps_an_open_stream_and_exits_early_when_it_ends(transport: Transport) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut cluster = Cluster::start(ClusterOptions {
         server: ServerOptions {
             shutdown_grace: GRACE,
             ..ServerOptions::default()
         },
-        ..ClusterOptions::over(tether_tests::edge::Transport::Quic)
+        ..ClusterOptions::over(transport)
     })
     .await;
     let mut held = cluster
@@ -331,7 +360,7 @@ async fn quic_graceful_drain_keeps_an_open_stream_and_exits_early_when_it_ends()
         .await
         .expect("the draining server to exit");
     let exit = left.elapsed();
-    println!("QUIC drain: exited {exit:?} after the last stream ended (grace {GRACE:?})");
+    println!("{transport:?} drain: exited {exit:?} after the last stream ended (grace {GRACE:?})");
     assert!(
         exit < Duration::from_secs(3),
         "exit took {exit:?} after the last stream ended"
