@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tunnel_server::demo_kubelet::DemoKubelet;
+use tunnel_server::demo::kubelet::DemoKubelet;
 
 use crate::data::{exchange, PeerRequest};
 use crate::edge::{EdgeOptions, EdgeProc, EdgeTuning};

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tunnel_server::demo_kubelet::DemoKubelet;
+use tunnel_server::demo::kubelet::DemoKubelet;
 use tunnel_server::pki::{self, Ca};
 
 const NODE: &str = "edge-up";

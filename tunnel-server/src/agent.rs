@@ -35,8 +35,8 @@ use tracing::{info, warn, Instrument};
 
 use crate::config::ServerConfig;
 use crate::frontend::konnectivity::service::agent_service_server::AgentServiceServer;
-use crate::frontend::konnectivity::{accept_tls, HANDOFF_QUEUE};
-use crate::server::Stop;
+use crate::frontend::konnectivity::{accept_tls, GRPC_MAX_HEADER_LIST, HANDOFF_QUEUE};
+use crate::lifecycle::Stop;
 use crate::session::EdgeSession;
 use crate::Shared;
 
@@ -50,11 +50,6 @@ const AGENT_CONNECTION_WINDOW: u32 = 32 << 20;
 const AGENT_MAX_FRAME: u32 = 1 << 20;
 /// `Connect` streams on one agent connection: an agent opens one per server.
 const AGENT_STREAMS_PER_CONNECTION: u32 = 4;
-/// Largest header list (bytes, as HTTP/2 counts them) on the gRPC listeners (Konnectivity
-/// frontend and agents). A call carries gRPC's own headers, agent metadata and perhaps a
-/// service-account bearer token (1-2 KiB); h2's default of 16 MiB would let any client make
-/// the server buffer 16 MiB per connection.
-pub(crate) const GRPC_MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// One attached Konnectivity agent, as the route table sees it (through
 /// [`NodeSession::Agent`](crate::node_session::NodeSession::Agent)).

@@ -3,15 +3,13 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod admin_api;
 pub mod agent;
 pub mod check;
 pub mod client;
 pub mod config;
 pub mod demo;
-pub mod demo_kubelet;
-pub mod fleet;
 pub mod frontend;
+pub mod lifecycle;
 pub mod metrics;
 pub mod node_session;
 pub mod pki;

@@ -41,7 +41,7 @@ enum Command {
     Node(tunnel_server::registration::cli::NodeCommand),
     /// List the edge sessions of one or more running replicas (their admin API): node, IPs,
     /// replica, since, streams, bytes each way, transport, certificate serial and expiry.
-    Edges(tunnel_server::fleet::EdgesArgs),
+    Edges(tunnel_server::admin::fleet::EdgesArgs),
     /// The shared control state: `import` copies a file store into etcd.
     #[command(subcommand)]
     State(tunnel_server::registration::cli_state::StateCommand),
@@ -183,7 +183,7 @@ fn main() -> anyhow::Result<()> {
             Some(config) => {
                 tunnel_server::registration::cli_state::run_edges_from_store(&config, args.output)
             }
-            None => Ok(tunnel_server::fleet::run_edges(args)?),
+            None => Ok(tunnel_server::admin::fleet::run_edges(args)?),
         },
         Command::State(s) => tunnel_server::registration::cli_state::run_state(s),
         Command::Demo { dir, once } => {

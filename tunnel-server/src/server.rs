@@ -2,22 +2,20 @@
 //! spawn their accept loops under one cancellation token and task tracker, and shut down.
 
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION, ALPN_UPSTREAM};
 
 use crate::config::ServerConfig;
+use crate::lifecycle::{bind_unix, Stop};
 use crate::metrics::Metrics;
 use crate::node_session::NodeSession;
 use crate::policy::DialPolicy;
@@ -48,16 +46,6 @@ pub struct Shared {
     pub identities: Option<Arc<dyn crate::registration::state::identities::IdentityStore>>,
     /// Upstream stream and dial budgets per node.
     pub upstreams: crate::upstream::NodeUpstreams,
-}
-
-/// The two stages of stopping. `drain`: stop accepting, retire sessions (no new streams),
-/// let in-flight streams run. `hard`: end everything now.
-#[derive(Clone, Default)]
-pub struct Stop {
-    /// Cancelled when draining starts.
-    pub drain: CancellationToken,
-    /// Cancelled when the grace period is over (or on a second signal).
-    pub hard: CancellationToken,
 }
 
 /// The addresses the server actually bound (ports resolved when configured as 0).
@@ -309,63 +297,4 @@ impl RunningServer {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// Bind a Unix socket with `mode`, replacing a stale socket file but never another file,
-/// and never a socket another process still serves: a second instance started with the same
-/// path must fail, not silently take the first one's clients.
-pub(crate) fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    let parent = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        anyhow::bail!(
-            "socket directory {} does not exist (for {}): create it first",
-            parent.display(),
-            path.display()
-        );
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            anyhow::bail!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            );
-        }
-        match std::os::unix::net::UnixStream::connect(path) {
-            Ok(_) => anyhow::bail!(
-                "{} is in use: another process is listening on it (another tunnel-server \
-                 instance?); refusing to take it over",
-                path.display()
-            ),
-            // Nobody listens: a socket file left by a process that is gone.
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("remove stale socket {}", path.display()))?;
-            }
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "{} exists; cannot tell whether it is in use",
-                        path.display()
-                    )
-                })
-            }
-        }
-    }
-    // Bind inside a fresh 0700 directory, set the mode, then move it into place: there is no
-    // moment where the socket exists at `path` with wider permissions.
-    let staging = tempfile::Builder::new()
-        .prefix(".tether-sock")
-        .tempdir_in(parent)
-        .with_context(|| format!("create staging directory in {}", parent.display()))?;
-    let staged = staging.path().join("s");
-    let listener = UnixListener::bind(&staged)
-        .with_context(|| format!("bind connect socket {}", path.display()))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {:o} {}", mode, path.display()))?;
-    std::fs::rename(&staged, path).with_context(|| format!("move socket to {}", path.display()))?;
-    Ok(listener)
 }

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
-use crate::server::Stop;
+use crate::lifecycle::Stop;
 use crate::Shared;
 
 /// `[upstreams]`: name → address the server dials for edges.

@@ -314,7 +314,7 @@ async fn csr_replayed_to_another_replica_is_refused_and_node_list_reads_etcd() {
 /// has the revocation.
 async fn node_list_from_etcd_matches_a_replicas_view(r: &Replicas) {
     let listed = r.servers[0].admin(&["node", "list", "-o", "json"]);
-    let from_etcd: Vec<tunnel_server::admin_api::NodeView> =
+    let from_etcd: Vec<tunnel_server::admin::api::NodeView> =
         serde_json::from_str(&listed).expect("node list JSON");
     let row = |name: &str| {
         from_etcd
@@ -345,10 +345,9 @@ async fn node_list_from_etcd_matches_a_replicas_view(r: &Replicas) {
         || {
             let (admin, expected) = (admin.clone(), expected.clone());
             async move {
-                let nodes = tunnel_server::fleet::get::<tunnel_server::admin_api::NodesResponse>(
-                    &admin,
-                    tunnel_server::admin_api::NODES_PATH,
-                )
+                let nodes = tunnel_server::admin::fleet::get::<
+                    tunnel_server::admin::api::NodesResponse,
+                >(&admin, tunnel_server::admin::api::NODES_PATH)
                 .await
                 .ok()?;
                 (nodes.nodes == expected).then_some(())
@@ -365,7 +364,7 @@ async fn node_list_from_etcd_matches_a_replicas_view(r: &Replicas) {
             .find(|c| c.first().map(String::as_str) == Some(name))
             .unwrap_or_else(|| panic!("{name} in the table:\n{table}"))
     };
-    let expires = |view: &tunnel_server::admin_api::NodeView| view.certificate_expires.clone();
+    let expires = |view: &tunnel_server::admin::api::NodeView| view.certificate_expires.clone();
     let (joined_row, revoked_row) = (columns("replayed"), columns("replay-gone"));
     assert_eq!(
         joined_row[3..],
@@ -430,10 +429,9 @@ async fn renewal_through_one_replica_makes_the_new_certificate_current_on_the_ot
             async move {
                 let renewed = std::fs::read_to_string(state.join("cert.pem")).ok()?;
                 let renewed = tunnel_server::pki::certificate_facts_pem(&renewed)?.serial;
-                let nodes = tunnel_server::fleet::get::<tunnel_server::admin_api::NodesResponse>(
-                    &admin,
-                    tunnel_server::admin_api::NODES_PATH,
-                )
+                let nodes = tunnel_server::admin::fleet::get::<
+                    tunnel_server::admin::api::NodesResponse,
+                >(&admin, tunnel_server::admin::api::NODES_PATH)
                 .await
                 .ok()?;
                 let current = nodes.nodes.into_iter().find(|n| n.node == "renew-a")?;

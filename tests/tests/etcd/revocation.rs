@@ -10,9 +10,9 @@ use crate::fixture::Replicas;
 const REVOCATION_BOUND: Duration = Duration::from_secs(2);
 
 async fn edges_on(admin: std::net::SocketAddr) -> Vec<String> {
-    match tunnel_server::fleet::get::<tunnel_server::admin_api::EdgesResponse>(
+    match tunnel_server::admin::fleet::get::<tunnel_server::admin::api::EdgesResponse>(
         &admin.to_string(),
-        tunnel_server::admin_api::EDGES_PATH,
+        tunnel_server::admin::api::EDGES_PATH,
     )
     .await
     {

@@ -14,7 +14,7 @@ use protocol::NodeName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
-use tunnel_server::demo_kubelet::DemoKubelet;
+use tunnel_server::demo::kubelet::DemoKubelet;
 use tunnel_server::pki::{self, Ca, CaLayout};
 use tunnel_server::RunningServer;
 

@@ -20,9 +20,9 @@ use super::session::{memory_session, run, Attached};
 use super::AgentSession;
 use crate::frontend::konnectivity::service::agent_service_server::AgentService;
 use crate::frontend::konnectivity::{ConnInfo, PacketStream};
+use crate::lifecycle::Stop;
 use crate::node_session::NodeSession;
 use crate::routing::{Routable, RouteConflict};
-use crate::server::Stop;
 use crate::session::EdgeSession;
 use crate::Shared;
 

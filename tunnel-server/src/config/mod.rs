@@ -3,13 +3,14 @@
 //! sees. Relative paths are resolved against the config file's directory.
 //!
 //! One file per section that has its own concern (`edge`: the unauthenticated listener and
-//! its limits; `connect`: the apiserver frontend; `policy`; `observe`: admin and logs); this
+//! its limits; `connect`: the apiserver frontend; `konnectivity`: the gRPC frontend and agents; `policy`; `observe`: admin and logs); this
 //! file holds the whole and the rules that span sections (a frontend must exist, frontend
 //! CAs differ from the edge CA). Every type is re-exported here, so `crate::config::X` is the
 //! one path callers use.
 
 mod connect;
 mod edge;
+mod konnectivity;
 mod observe;
 mod policy;
 #[cfg(test)]
@@ -17,6 +18,7 @@ mod tests;
 
 pub use connect::ConnectConfig;
 pub use edge::{EdgeListenerConfig, DEFAULT_EDGE_PORT};
+pub use konnectivity::KonnectivityConfig;
 pub use observe::{AdminConfig, LogConfig, LogFormat};
 pub use policy::PolicyConfig;
 
@@ -46,7 +48,7 @@ pub struct ServerConfig {
     pub connect: ConnectConfig,
     /// apiserver-facing Konnectivity gRPC frontend; absent = disabled.
     #[serde(default)]
-    pub konnectivity: Option<crate::frontend::konnectivity::KonnectivityConfig>,
+    pub konnectivity: Option<KonnectivityConfig>,
     /// Which targets the apiserver may reach.
     #[serde(default)]
     pub policy: PolicyConfig,

@@ -29,7 +29,7 @@ pub async fn serve_tcp(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));
@@ -81,7 +81,7 @@ pub async fn serve_tcp(
 pub async fn serve_unix(
     listener: UnixListener,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(shared.config.connect.max_connections));

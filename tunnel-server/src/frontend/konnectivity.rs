@@ -4,7 +4,6 @@
 //! TLS handshake never holds up the accept loop. Stream logic lives in [`proxy`].
 
 pub mod codec;
-mod config;
 mod lenient;
 mod proxy;
 // Generated code (tests/konnectivity_codegen.rs keeps it in step with the .proto). The
@@ -30,10 +29,10 @@ use tokio_util::task::TaskTracker;
 use tonic::transport::server::Connected;
 use tracing::{info, warn, Instrument};
 
-pub use config::KonnectivityConfig;
+pub use crate::config::KonnectivityConfig;
 pub use proxy::{PacketStream, ProxyFrontend, FRONTEND};
 
-use crate::server::Stop;
+use crate::lifecycle::Stop;
 use crate::Shared;
 use service::proxy_service_server::ProxyServiceServer;
 
@@ -47,6 +46,11 @@ const CONNECTION_WINDOW: u32 = 64 << 20;
 const MAX_FRAME: u32 = 1 << 20;
 /// Finished connections waiting for tonic to pick them up.
 pub(crate) const HANDOFF_QUEUE: usize = 64;
+/// Largest header list (bytes, as HTTP/2 counts them) on the gRPC listeners (Konnectivity
+/// frontend and agents). A call carries gRPC's own headers, agent metadata and perhaps a
+/// service-account bearer token (1-2 KiB); h2's default of 16 MiB would let any client make
+/// the server buffer 16 MiB per connection.
+pub(crate) const GRPC_MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// Who is on the other end of a gRPC connection (`CN@addr` or `unix:uid=..`), for logs and
 /// the edge's audit line.
@@ -107,7 +111,7 @@ pub fn bind_unix(config: &KonnectivityConfig) -> anyhow::Result<Option<UnixListe
     config
         .unix_socket
         .as_ref()
-        .map(|path| crate::server::bind_unix(path, config.unix_socket_mode))
+        .map(|path| crate::lifecycle::bind_unix(path, config.unix_socket_mode))
         .transpose()
 }
 
@@ -166,7 +170,7 @@ pub fn spawn(listeners: Listeners, shared: Arc<Shared>, stop: Stop, tracker: &Ta
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .http2_max_header_list_size(crate::agent::GRPC_MAX_HEADER_LIST)
+        .http2_max_header_list_size(GRPC_MAX_HEADER_LIST)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     let drain = stop.drain.clone();

@@ -100,7 +100,7 @@ pub enum TokenCommand {
 pub enum NodeCommand {
     /// List joined, connected and revoked nodes, with IPs, pool, certificate expiry and
     /// revocation time, from a running replica's admin API, or from etcd with --config.
-    List(crate::fleet::NodeListArgs),
+    List(crate::admin::fleet::NodeListArgs),
     /// Remove a node: close its sessions and upstream streams, refuse every certificate
     /// issued to it until now and its re-joins; its edge is told "node revoked at …; re-join
     /// with a new token" and retries only at its maximum backoff.
@@ -314,7 +314,7 @@ pub fn run_node(command: NodeCommand) -> anyhow::Result<()> {
     match command {
         NodeCommand::List(args) => match args.config.clone() {
             Some(config) => super::cli_state::run_node_list_from_store(&config, args.output),
-            None => Ok(crate::fleet::run_node_list(args)?),
+            None => Ok(crate::admin::fleet::run_node_list(args)?),
         },
         NodeCommand::Revoke { files, name } => {
             let node = protocol::NodeName::parse(&name)

@@ -92,7 +92,10 @@ pub fn run_state(command: StateCommand) -> anyhow::Result<()> {
 
 /// `tunnel-server edges --config SERVER.toml`: every live session of the fleet as the
 /// replicas published them in etcd (a dead replica's vanish with its lease).
-pub fn run_edges_from_store(config: &PathBuf, output: crate::fleet::Output) -> anyhow::Result<()> {
+pub fn run_edges_from_store(
+    config: &PathBuf,
+    output: crate::admin::fleet::Output,
+) -> anyhow::Result<()> {
     let rt = runtime()?;
     let (state, _) = etcd_store(&rt, Some(config))?.with_context(|| {
         format!(
@@ -102,8 +105,8 @@ pub fn run_edges_from_store(config: &PathBuf, output: crate::fleet::Output) -> a
     })?;
     let sessions = rt.block_on(state.list_sessions())?;
     match output {
-        crate::fleet::Output::Json => crate::fleet::print_json(&sessions)?,
-        crate::fleet::Output::Table => {
+        crate::admin::fleet::Output::Json => crate::admin::fleet::print_json(&sessions)?,
+        crate::admin::fleet::Output::Table => {
             let rows: Vec<Vec<String>> = sessions
                 .iter()
                 .map(|s| {
@@ -123,7 +126,10 @@ pub fn run_edges_from_store(config: &PathBuf, output: crate::fleet::Output) -> a
                 .collect();
             print!(
                 "{}",
-                crate::fleet::table(&["NODE", "IPS", "REPLICA", "SINCE", "TRANSPORT"], &rows)
+                crate::admin::fleet::table(
+                    &["NODE", "IPS", "REPLICA", "SINCE", "TRANSPORT"],
+                    &rows
+                )
             );
         }
     }
@@ -135,7 +141,7 @@ pub fn run_edges_from_store(config: &PathBuf, output: crate::fleet::Output) -> a
 /// "connected" when any replica publishes a session for the node.
 pub fn run_node_list_from_store(
     config: &PathBuf,
-    output: crate::fleet::Output,
+    output: crate::admin::fleet::Output,
 ) -> anyhow::Result<()> {
     let rt = runtime()?;
     let (state, _) = etcd_store(&rt, Some(config))?.with_context(|| {
@@ -150,15 +156,15 @@ pub fn run_node_list_from_store(
     let mut live = std::collections::BTreeMap::new();
     for session in sessions {
         live.entry(session.node)
-            .or_insert_with(|| crate::admin_api::LiveNode {
+            .or_insert_with(|| crate::admin::api::LiveNode {
                 ips: session.addresses,
                 ..Default::default()
             });
     }
-    let response = crate::admin_api::NodesResponse {
+    let response = crate::admin::api::NodesResponse {
         replica: String::new(),
         registration: true,
-        nodes: crate::admin_api::node_views(&identities.nodes, &revoked, &live),
+        nodes: crate::admin::api::node_views(&identities.nodes, &revoked, &live),
     };
-    Ok(crate::fleet::print_nodes(&response, output)?)
+    Ok(crate::admin::fleet::print_nodes(&response, output)?)
 }

@@ -38,9 +38,9 @@ use tunnel_io::registration::{ALPN_REGISTRATION, MAX_MESSAGE};
 use admission::{Admission, Watched};
 pub use config::RegistrationConfig;
 
+use crate::lifecycle::Stop;
 use crate::prelude::{Prelude, PreludeError};
 use crate::revocation::RevocationList;
-use crate::server::Stop;
 use crate::Shared;
 
 /// Finished TLS connections waiting for tonic to pick them up.

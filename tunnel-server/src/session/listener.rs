@@ -30,7 +30,7 @@ pub async fn serve_edges(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     tracker: TaskTracker,
 ) {
     let edge = &shared.config.edge;
@@ -249,7 +249,7 @@ async fn handle_edge(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     admission: Admission,
 ) {
     let limit = shared.config.edge.handshake_timeout;

@@ -75,7 +75,7 @@ fn tuning(config: &crate::config::ServerConfig) -> QuicTuning {
 pub async fn serve_quic_edges(
     endpoint: Endpoint,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     tracker: TaskTracker,
 ) {
     let edge = &shared.config.edge;
@@ -124,7 +124,7 @@ pub async fn serve_quic_edges(
 async fn handle_quic(
     incoming: Incoming,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     slots: (OwnedSemaphorePermit, crate::source_limit::SourceSlot),
 ) {
     let peer = incoming.remote_address();

@@ -22,7 +22,7 @@ pub(super) async fn run_session<S>(
     mut connection: h2::client::Connection<SessionIo, Bytes>,
     ping_pong: PingPong,
     shared: Arc<Shared>,
-    stop: crate::server::Stop,
+    stop: crate::lifecycle::Stop,
     (deadline, limit): (tokio::time::Instant, std::time::Duration),
     slots: S,
     quic: Option<quinn::Connection>,

@@ -1,8 +1,12 @@
 //! The admin endpoint: `/healthz` (the process serves), `/readyz` (listeners up and not
 //! draining), `/metrics` (OpenMetrics when the `Accept` header asks for it, as Prometheus
 //! does; the Prometheus 0.0.4 text format otherwise), and the operators' read-only JSON views
-//! `/api/v1/edges` and `/api/v1/nodes` ([`crate::admin_api`]). Plain HTTP/1.1 on a separate,
-//! usually loopback, address; it carries no tunnel traffic.
+//! `/api/v1/edges` and `/api/v1/nodes` ([`api`]), which `tunnel-server edges` and `node list`
+//! read ([`fleet`]). Plain HTTP/1.1 on a separate, usually loopback, address; it carries no
+//! tunnel traffic.
+
+pub mod api;
+pub mod fleet;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -96,8 +100,8 @@ fn respond(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let (content_type, body) = text::negotiate(accept, shared.metrics.render());
             (StatusCode::OK, content_type, body)
         }
-        crate::admin_api::EDGES_PATH => json(&crate::admin_api::edges(shared)),
-        crate::admin_api::NODES_PATH => json(&crate::admin_api::nodes(shared)),
+        crate::admin::api::EDGES_PATH => json(&crate::admin::api::edges(shared)),
+        crate::admin::api::NODES_PATH => json(&crate::admin::api::nodes(shared)),
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

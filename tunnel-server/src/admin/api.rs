@@ -1,6 +1,6 @@
 //! Read-only JSON views for operators on the admin listener: `GET /api/v1/edges` (the
 //! sessions this replica holds) and `GET /api/v1/nodes` (joined, connected and revoked
-//! nodes). `tunnel-server edges` and `tunnel-server node list` read them ([`crate::fleet`]).
+//! nodes). `tunnel-server edges` and `tunnel-server node list` read them ([`crate::admin::fleet`]).
 //! Nothing here changes state: each answer is a copy of the route table, the session
 //! counters (atomics the data path keeps anyway) and the registration files, taken when
 //! asked. The admin listener is plain HTTP on a loopback address; it shows node names, IPs

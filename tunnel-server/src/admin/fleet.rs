@@ -1,6 +1,6 @@
 //! The operator's fleet views: `tunnel-server edges` and `tunnel-server node list` ask
 //! running replicas' admin listeners (`/api/v1/edges`, `/api/v1/nodes`, see
-//! [`crate::admin_api`]) over plain HTTP/1.1 and print a table or JSON. They read live state
+//! [`crate::admin::api`]) over plain HTTP/1.1 and print a table or JSON. They read live state
 //! only: a replica that does not answer is named in a clear error, never silently left out.
 
 use std::time::Duration;
@@ -12,7 +12,7 @@ use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::admin_api::{EdgeView, EdgesResponse, NodesResponse, EDGES_PATH, NODES_PATH};
+use crate::admin::api::{EdgeView, EdgesResponse, NodesResponse, EDGES_PATH, NODES_PATH};
 
 /// How long one admin request may take, connect included: the admin listener answers from
 /// memory in milliseconds; a replica slower than this is as good as down for an operator.

@@ -3,6 +3,8 @@
 //! then ready-to-paste curl commands. The node IP is a documentation address (192.0.2.10):
 //! the edge maps it to 127.0.0.1, so nothing leaves the machine.
 
+pub mod kubelet;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tunnel_edge::{Edge, EdgeConfig, EdgeStatus};
 
 use crate::config::ServerConfig;
-use crate::demo_kubelet::DemoKubelet;
+use crate::demo::kubelet::DemoKubelet;
 use crate::pki::{self, Ca};
 use crate::RunningServer;
 
