@@ -296,7 +296,7 @@ fn header_list(headers: &http::HeaderMap) -> Vec<(String, String)> {
 }
 
 /// Read one head off the front of a QUIC stream; bytes after it stay in `buf`.
-async fn read_head(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Head, String> {
+pub async fn read_head(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Head, String> {
     loop {
         if let Some(head) = quic_head::decode(buf).map_err(|e| e.to_string())? {
             return Ok(head);

@@ -247,6 +247,9 @@ async fn handle_quic(
         send_request,
     ));
     session.set_transport("quic");
+    // Tunneled streams go on QUIC streams directly; the in-memory h2 connection above
+    // carries session-info only.
+    session.set_quic(conn.clone());
     if let Some(issued) = issued {
         session.set_certificate_issued(issued);
     }
