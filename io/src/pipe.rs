@@ -1,6 +1,7 @@
-//! Moves the bytes of one tunneled connection between an HTTP/2 stream and a byte stream (a
-//! TCP, Unix or TLS socket), honouring h2 flow control in both directions and half-close:
-//! socket EOF becomes END_STREAM, END_STREAM becomes a write shutdown. Errors never end
+//! Moves the bytes of one tunneled connection between a tunnel stream (HTTP/2, or QUIC where
+//! the server opens streams directly on a QUIC session: [`StreamSend`], [`StreamRecv`]) and a
+//! byte stream (a TCP, Unix or TLS socket), honouring flow control in both directions and
+//! half-close: socket EOF becomes END_STREAM (FIN), END_STREAM a write shutdown. Errors never end
 //! silently: the h2 stream is reset and the socket dropped, so the far end sees a failure
 //! instead of a truncated transfer. The one exception is the socket's peer leaving after it
 //! finished sending (a client closing a follow stream): that is how such streams end
@@ -12,12 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use h2::{Reason, RecvStream, SendStream};
+use h2::SendStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 mod activity;
+mod halves;
 use activity::Activity;
+pub use halves::{QuicSend, StreamRecv, StreamSend};
 
 /// First read buffer of a direction. Small, because most tunneled connections are idle or
 /// carry small requests (an idle pipe keeps it reserved); it doubles on every read that
@@ -106,8 +109,8 @@ impl ByteMeter for () {
 /// socket (for example after an HTTP CONNECT head); they are sent first.
 pub async fn pipe<S>(
     socket: S,
-    send: SendStream<Bytes>,
-    recv: RecvStream,
+    send: impl Into<StreamSend>,
+    recv: impl Into<StreamRecv>,
     early: Bytes,
     config: PipeConfig,
     cancel: &CancellationToken,
@@ -121,8 +124,8 @@ where
 /// [`pipe`], adding every chunk to `meter` as soon as it has moved.
 pub async fn pipe_metered<S>(
     socket: S,
-    mut send: SendStream<Bytes>,
-    recv: RecvStream,
+    send: impl Into<StreamSend>,
+    recv: impl Into<StreamRecv>,
     early: Bytes,
     config: PipeConfig,
     meter: &dyn ByteMeter,
@@ -131,6 +134,8 @@ pub async fn pipe_metered<S>(
 where
     S: AsyncRead + AsyncWrite + Send,
 {
+    let mut send = send.into();
+    let recv = recv.into();
     let (reader, writer) = tokio::io::split(socket);
     let abort = cancel.child_token();
     let finished = CancellationToken::new();
@@ -154,7 +159,7 @@ where
         if let Err(error) = &result {
             abort.cancel();
             if !matches!(error, PipeError::Stream(_)) {
-                send.send_reset(Reason::CANCEL);
+                send.reset();
             }
         }
         result
@@ -203,7 +208,7 @@ where
     };
     if result == Ok(PipeEnd::SocketLeft) {
         // Nobody reads what the far end still sends: tell it to stop.
-        send.send_reset(Reason::CANCEL);
+        send.reset();
     }
     PipeReport {
         socket_to_stream: up_bytes,
@@ -225,13 +230,13 @@ impl SocketToStream<'_> {
     async fn run<R: AsyncRead + Unpin>(
         &self,
         mut reader: R,
-        send: &mut SendStream<Bytes>,
+        send: &mut StreamSend,
         early: Bytes,
         total: &mut u64,
     ) -> Result<(), PipeError> {
         if !early.is_empty() {
             let n = early.len() as u64;
-            send_all(send, early, self.config).await?;
+            send.send_all(early, self.config).await?;
             self.moved(n, total);
         }
         let mut chunk = INITIAL_CHUNK;
@@ -246,15 +251,13 @@ impl SocketToStream<'_> {
             if n == 0 {
                 self.eof.store(true, Ordering::Release);
                 // Half-close: the socket's EOF ends our side of the stream only.
-                return send
-                    .send_data(Bytes::new(), true)
-                    .map_err(|e| PipeError::Stream(e.to_string()));
+                return send.finish();
             }
             if n >= chunk && chunk < MAX_CHUNK {
                 chunk *= 2;
             }
             self.activity.touch();
-            send_all(send, buf.split().freeze(), self.config).await?;
+            send.send_all(buf.split().freeze(), self.config).await?;
             self.moved(n as u64, total);
             since_yield += n as u64;
             if since_yield >= YIELD_EVERY {
@@ -309,7 +312,7 @@ struct StreamToSocket<'a> {
 impl StreamToSocket<'_> {
     async fn run<W: AsyncWrite + Unpin>(
         &self,
-        mut recv: RecvStream,
+        mut recv: StreamRecv,
         mut writer: W,
         total: &mut u64,
     ) -> Result<PipeEnd, PipeError> {
@@ -328,7 +331,7 @@ impl StreamToSocket<'_> {
                     };
                 }
                 // After a reset `data()` keeps returning errors: end here, never loop on them.
-                Some(Err(e)) => return Err(PipeError::Stream(e.to_string())),
+                Some(Err(e)) => return Err(e),
                 Some(Ok(data)) => {
                     let n = data.len();
                     let written = tokio::time::timeout(config.write_timeout, async {
@@ -349,9 +352,7 @@ impl StreamToSocket<'_> {
                         tokio::task::yield_now().await;
                     }
                     // Only now may the peer send more: the window tracks bytes not yet written.
-                    recv.flow_control()
-                        .release_capacity(n)
-                        .map_err(|e| PipeError::Stream(e.to_string()))?;
+                    recv.release(n)?;
                 }
             }
         }

@@ -7,6 +7,10 @@
 //! per-stream flow control, so a lost UDP packet stalls only its own QUIC stream.
 //!
 //! It owns no policy: which streams may be opened, and what they mean, is the h2 code's.
+//!
+//! The server bypasses it for the streams it opens for frontends (the bulk of the bytes):
+//! it writes the same request head on a QUIC stream itself (`tunnel-server`'s
+//! `session/direct.rs`), so the wire is this module's either way.
 
 use std::future::poll_fn;
 use std::sync::Arc;
@@ -295,8 +299,9 @@ fn header_list(headers: &http::HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Read one head off the front of a QUIC stream; bytes after it stay in `buf`.
-async fn read_head(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Head, String> {
+/// Read one head off the front of a QUIC stream; bytes after it stay in `buf`. Public for
+/// the server's direct streams, which read the edge's response head themselves.
+pub async fn read_head(recv: &mut quinn::RecvStream, buf: &mut BytesMut) -> Result<Head, String> {
     loop {
         if let Some(head) = quic_head::decode(buf).map_err(|e| e.to_string())? {
             return Ok(head);

@@ -20,6 +20,15 @@ const UP: Duration = Duration::from_secs(15);
 
 /// A server whose policy allows the echo target's port, and the victim joined and connected.
 async fn victim_running(pki: &Pki, echo: &EchoServer) -> (RegistrationServer, JoinedEdge, String) {
+    victim_running_over(pki, echo, "tcp").await
+}
+
+/// [`victim_running`] with the victim's session on `transport` (`tcp`, `quic`).
+async fn victim_running_over(
+    pki: &Pki,
+    echo: &EchoServer,
+    transport: &str,
+) -> (RegistrationServer, JoinedEdge, String) {
     let port = echo.addr.port();
     let server = RegistrationServer::start(
         pki,
@@ -33,7 +42,7 @@ async fn victim_running(pki: &Pki, echo: &EchoServer) -> (RegistrationServer, Jo
     let mut victim = JoinedEdge::new();
     let (ok, output) = victim.join(pki, &server, &token, VICTIM, &[VICTIM_IP], &[]);
     assert!(ok, "victim join: {output}");
-    victim.run(&server, &[port], "info");
+    victim.run_over(&server, &[port], "info", "300ms", transport);
     server
         .wait_log(&["edge session established", VICTIM], 1, UP)
         .await;
@@ -262,10 +271,22 @@ async fn cloud_sent_extra_port_is_not_dialed_without_local_consent() {
 /// streams until they end; revoking the node must cut those too, not only the routed one.
 #[tokio::test]
 async fn revocation_closes_a_replaced_session_still_draining() {
+    revocation_closes_a_replaced_session("tcp").await;
+}
+
+/// The same over QUIC, where the server carries CONNECT streams on QUIC streams directly:
+/// the replaced session's h2 control connection ends at once, its stream must run on, and
+/// revocation must still cut it.
+#[tokio::test]
+async fn quic_revocation_closes_a_replaced_session_still_draining() {
+    revocation_closes_a_replaced_session("quic").await;
+}
+
+async fn revocation_closes_a_replaced_session(transport: &str) {
     let pki = Pki::new();
     let echo = EchoServer::start().await;
     let port = echo.addr.port();
-    let (server, first, _) = victim_running(&pki, &echo).await;
+    let (server, first, _) = victim_running_over(&pki, &echo, transport).await;
     let mut stream = tunnel_server::client::connect_tls(
         server.connect_tcp,
         pki.frontend_client_tls(),
@@ -286,14 +307,18 @@ async fn revocation_closes_a_replaced_session_still_draining() {
         let bytes = std::fs::read(first.state.join(file)).expect("read credentials");
         std::fs::write(second.state.join(file), bytes).expect("copy credentials");
     }
-    second.run(&server, &[port], "info");
+    second.run_over(&server, &[port], "info", "300ms", transport);
     server
         .wait_log(&["new session replaces the node's previous one"], 1, UP)
         .await;
-    stream.write_all(b"drain").await.expect("write");
-    within("echo", Duration::from_secs(5), stream.read_exact(&mut buf))
-        .await
-        .expect("the replaced session still serves its stream");
+    // Not only at once: still a while after the replacement.
+    for _ in 0..5 {
+        stream.write_all(b"drain").await.expect("write");
+        within("echo", Duration::from_secs(5), stream.read_exact(&mut buf))
+            .await
+            .expect("the replaced session still serves its stream");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     server.admin(&["node", "revoke", VICTIM]);
     let cut = tokio::time::timeout(Duration::from_secs(5), async {
         let mut byte = [0u8; 1];

@@ -32,7 +32,7 @@ use protocol::konnectivity::{DialRequest, Packet, MAX_DATA, MAX_PACKET};
 use sha2::{Digest, Sha256};
 
 use client::{status_of, tunnel, GrpcConn, ProxyStream, STEP};
-use setup::{FakeEdge, Rig, GOODBYE, NODE_IP};
+use setup::{FakeEdge, Rig, RigOptions, GOODBYE, NODE_IP};
 
 /// gRPC `INVALID_ARGUMENT`.
 const INVALID_ARGUMENT: u32 = 3;
@@ -187,7 +187,24 @@ fn seeded(seed: u64, len: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_streams_on_one_connection_arrive_whole() {
-    let rig = Rig::start().await;
+    hundred_concurrent_streams(Rig::start().await).await;
+}
+
+/// Over a QUIC edge session, where the server carries each stream on a QUIC stream directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_hundred_concurrent_streams_on_one_connection_arrive_whole() {
+    hundred_concurrent_streams(quic_rig().await).await;
+}
+
+async fn quic_rig() -> Rig {
+    Rig::start_with(RigOptions {
+        transport: Some("quic"),
+        ..RigOptions::default()
+    })
+    .await
+}
+
+async fn hundred_concurrent_streams(rig: Rig) {
     let conn = rig.connect_unix().await;
     let target = rig.target(rig.echo.port());
     let mut tasks = Vec::new();
@@ -236,7 +253,15 @@ async fn data_packet_of_4_mib_is_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_closing_first_gets_close_rsp_unasked() {
-    let rig = Rig::start().await;
+    target_closing_first(Rig::start().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quic_target_closing_first_gets_close_rsp_unasked() {
+    target_closing_first(quic_rig().await).await;
+}
+
+async fn target_closing_first(rig: Rig) {
     let conn = rig.connect_unix().await;
     let mut stream = conn.open().await.unwrap();
     let id = stream

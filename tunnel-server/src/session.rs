@@ -8,17 +8,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use protocol::stream::{sanitize_reason, DialFailure, CLIENT_HEADER, REASON_HEADER};
 use protocol::{NodeName, Target};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tunnel_io::pipe::{StreamRecv, StreamSend};
 
 use crate::metrics::TunneledBytes;
 use crate::routing::Routable;
 use crate::Shared;
 
+mod direct;
 mod listener;
 mod quic;
 mod refusal;
@@ -53,6 +54,9 @@ pub struct EdgeSession {
     meter: StreamMeter,
     /// `tcp` or `quic` (set once, at the handshake; `tcp` when never set).
     transport: std::sync::OnceLock<&'static str>,
+    /// A QUIC session's connection: tunneled streams are opened on it directly
+    /// ([`direct`]); the h2 sender then carries only session control (session-info).
+    quic: std::sync::OnceLock<quinn::Connection>,
 }
 
 /// Bytes moved on one session's streams, for the admin API's per-edge view: one relaxed
@@ -109,10 +113,10 @@ impl tunnel_io::pipe::ByteMeter for StreamMeter {
 
 /// A stream the edge accepted: its target is dialed and bytes may flow.
 pub struct OpenStream {
-    /// apiserver → kubelet direction.
-    pub send: SendStream<Bytes>,
+    /// apiserver → kubelet direction (an h2 stream, or a QUIC stream on a QUIC session).
+    pub send: StreamSend,
     /// kubelet → apiserver direction.
-    pub recv: RecvStream,
+    pub recv: StreamRecv,
     /// Holds one of the session's stream slots until dropped.
     pub slot: OwnedSemaphorePermit,
     /// Counts the stream's bytes (globally and for its session).
@@ -190,7 +194,14 @@ impl EdgeSession {
                 session: Arc::default(),
             },
             transport: std::sync::OnceLock::new(),
+            quic: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Open this QUIC session's tunneled streams on `conn` directly (set once, at the
+    /// handshake, before the session is routed).
+    pub(crate) fn set_quic(&self, conn: quinn::Connection) {
+        let _ = self.quic.set(conn);
     }
 
     /// Record how the edge reached this replica (set once, at the handshake).
@@ -304,6 +315,9 @@ impl EdgeSession {
                 retry: true,
                 ..OpenError::new(DialFailure::Unreachable, "session retiring")
             })?;
+            if let Some(conn) = self.quic.get() {
+                return direct::open(conn, target, client).await;
+            }
             let mut sender = sender.ready().await.map_err(|e| {
                 OpenError::new(DialFailure::Unreachable, format!("session lost: {e}"))
             })?;
@@ -321,23 +335,14 @@ impl EdgeSession {
             })?;
             let status = response.status();
             if status == StatusCode::OK {
-                return Ok((send, response.into_body()));
+                return Ok((send.into(), response.into_body().into()));
             }
             let reason = response
                 .headers()
                 .get(REASON_HEADER)
                 .and_then(|v| v.to_str().ok())
-                .map(sanitize_reason)
-                .unwrap_or_else(|| format!("edge answered {status}"));
-            let failure = match DialFailure::from_status(status.as_u16()) {
-                Some(DialFailure::PolicyDenied) => DialFailure::EdgeDenied,
-                Some(f) => f,
-                None => DialFailure::Refused,
-            };
-            Err(OpenError::new(
-                failure,
-                format!("refused by edge: {reason}"),
-            ))
+                .map(sanitize_reason);
+            Err(refused_by_edge(status.as_u16(), reason))
         };
         tokio::select! {
             biased;
@@ -359,6 +364,20 @@ impl EdgeSession {
             },
         }
     }
+}
+
+/// The edge answered a stream open with `status` (not 200) and maybe a reason.
+fn refused_by_edge(status: u16, reason: Option<String>) -> OpenError {
+    let reason = reason.unwrap_or_else(|| match StatusCode::from_u16(status) {
+        Ok(status) => format!("edge answered {status}"),
+        Err(_) => format!("edge answered {status}"),
+    });
+    let failure = match DialFailure::from_status(status) {
+        Some(DialFailure::PolicyDenied) => DialFailure::EdgeDenied,
+        Some(f) => f,
+        None => DialFailure::Refused,
+    };
+    OpenError::new(failure, format!("refused by edge: {reason}"))
 }
 
 /// Resolves once a retired session has no stream left, so its connection can be dropped.

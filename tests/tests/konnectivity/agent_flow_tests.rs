@@ -31,6 +31,7 @@ fn options(extra_ports: Vec<u16>, write_timeout: Option<Duration>) -> RigOptions
         agents: true,
         extra_ports,
         write_timeout,
+        transport: None,
     }
 }
 

@@ -38,6 +38,8 @@ pub struct RigOptions {
     pub extra_ports: Vec<u16>,
     /// `[connect] write_timeout` (default 10 s).
     pub write_timeout: Option<Duration>,
+    /// The edge session's transport, `tcp` (default) or `quic`.
+    pub transport: Option<&'static str>,
 }
 
 /// A running topology. Dropping it stops the edge; [`Rig::shutdown`] also drains the server.
@@ -157,9 +159,10 @@ listen = "127.0.0.1:0"
         std::fs::write(
             d.join("edge.toml"),
             format!(
-                "[server]\naddress = \"{}\"\ntransport = \"tcp\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+                "[server]\naddress = \"{}\"\ntransport = \"{}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
                  [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{ports}]\n",
-                server.addrs.edge
+                server.addrs.edge,
+                options.transport.unwrap_or("tcp"),
             ),
         )
         .unwrap();

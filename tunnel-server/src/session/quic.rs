@@ -1,8 +1,10 @@
 //! The edge listener on UDP: QUIC sessions (ALPN `tether-quic/1`) with the same client
 //! certificate identity, revocation refusal, session-info confirm, routing and drain as the
 //! TCP listener; only the bytes' way differs. Each connection is presented to the session
-//! code as an HTTP/2 connection over an in-memory pipe ([`tunnel_io::quic_bridge`]), and the
-//! streams the edge opens (edge → cloud upstreams) go to `crate::upstream` the same way.
+//! code as an HTTP/2 connection over an in-memory pipe ([`tunnel_io::quic_bridge`]) for
+//! session control, while the streams frontends open go on QUIC streams directly
+//! (`super::direct`); the streams the edge opens (edge → cloud upstreams) go to
+//! `crate::upstream` through the bridge.
 //!
 //! Numbers and why:
 //! - windows: `[h2] stream_window` (16 MiB) per stream and `connection_window` (64 MiB) per
@@ -247,6 +249,9 @@ async fn handle_quic(
         send_request,
     ));
     session.set_transport("quic");
+    // Tunneled streams go on QUIC streams directly; the in-memory h2 connection above
+    // carries session-info only.
+    session.set_quic(conn.clone());
     if let Some(issued) = issued {
         session.set_certificate_issued(issued);
     }

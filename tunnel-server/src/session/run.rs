@@ -91,6 +91,17 @@ pub(super) async fn run_session<S>(
     );
     tokio::pin!(revoked);
     let mut draining = false;
+    // A QUIC session's tunneled streams do not ride its h2 connection (`super::direct`), so
+    // that connection ending after retirement is not the last stream ending: from then on
+    // the session ends when its streams are done or QUIC is lost.
+    let mut control_done = false;
+    let quic_lost = async {
+        match &quic {
+            Some(conn) => conn.closed().await.to_string(),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(quic_lost);
     let ended = loop {
         tokio::select! {
             biased;
@@ -107,11 +118,14 @@ pub(super) async fn run_session<S>(
                 }
                 shared.routes.deregister(&routed);
             }
-            result = &mut connection => break match result {
-                Ok(()) => "session closed after its last stream".to_string(),
-                Err(e) => format!("session error: {e}"),
+            result = &mut connection, if !control_done => match result {
+                Ok(()) if quic.is_some() && session.retired.is_cancelled() => control_done = true,
+                Ok(()) => break "session closed after its last stream".to_string(),
+                Err(e) => break format!("session error: {e}"),
             },
-            reason = &mut keepalive => break reason,
+            reason = &mut quic_lost => break format!("QUIC connection closed: {reason}"),
+            // QUIC's own keep-alive and idle timeout watch the link once h2 is gone.
+            reason = &mut keepalive, if !control_done => break reason,
             reason = &mut announce => break reason,
             _ = streams_done(&session) => {
                 break "retired; its streams are done".to_string()

@@ -15,9 +15,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
-use bytes::Bytes;
 use futures_util::Stream;
-use h2::{Reason, RecvStream, SendStream};
 use protocol::konnectivity::{DialRequest, DialResponse, Packet};
 use protocol::Target;
 use tokio::sync::{mpsc, oneshot};
@@ -25,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, Instrument};
-use tunnel_io::pipe::{send_all, PipeConfig, PipeError};
+use tunnel_io::pipe::{PipeConfig, PipeError, StreamRecv, StreamSend};
 
 use super::service::proxy_service_server::ProxyService;
 use super::ConnInfo;
@@ -357,7 +355,7 @@ fn is_protocol_error(status: &Status) -> bool {
 /// end of either direction ends the connection. Bytes are added to `meter` as they move.
 async fn bridge(
     incoming: &mut Streaming<Packet>,
-    (mut send, recv): (SendStream<Bytes>, RecvStream),
+    (mut send, recv): (StreamSend, StreamRecv),
     out: &Outbox,
     connect_id: i64,
     config: PipeConfig,
@@ -373,17 +371,18 @@ async fn bridge(
     match &ended {
         // Let the target see an orderly EOF after everything the client sent.
         Ended::CloseRequested => {
-            let _ = send.send_data(Bytes::new(), true);
+            let _ = send.finish();
         }
+        // The target ended its side: ours ends with the connection (a reset when dropped).
         Ended::TargetClosed => {}
-        _ => send.send_reset(Reason::CANCEL),
+        _ => send.reset(),
     }
     ended
 }
 
 async fn client_to_edge(
     incoming: &mut Streaming<Packet>,
-    send: &mut SendStream<Bytes>,
+    send: &mut StreamSend,
     connect_id: i64,
     config: PipeConfig,
     (total, meter): (&mut u64, &StreamMeter),
@@ -407,7 +406,7 @@ async fn client_to_edge(
                 if data.is_empty() {
                     continue;
                 }
-                if let Err(error) = send_all(send, data, config).await {
+                if let Err(error) = send.send_all(data, config).await {
                     return Ended::Failed(error);
                 }
                 *total += n;
@@ -432,7 +431,7 @@ async fn client_to_edge(
 }
 
 async fn edge_to_client(
-    mut recv: RecvStream,
+    mut recv: StreamRecv,
     out: &Outbox,
     connect_id: i64,
     config: PipeConfig,
@@ -442,7 +441,7 @@ async fn edge_to_client(
         let mut chunk = match recv.data().await {
             None => return Ended::TargetClosed,
             // After a reset `data()` keeps failing: end here, never loop on it.
-            Some(Err(e)) => return Ended::Failed(PipeError::Stream(e.to_string())),
+            Some(Err(e)) => return Ended::Failed(e),
             Some(Ok(chunk)) => chunk,
         };
         let n = chunk.len();
@@ -460,8 +459,8 @@ async fn edge_to_client(
         *total += n as u64;
         meter.add_from_edge(n as u64);
         // The bytes are in the client's outbox (bounded): the edge may send more.
-        if let Err(e) = recv.flow_control().release_capacity(n) {
-            return Ended::Failed(PipeError::Stream(e.to_string()));
+        if let Err(e) = recv.release(n) {
+            return Ended::Failed(e);
         }
     }
 }
