@@ -51,7 +51,7 @@ impl Netns {
 
     /// The queue rules currently in the namespace.
     fn nfqueue_rules(&self) -> usize {
-        let out = run_ok(self.cmd("iptables").args(["-S", "OUTPUT"]));
+        let out = run_ok(self.cmd("iptables").args(["-S", "INPUT"]));
         String::from_utf8_lossy(&out.stdout)
             .matches("NFQUEUE")
             .count()
