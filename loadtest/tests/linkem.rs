@@ -250,3 +250,30 @@ fn a_full_hold_tail_drops_and_counts_what_it_dropped() {
     assert_eq!(received(&r).len() as u64 + overflow, 200, "{counters}");
     assert_eq!(counters["peak_held"], 10, "{counters}");
 }
+
+#[test]
+fn linkem_refuses_a_namespace_not_made_for_it() {
+    // Run where this test runs (the host's namespace, or whatever CI's is): no `ip netns`.
+    let mut child = Command::new(BIN)
+        .args(["run", "--port", "47503"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn tunnel-linkem");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("poll tunnel-linkem").is_none() {
+        if Instant::now() > deadline {
+            // It took the namespace: stop it the way that removes its rules, then fail.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+            panic!("tunnel-linkem ran outside a named namespace");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("tunnel-linkem output");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refusing"), "{err}");
+}

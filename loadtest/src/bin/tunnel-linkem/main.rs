@@ -34,8 +34,9 @@ use clap::{Parser, Subcommand};
 ///   ip netns add lnk && ip netns exec lnk ip link set lo up mtu 1500
 ///   ip netns exec lnk tunnel-linkem run --port 47001 --delay-ms 20 --loss-percent 1 &
 ///   ip netns exec lnk tunnel-loadtest hol --edge-port 47001 --transport quic
-/// It refuses the host's own namespace unless told otherwise: its rules would delay every
-/// program there that uses the port, and stop them if it died without removing them.
+/// It refuses any namespace but a named one (`ip netns`) unless told otherwise: in the
+/// host's, its rules would delay every program that uses the port, and stop them if it
+/// died without removing them.
 #[derive(Parser)]
 #[command(name = "tunnel-linkem", version, verbatim_doc_comment)]
 struct Cli {
@@ -111,10 +112,21 @@ fn loss_percent(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Whether this process is in the namespace of PID 1 (the host's, outside containers).
-fn in_host_namespace() -> bool {
-    let ns = |p: &str| std::fs::read_link(p).ok();
-    ns("/proc/self/ns/net").is_some() && ns("/proc/self/ns/net") == ns("/proc/1/ns/net")
+/// Whether this process runs in a named network namespace (`ip netns add`, bind-mounted in
+/// /run/netns): one made for a measurement. Anything else, the host's own namespace or one
+/// that cannot be told apart from it (PID 1's may not be readable), counts as the host's.
+fn in_named_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(own) = std::fs::metadata("/proc/self/ns/net") else {
+        return false;
+    };
+    let Ok(named) = std::fs::read_dir("/run/netns") else {
+        return false;
+    };
+    named
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .any(|m| m.dev() == own.dev() && m.ino() == own.ino())
 }
 
 /// A flag set by SIGINT or SIGTERM, watched by the queue loop between reads.
@@ -156,9 +168,9 @@ fn main() -> anyhow::Result<()> {
             allow_host_namespace,
         } => {
             anyhow::ensure!(
-                allow_host_namespace || !in_host_namespace(),
-                "refusing to add rules in the host's network namespace: run inside `ip netns exec` \
-                 (or pass --allow-host-namespace)"
+                allow_host_namespace || in_named_namespace(),
+                "refusing to add rules outside a named network namespace (this may be the \
+                 host's): run inside `ip netns exec` (or pass --allow-host-namespace)"
             );
             anyhow::ensure!(max_held > 0, "--max-held must be at least 1");
             let stop = stop_on_signal()?;
