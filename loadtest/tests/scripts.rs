@@ -1,5 +1,6 @@
-//! The benchmark scripts (`compare.sh`, `lossy.sh`) are `shellcheck` clean: they run as root
-//! (`lossy.sh` makes network namespaces and iptables rules), so quoting mistakes matter.
+//! The benchmark scripts (`compare.sh`, `lossy.sh`, `longlink.sh`) are `shellcheck` clean:
+//! they run as root (`lossy.sh` and `longlink.sh` make network namespaces and iptables rules),
+//! so quoting mistakes matter.
 
 use std::path::Path;
 use std::process::Command;
@@ -10,6 +11,7 @@ fn benchmark_scripts_are_shellcheck_clean() {
     let output = Command::new("shellcheck")
         .arg(dir.join("compare.sh"))
         .arg(dir.join("lossy.sh"))
+        .arg(dir.join("longlink.sh"))
         .output()
         .unwrap_or_else(|e| {
             panic!("shellcheck not found ({e}): .ci/run installs it (apt-get install shellcheck)")
