@@ -10,7 +10,7 @@
 //! agent's one gRPC stream (`mux.rs`). The protocol has no per-connection flow control, so a
 //! connection whose frontend falls behind pauses the agent's whole stream, within bounds
 //! (`mux.rs`, `backlog.rs`). Admission is `endpoint.rs`, an attached agent's life
-//! `session.rs`.
+//! `edge/session.rs`.
 
 pub mod identifiers;
 
@@ -34,10 +34,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::config::ServerConfig;
+use crate::edge::session::EdgeSession;
 use crate::frontend::konnectivity::service::agent_service_server::AgentServiceServer;
 use crate::frontend::konnectivity::{accept_tls, GRPC_MAX_HEADER_LIST, HANDOFF_QUEUE};
 use crate::lifecycle::Stop;
-use crate::session::EdgeSession;
 use crate::Shared;
 
 /// HTTP/2 stream window the server grants an agent's `Connect` stream: 16 MiB. Every
@@ -52,7 +52,7 @@ const AGENT_MAX_FRAME: u32 = 1 << 20;
 const AGENT_STREAMS_PER_CONNECTION: u32 = 4;
 
 /// One attached Konnectivity agent, as the route table sees it (through
-/// [`NodeSession::Agent`](crate::node_session::NodeSession::Agent)).
+/// [`NodeSession::Agent`](crate::edge::node_session::NodeSession::Agent)).
 pub struct AgentSession {
     /// The server side of the agent's in-memory HTTP/2 session.
     tunnel: EdgeSession,

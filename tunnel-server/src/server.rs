@@ -15,11 +15,11 @@ use tracing::info;
 use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION, ALPN_UPSTREAM};
 
 use crate::config::ServerConfig;
+use crate::edge::node_session::NodeSession;
+use crate::edge::routing::RouteTable;
 use crate::lifecycle::{bind_unix, Stop};
 use crate::metrics::Metrics;
-use crate::node_session::NodeSession;
 use crate::policy::DialPolicy;
-use crate::routing::RouteTable;
 
 /// State every task of one server shares.
 pub struct Shared {
@@ -45,7 +45,7 @@ pub struct Shared {
     /// node's current one never replaces the node's live session.
     pub identities: Option<Arc<dyn crate::registration::state::identities::IdentityStore>>,
     /// Upstream stream and dial budgets per node.
-    pub upstreams: crate::upstream::NodeUpstreams,
+    pub upstreams: crate::edge::upstream::NodeUpstreams,
 }
 
 /// The addresses the server actually bound (ports resolved when configured as 0).
@@ -103,7 +103,11 @@ impl RunningServer {
                     .edge
                     .quic_listen
                     .unwrap_or(edge_listener.local_addr()?);
-                Some(crate::session::bind_quic(&config, edge_tls.clone(), addr)?)
+                Some(crate::edge::session::bind_quic(
+                    &config,
+                    edge_tls.clone(),
+                    addr,
+                )?)
             }
             false => None,
         };
@@ -188,7 +192,7 @@ impl RunningServer {
             draining: AtomicBool::new(false),
             revocations: registration.as_ref().map(|r| r.revocations.clone()),
             identities: registration.as_ref().map(|r| r.identities.clone()),
-            upstreams: crate::upstream::NodeUpstreams::default(),
+            upstreams: crate::edge::upstream::NodeUpstreams::default(),
         });
         shared
             .metrics
@@ -201,7 +205,7 @@ impl RunningServer {
         let tracker = TaskTracker::new();
         let admin_tracker = TaskTracker::new();
 
-        tracker.spawn(crate::session::serve_edges(
+        tracker.spawn(crate::edge::session::serve_edges(
             edge_listener,
             TlsAcceptor::from(Arc::new(edge_tls)),
             shared.clone(),
@@ -209,7 +213,7 @@ impl RunningServer {
             tracker.clone(),
         ));
         if let Some(endpoint) = edge_quic {
-            tracker.spawn(crate::session::serve_quic_edges(
+            tracker.spawn(crate::edge::session::serve_quic_edges(
                 endpoint,
                 shared.clone(),
                 stop.clone(),

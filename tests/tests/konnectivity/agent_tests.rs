@@ -396,7 +396,7 @@ async fn agent_loss_fails_its_dials_and_connections_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_agent_stream_does_not_displace_the_one_in_use() {
-    use tunnel_server::routing::Routable;
+    use tunnel_server::edge::routing::Routable;
     let rig = Rig::start_with(agent_options(vec![])).await;
     let node = NodeName::parse(AGENT_NODE).unwrap();
     let first = attach(&rig).await;

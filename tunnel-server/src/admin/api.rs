@@ -11,8 +11,8 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::edge::routing::Routable;
 use crate::registration::state::identities::IssuedIdentity;
-use crate::routing::Routable;
 use crate::Shared;
 
 /// Path of the edges view.

@@ -1,6 +1,6 @@
 //! `/AgentService/Connect`: admitting an agent (metadata, certificate identity, claims, an
 //! address already owned by another node) and answering `serverid`/`servercount` before any
-//! packet. The attached agent's life is `session.rs`.
+//! packet. The attached agent's life is `edge/session.rs`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
@@ -18,12 +18,12 @@ use super::identifiers::{self, IdentifierError};
 use super::mux::{self, Mux};
 use super::session::{memory_session, run, Attached};
 use super::AgentSession;
+use crate::edge::node_session::NodeSession;
+use crate::edge::routing::{Routable, RouteConflict};
+use crate::edge::session::EdgeSession;
 use crate::frontend::konnectivity::service::agent_service_server::AgentService;
 use crate::frontend::konnectivity::{ConnInfo, PacketStream};
 use crate::lifecycle::Stop;
-use crate::node_session::NodeSession;
-use crate::routing::{Routable, RouteConflict};
-use crate::session::EdgeSession;
 use crate::Shared;
 
 /// Request metadata: the agent's self-chosen ID.
@@ -77,7 +77,7 @@ struct Admitted {
     agent_id: String,
     identity: EdgeIdentity,
     /// Serial and registry standing of its certificate.
-    certificate: crate::session_certificate::SessionCertificate,
+    certificate: crate::edge::session_certificate::SessionCertificate,
     /// When its certificate was issued (Unix seconds), for revocation.
     issued: Option<u64>,
 }
@@ -258,8 +258,11 @@ fn admit(
         };
         return fail("identifiers", code, e.to_string());
     }
-    let certificate =
-        crate::session_certificate::SessionCertificate::of(shared, &identity.node, cert.as_ref());
+    let certificate = crate::edge::session_certificate::SessionCertificate::of(
+        shared,
+        &identity.node,
+        cert.as_ref(),
+    );
     let issued = crate::pki::issued_unix(cert.as_ref());
     Ok(Admitted {
         agent_id,

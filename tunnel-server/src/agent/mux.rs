@@ -11,7 +11,7 @@
 //! other connections of that agent wait too, those of other agents never. A connection whose
 //! frontend takes nothing for `write_timeout` while the stream waits on it is reset alone
 //! (CLOSE_REQ to the agent), and the stream resumes. No sockets and no HTTP/2 here:
-//! `conn.rs` moves the bytes, `session.rs` feeds packets in, `endpoint.rs` sends the queues.
+//! `conn.rs` moves the bytes, `edge/session.rs` feeds packets in, `endpoint.rs` sends the queues.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -18,9 +18,9 @@ use tunnel_io::pipe::PipeConfig;
 
 use super::mux::{Dispatch, Mux};
 use super::{conn, AgentSession};
+use crate::edge::node_session::NodeSession;
+use crate::edge::routing::{Routable, RouteConflict};
 use crate::lifecycle::Stop;
-use crate::node_session::NodeSession;
-use crate::routing::{Routable, RouteConflict};
 use crate::Shared;
 
 /// How long a new agent stream must stay open before it takes over from a live session of

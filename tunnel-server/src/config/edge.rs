@@ -89,7 +89,7 @@ pub struct EdgeListenerConfig {
     pub quic_listen: Option<SocketAddr>,
     /// QUIC handshakes from unvalidated addresses in progress at once before every further
     /// one is answered with a stateless Retry (address validation, one extra round trip);
-    /// 0 = always Retry. See `session/quic.rs` for the measurement behind the default.
+    /// 0 = always Retry. See `edge/session/quic.rs` for the measurement behind the default.
     #[serde(default = "default_quic_retry_above")]
     pub quic_retry_above: usize,
 }

@@ -60,7 +60,7 @@ pub struct ServerConfig {
     pub state: crate::registration::state::StateConfig,
     /// Upstreams edges may reach (edge → cloud), by name: `kube-apiserver = "10.0.0.1:6443"`.
     #[serde(default)]
-    pub upstreams: crate::upstream::UpstreamMap,
+    pub upstreams: crate::edge::upstream::UpstreamMap,
     /// HTTP/2 settings of edge sessions.
     #[serde(default)]
     pub h2: H2Tuning,
@@ -136,7 +136,7 @@ impl ServerConfig {
         self.edge.validate()?;
         self.h2.validate().map_err(|m| format!("key `h2.{m}`"))?;
         self.replica.validate()?;
-        crate::upstream::validate(&self.upstreams)?;
+        crate::edge::upstream::validate(&self.upstreams)?;
 
         if let Some(k) = &self.konnectivity {
             k.validate()?;

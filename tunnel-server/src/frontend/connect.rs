@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
+use crate::edge::session::OpenStream;
 use crate::frontend::dial::dial;
-use crate::session::OpenStream;
 use crate::Shared;
 
 /// Metric label of this frontend.
@@ -242,7 +242,7 @@ async fn serve_connection<S>(
             return;
         }
     };
-    use crate::routing::Routable;
+    use crate::edge::routing::Routable;
     let node = dialed.session.node().clone();
     if let Err(error) = socket.write_all(ESTABLISHED).await {
         debug!(%error, "client left before the tunnel was established");

@@ -7,8 +7,8 @@ use std::time::Instant;
 use protocol::stream::DialFailure;
 use protocol::Target;
 
-use crate::node_session::NodeSession;
-use crate::session::OpenStream;
+use crate::edge::node_session::NodeSession;
+use crate::edge::session::OpenStream;
 use crate::Shared;
 
 /// A refused or failed dial, ready to be answered.
@@ -81,7 +81,7 @@ async fn dial_inner(
         // before the revocation watcher gets to it.
         if let (Some(list), Some(issued)) = (&shared.revocations, session.certificate_issued()) {
             list.refresh();
-            use crate::routing::Routable;
+            use crate::edge::routing::Routable;
             if list.certificate_revoked(session.node(), issued) {
                 session.close();
                 return Err(DialError {
@@ -116,6 +116,6 @@ async fn dial_inner(
 }
 
 fn session_node(session: &NodeSession) -> &str {
-    use crate::routing::Routable;
+    use crate::edge::routing::Routable;
     session.node().as_str()
 }

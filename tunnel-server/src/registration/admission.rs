@@ -30,7 +30,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::RegistrationConfig;
-use crate::source_limit::{SourceLimit, SourceSlot};
+use crate::listen::source_limit::{SourceLimit, SourceSlot};
 
 /// A join connection silent for less than this is never evicted: a client in the middle of
 /// its handshake-to-request round trip (a few RTTs, well under a second on the internet)

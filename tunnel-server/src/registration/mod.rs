@@ -39,7 +39,7 @@ use admission::{Admission, Watched};
 pub use config::RegistrationConfig;
 
 use crate::lifecycle::Stop;
-use crate::prelude::{Prelude, PreludeError};
+use crate::listen::prelude::{Prelude, PreludeError};
 use crate::revocation::RevocationList;
 use crate::Shared;
 

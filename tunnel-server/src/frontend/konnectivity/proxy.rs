@@ -27,10 +27,10 @@ use tunnel_io::pipe::{PipeConfig, PipeError, StreamRecv, StreamSend};
 
 use super::service::proxy_service_server::ProxyService;
 use super::ConnInfo;
+use crate::edge::routing::Routable;
+use crate::edge::session::OpenStream;
+use crate::edge::session::StreamMeter;
 use crate::frontend::dial::dial;
-use crate::routing::Routable;
-use crate::session::OpenStream;
-use crate::session::StreamMeter;
 use crate::Shared;
 
 /// Metric label and audit name of this frontend.

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::EtcdState;
+use crate::edge::routing::Routable;
 use crate::registration::state::decision::StateError;
 use crate::registration::state::sessions::LiveSession;
-use crate::routing::Routable;
 
 /// How often the published sessions follow the route table: the fleet view lags a new or
 /// closed session by at most this.

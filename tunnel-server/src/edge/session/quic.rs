@@ -4,7 +4,7 @@
 //! code as an HTTP/2 connection over an in-memory pipe ([`tunnel_io::quic_bridge`]) for
 //! session control, while the streams frontends open go on QUIC streams directly
 //! (`super::direct`); the streams the edge opens (edge → cloud upstreams) go to
-//! `crate::upstream` through the bridge.
+//! `crate::edge::upstream` through the bridge.
 //!
 //! Numbers and why:
 //! - windows: `[h2] stream_window` (16 MiB) per stream and `connection_window` (64 MiB) per
@@ -41,7 +41,7 @@ use tunnel_io::quic_bridge::{self, QuicTuning, CODE_DONE, DUPLEX_BUFFER};
 use super::listener::{identify, Identified, SessionIo};
 use super::run::run_session;
 use super::EdgeSession;
-use crate::source_limit::SourceLimit;
+use crate::listen::source_limit::SourceLimit;
 use crate::Shared;
 
 /// Bind the UDP endpoint edges reach over QUIC: `tls` is the edge listener's TLS
@@ -127,7 +127,10 @@ async fn handle_quic(
     incoming: Incoming,
     shared: Arc<Shared>,
     stop: crate::lifecycle::Stop,
-    slots: (OwnedSemaphorePermit, crate::source_limit::SourceSlot),
+    slots: (
+        OwnedSemaphorePermit,
+        crate::listen::source_limit::SourceSlot,
+    ),
 ) {
     let peer = incoming.remote_address();
     let limit = shared.config.edge.handshake_timeout;
@@ -226,7 +229,7 @@ async fn handle_quic(
 
     // Streams the edge opens are its upstream connection's.
     let (up_local, up_remote) = tokio::io::duplex(DUPLEX_BUFFER);
-    let upstream = tokio::spawn(crate::upstream::serve(
+    let upstream = tokio::spawn(crate::edge::upstream::serve(
         up_local,
         identity.node.clone(),
         cert_der,

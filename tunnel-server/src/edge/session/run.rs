@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::listener::SessionIo;
 use super::{streams_done, EdgeSession};
-use crate::session_info::{announce_changes, announce_once};
+use crate::edge::session_info::{announce_changes, announce_once};
 use crate::Shared;
 
 /// Confirm, route and run an authenticated session until it ends, on either transport.
@@ -45,7 +45,9 @@ pub(super) async fn run_session<S>(
         info!(node = %session.node, %peer, reason, "edge session not established");
         return;
     }
-    let routed = Arc::new(crate::node_session::NodeSession::Tether(session.clone()));
+    let routed = Arc::new(crate::edge::node_session::NodeSession::Tether(
+        session.clone(),
+    ));
     let replaced = match shared.routes.register(routed.clone()) {
         Ok(replaced) => replaced,
         Err(conflict) => {

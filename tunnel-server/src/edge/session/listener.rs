@@ -17,8 +17,8 @@ use tracing::{debug, warn, Instrument};
 use tunnel_io::control_frames::ControlFrameLimit;
 
 use super::EdgeSession;
-use crate::prelude::{Prelude, PreludeError};
-use crate::source_limit::{SourceLimit, SourceSlot};
+use crate::listen::prelude::{Prelude, PreludeError};
+use crate::listen::source_limit::{SourceLimit, SourceSlot};
 use crate::Shared;
 
 /// Accept edge connections until draining starts. Per-connection failures are logged and skipped;
@@ -148,7 +148,7 @@ pub(super) struct Identified {
     pub revoked_at: Option<u64>,
     /// When the certificate was issued (Unix seconds).
     pub issued: Option<u64>,
-    pub certificate: crate::session_certificate::SessionCertificate,
+    pub certificate: crate::edge::session_certificate::SessionCertificate,
 }
 
 /// The identity checks every transport applies to the peer's certificate (`der`).
@@ -158,7 +158,7 @@ pub(super) fn identify(shared: &Shared, der: &[u8]) -> Result<Identified, (&'sta
     let revoked_at = crate::revocation::revoked_certificate(shared, &identity.node, der);
     let issued = crate::pki::issued_unix(der);
     let certificate =
-        crate::session_certificate::SessionCertificate::of(shared, &identity.node, der);
+        crate::edge::session_certificate::SessionCertificate::of(shared, &identity.node, der);
     Ok(Identified {
         identity,
         revoked_at,
@@ -296,7 +296,7 @@ async fn handle_edge(
             drop(slots);
             let quota = shared.config.edge.control_frame_quota();
             let limited = ControlFrameLimit::from_client(tls, quota);
-            crate::upstream::serve(limited, node, cert_der, peer, shared, stop).await;
+            crate::edge::upstream::serve(limited, node, cert_der, peer, shared, stop).await;
             return;
         }
         Ok(Ok(Accepted::Revoked(revoked))) => {

@@ -10,8 +10,8 @@ use std::time::Duration;
 use protocol::{NodeName, Target};
 
 use crate::agent::AgentSession;
-use crate::routing::Routable;
-use crate::session::{EdgeSession, OpenError, OpenStream};
+use crate::edge::routing::Routable;
+use crate::edge::session::{EdgeSession, OpenError, OpenStream};
 
 /// A node's live session, of either kind.
 #[derive(Clone)]

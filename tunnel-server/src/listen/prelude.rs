@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use crate::proxy_protocol::ProxyHeaderError;
+use crate::listen::proxy_protocol::ProxyHeaderError;
 
 /// Why a connection was refused before TLS.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,7 @@ impl Prelude {
             return Ok(peer);
         }
         if self.trusts(peer.ip()) {
-            return Ok(crate::proxy_protocol::client_address(tcp, peer).await?);
+            return Ok(crate::listen::proxy_protocol::client_address(tcp, peer).await?);
         }
         // `PROXY ` (v1) and `\r\n\r\n…` (v2) cannot start a TLS record (0x16).
         if first == b'P' || first == b'\r' {

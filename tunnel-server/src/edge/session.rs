@@ -15,8 +15,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tunnel_io::pipe::{StreamRecv, StreamSend};
 
+use crate::edge::routing::Routable;
 use crate::metrics::TunneledBytes;
-use crate::routing::Routable;
 use crate::Shared;
 
 mod direct;
@@ -47,7 +47,7 @@ pub struct EdgeSession {
     /// When the peer's certificate was issued (Unix seconds), for per-stream revocation checks.
     certificate_issued: std::sync::OnceLock<u64>,
     /// Serial and standing of the peer's certificate in the identity registry.
-    certificate: std::sync::OnceLock<crate::session_certificate::SessionCertificate>,
+    certificate: std::sync::OnceLock<crate::edge::session_certificate::SessionCertificate>,
     /// When the session was created, Unix seconds (the admin API's `since`).
     since_unix: u64,
     /// What its streams count bytes into.
@@ -227,13 +227,13 @@ impl EdgeSession {
     /// Record the peer certificate's serial and standing (set once, at the handshake).
     pub(crate) fn set_certificate(
         &self,
-        certificate: crate::session_certificate::SessionCertificate,
+        certificate: crate::edge::session_certificate::SessionCertificate,
     ) {
         let _ = self.certificate.set(certificate);
     }
 
     /// The peer certificate's serial and standing (the default when never set).
-    pub fn certificate(&self) -> crate::session_certificate::SessionCertificate {
+    pub fn certificate(&self) -> crate::edge::session_certificate::SessionCertificate {
         self.certificate.get().cloned().unwrap_or_default()
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{Method, Request, StatusCode};
 use protocol::stream::{sanitize_reason, REASON_HEADER};
 
-use crate::session::EdgeSession;
+use crate::edge::session::EdgeSession;
 use crate::Shared;
 
 /// Tell the edge which replica this is and how many replicas there are. The edge answers
