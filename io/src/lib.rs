@@ -17,6 +17,7 @@ pub mod metrics_text;
 pub mod pipe;
 pub mod quic_bridge;
 pub mod registration;
+pub mod sched;
 pub mod secret;
 pub mod tls;
 

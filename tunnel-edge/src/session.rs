@@ -244,7 +244,10 @@ impl Edge {
         let handshake = async {
             let io: Box<dyn tunnel_io::quic_bridge::Io> = match &quic {
                 Some(conn) => crate::quic::session_io(conn.clone(), &self.config, limit),
-                None => Box::new(self.tcp_session(host, port).await?),
+                None => tunnel_io::sched::session_io(
+                    self.tcp_session(host, port).await?,
+                    tunnel_io::sched::Role::Server,
+                ),
             };
             self.config
                 .h2
