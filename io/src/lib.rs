@@ -17,7 +17,6 @@ pub mod metrics_text;
 pub mod pipe;
 pub mod quic_bridge;
 pub mod registration;
-pub mod sched;
 pub mod secret;
 pub mod tls;
 

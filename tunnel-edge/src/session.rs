@@ -244,10 +244,7 @@ impl Edge {
         let handshake = async {
             let io: Box<dyn tunnel_io::quic_bridge::Io> = match &quic {
                 Some(conn) => crate::quic::session_io(conn.clone(), &self.config, limit),
-                None => tunnel_io::sched::session_io(
-                    self.tcp_session(host, port).await?,
-                    tunnel_io::sched::Role::Server,
-                ),
+                None => Box::new(self.tcp_session(host, port).await?),
             };
             self.config
                 .h2

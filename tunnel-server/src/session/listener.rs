@@ -205,10 +205,10 @@ async fn handshake(
             peer,
         });
     }
-    let limited: SessionIo = tunnel_io::sched::session_io(
-        ControlFrameLimit::from_server(tls, shared.config.edge.control_frame_quota()),
-        tunnel_io::sched::Role::Client,
-    );
+    let limited: SessionIo = Box::new(ControlFrameLimit::from_server(
+        tls,
+        shared.config.edge.control_frame_quota(),
+    ));
     let (send_request, mut connection) = shared
         .config
         .h2
