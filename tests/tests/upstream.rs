@@ -196,6 +196,10 @@ async fn forward_reaches_the_apiserver(rig: Rig) {
     let (mut r, mut w) = tokio::io::split(tls);
     let writer = tokio::spawn(async move {
         w.write_all(&payload).await.unwrap();
+        // TLS: `write_all` returns once rustls holds the plaintext, not once the records
+        // are on the socket; without the flush the last record could wait in the client
+        // for good (this test stalled in about one run in ten before it flushed).
+        w.flush().await.unwrap();
         w
     });
     let mut echoed = vec![0u8; 4 << 20];
