@@ -24,6 +24,8 @@ DURATION=${DURATION:-6}
 DELAY_MS=${DELAY_MS:-20}
 SEED=${SEED:-1}
 EDGE_PORT=${EDGE_PORT:-47001}
+# Which transports to run (e.g. TRANSPORTS=quic for QUIC's rows only).
+TRANSPORTS=${TRANSPORTS:-tcp quic}
 # Extra tunnel-loadtest arguments for every run (e.g. "--json").
 LOADTEST_ARGS=${LOADTEST_ARGS:-}
 NS=tether-longlink-$$
@@ -36,6 +38,15 @@ cleanup() {
 trap cleanup EXIT
 ip netns add "$NS"
 ip netns exec "$NS" ip link set lo up mtu 1500
+
+# udp_counter NAME: one Udp counter of /proc/net/snmp in the namespace (RcvbufErrors: the
+# datagrams a receiving socket's full buffer dropped, a loss the link did not make).
+udp_counter() {
+    # shellcheck disable=SC2016 # the $ are awk's own
+    ip netns exec "$NS" awk -v name="$1" '
+        $1 == "Udp:" && !header { for (i = 2; i <= NF; i++) col[$i] = i; header = 1; next }
+        $1 == "Udp:" && header { print $col[name]; exit }' /proc/net/snmp
+}
 
 # run LOSS_PERCENT SCENARIO TRANSPORT: one tunnel-loadtest run through the link.
 run() {
@@ -51,12 +62,15 @@ run() {
     done
     [ "$rules" -ge 4 ] || { echo "tunnel-linkem did not start" >&2; exit 1; }
     echo "== ${scenario} loss=${loss}% delay=${DELAY_MS}ms transport=${transport}"
+    local rcvbuf_errors
+    rcvbuf_errors=$(udp_counter RcvbufErrors)
     # shellcheck disable=SC2086 # LOADTEST_ARGS is a list of words
     # A run that fails (a bulk stream that cannot drain its windows within the loadtest's
     # grace is reported as stalled) is on record as such; the others still run.
     timeout $((DURATION * 4 + 60)) ip netns exec "$NS" "$BIN_DIR/tunnel-loadtest" "$scenario" \
         --transport "$transport" --edge-port "$EDGE_PORT" --duration "$DURATION" $LOADTEST_ARGS \
         || echo "== run failed (exit status $?)"
+    echo "UdpRcvbufErrors: $(($(udp_counter RcvbufErrors) - rcvbuf_errors))"
     kill -TERM "$LINK_PID"
     echo -n "link counters: "
     wait "$LINK_PID"
@@ -64,12 +78,12 @@ run() {
 }
 
 for loss in 0 1 3; do
-    for transport in tcp quic; do
+    for transport in $TRANSPORTS; do
         run "$loss" hol "$transport"
     done
 done
 for loss in 0 1; do
-    for transport in tcp quic; do
+    for transport in $TRANSPORTS; do
         run "$loss" bulk "$transport"
     done
 done

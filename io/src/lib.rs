@@ -19,6 +19,7 @@ pub mod quic_bridge;
 pub mod registration;
 pub mod secret;
 pub mod tls;
+pub mod udp_socket;
 
 /// Set TCP_NODELAY, ignoring failure (a socket that already failed will report it on first use).
 ///

@@ -165,6 +165,28 @@ async fn json_logs_have_real_types_and_no_repeated_keys() {
     );
     assert!(closed["bytes_from_target"].is_u64(), "{closed}");
     assert!(closed["dialed"].is_string(), "{closed}");
+    // The server's QUIC listener reports its UDP socket buffers: the sizes granted, or one
+    // warning naming the sysctl to raise where the host caps them below the ask. (This edge
+    // is on TCP and binds no UDP socket.)
+    for (name, lines) in [("server", &server)] {
+        let buffers: Vec<&Value> = lines
+            .iter()
+            .filter(|l| {
+                l["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("QUIC UDP socket buffers"))
+            })
+            .collect();
+        assert!(!buffers.is_empty(), "{name}: no UDP buffer line");
+        for line in buffers {
+            if line["level"] == "WARN" {
+                let message = line["message"].as_str().unwrap_or_default();
+                assert!(message.contains("net.core."), "{name}: {line}");
+            } else {
+                assert!(line["recv"].as_u64() >= Some(1 << 20), "{name}: {line}");
+            }
+        }
+    }
     let refusal = find(&edge, "edge refused dial").unwrap();
     assert_eq!(refusal["level"], "WARN", "{refusal}");
     assert_eq!(refusal["dest"], target.as_str(), "{refusal}");

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use quinn::{Connection, Endpoint};
 use tunnel_io::quic_bridge::{self, Io, QuicTuning, CODE_DONE, DUPLEX_BUFFER};
+use tunnel_io::udp_socket;
 
 use crate::config::EdgeConfig;
 
@@ -73,8 +74,10 @@ impl QuicClient {
                         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
                         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
                     };
-                    let endpoint =
-                        Endpoint::client(bind).map_err(|e| format!("QUIC endpoint: {e}"))?;
+                    // Large UDP buffers, as the server's: the edge receives the downloads.
+                    let (endpoint, _) =
+                        udp_socket::quic_endpoint(bind, None, udp_socket::QUIC_SOCKET_BUFFER)
+                            .map_err(|e| e.to_string())?;
                     *slot = Some(endpoint.clone());
                     endpoint
                 }

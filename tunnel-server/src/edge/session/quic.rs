@@ -37,6 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 use tunnel_io::quic_bridge::{self, QuicTuning, CODE_DONE, DUPLEX_BUFFER};
+use tunnel_io::udp_socket;
 
 use super::listener::{identify, Identified, SessionIo};
 use super::run::run_session;
@@ -59,7 +60,11 @@ pub fn bind_quic(
     server.transport_config(Arc::new(tuning(config).transport()));
     // Migration stays on (quinn's default): an edge behind a NAT that rebinds keeps its
     // session, validated by a path challenge.
-    Endpoint::server(server, addr).with_context(|| format!("bind QUIC edge listener {addr}"))
+    // Large UDP buffers: a long link's burst must not overflow the socket (udp_socket).
+    let (endpoint, _) =
+        udp_socket::quic_endpoint(addr, Some(server), udp_socket::QUIC_SOCKET_BUFFER)
+            .with_context(|| format!("bind QUIC edge listener {addr}"))?;
+    Ok(endpoint)
 }
 
 fn tuning(config: &crate::config::ServerConfig) -> QuicTuning {
