@@ -17,6 +17,7 @@ use tether_tests::server::EDGE_ENDED;
 use tether_tests::{poll_until, within, Cluster, ClusterOptions, ServerOptions, NODE, NODE_IP};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 /// The drain's grace period: long, so that exiting early is visible.
 const GRACE: Duration = Duration::from_secs(20);
@@ -194,28 +195,9 @@ async fn quic_graceful_drain_second_signal_exits_at_once() {
 }
 
 async fn second_signal_exits_at_once(transport: Transport) {
-    let mut cluster = Cluster::start(ClusterOptions {
-        server: ServerOptions {
-            shutdown_grace: GRACE,
-            ..ServerOptions::default()
-        },
-        ..ClusterOptions::over(transport)
-    })
-    .await;
     // A long-lived stream keeps the drain waiting.
-    let mut held = cluster
-        .connect(&cluster.target(cluster.echo.addr.port()))
-        .await
-        .expect("CONNECT to echo");
-    cluster.server.signal("TERM");
-    let admin = cluster.server.addrs.admin;
-    poll_until(
-        "/readyz to turn 503",
-        Duration::from_secs(3),
-        Duration::from_millis(10),
-        || async move { matches!(admin_get(admin, "/readyz").await, Ok((503, _))).then_some(()) },
-    )
-    .await;
+    let (mut cluster, mut held) = one_replica_with_a_stream(transport, GRACE).await;
+    start_draining(&cluster).await;
     // Still draining: the stream is in flight and the grace is long.
     assert!(
         cluster
@@ -262,18 +244,7 @@ async fn quic_graceful_drain_grace_period_ends_the_streams_still_open() {
 
 async fn grace_period_ends_the_streams_still_open(transport: Transport) {
     let grace = Duration::from_secs(1);
-    let mut cluster = Cluster::start(ClusterOptions {
-        server: ServerOptions {
-            shutdown_grace: grace,
-            ..ServerOptions::default()
-        },
-        ..ClusterOptions::over(transport)
-    })
-    .await;
-    let _held = cluster
-        .connect(&cluster.target(cluster.echo.addr.port()))
-        .await
-        .expect("CONNECT to echo");
+    let (mut cluster, _held) = one_replica_with_a_stream(transport, grace).await;
     let term = Instant::now();
     cluster.server.signal("TERM");
     cluster
@@ -312,27 +283,8 @@ async fn quic_graceful_drain_keeps_an_open_stream_and_exits_early_when_it_ends()
 
 async fn keeps_an_open_stream_and_exits_early_when_it_ends(transport: Transport) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut cluster = Cluster::start(ClusterOptions {
-        server: ServerOptions {
-            shutdown_grace: GRACE,
-            ..ServerOptions::default()
-        },
-        ..ClusterOptions::over(transport)
-    })
-    .await;
-    let mut held = cluster
-        .connect(&cluster.target(cluster.echo.addr.port()))
-        .await
-        .expect("CONNECT to echo");
-    cluster.server.signal("TERM");
-    let admin = cluster.server.addrs.admin;
-    poll_until(
-        "/readyz to turn 503",
-        Duration::from_secs(3),
-        Duration::from_millis(10),
-        || async move { matches!(admin_get(admin, "/readyz").await, Ok((503, _))).then_some(()) },
-    )
-    .await;
+    let (mut cluster, mut held) = one_replica_with_a_stream(transport, GRACE).await;
+    start_draining(&cluster).await;
     // The stream in flight keeps echoing through the draining session.
     for round in 0..20u8 {
         let sent = [round; 64];
@@ -366,4 +318,38 @@ async fn keeps_an_open_stream_and_exits_early_when_it_ends(transport: Transport)
         "exit took {exit:?} after the last stream ended"
     );
     assert!(cluster.server.log().contains("drained: no stream left"));
+}
+
+/// One replica over `transport` with drain grace `grace`, and one CONNECT to its echo target
+/// held open (the stream a drain waits for).
+async fn one_replica_with_a_stream(
+    transport: Transport,
+    grace: Duration,
+) -> (Cluster, TlsStream<TcpStream>) {
+    let cluster = Cluster::start(ClusterOptions {
+        server: ServerOptions {
+            shutdown_grace: grace,
+            ..ServerOptions::default()
+        },
+        ..ClusterOptions::over(transport)
+    })
+    .await;
+    let held = cluster
+        .connect(&cluster.target(cluster.echo.addr.port()))
+        .await
+        .expect("CONNECT to echo");
+    (cluster, held)
+}
+
+/// SIGTERM to the replica, then until its `/readyz` says 503: the drain has begun.
+async fn start_draining(cluster: &Cluster) {
+    cluster.server.signal("TERM");
+    let admin = cluster.server.addrs.admin;
+    poll_until(
+        "/readyz to turn 503",
+        Duration::from_secs(3),
+        Duration::from_millis(10),
+        || async move { matches!(admin_get(admin, "/readyz").await, Ok((503, _))).then_some(()) },
+    )
+    .await;
 }
