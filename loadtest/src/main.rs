@@ -45,6 +45,11 @@ struct Cli {
     /// child processes, and report their RSS (hold) instead of running them in-process.
     #[arg(long)]
     processes: bool,
+    /// hol: send the bulk stream over a session of its own (a second node whose edge runs
+    /// on the first edge's thread; in-process Tether only). Measures what a second
+    /// connection for bulk streams could give the small requests at most.
+    #[arg(long, conflicts_with_all = ["processes", "direct", "proxy", "relay", "unix_socket"])]
+    bulk_session: bool,
     /// No tunnel: connect straight to the target.
     #[arg(long, conflicts_with_all = ["proxy", "relay", "unix_socket", "processes"])]
     direct: bool,
@@ -153,6 +158,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     setup::set_transport(cli.transport);
+    setup::set_bulk_session(cli.bulk_session);
     let report = if let Scenario::Edges = cli.scenario {
         let opts = scenario::edges::EdgesOpts {
             edges: cli.edges,
@@ -231,13 +237,49 @@ async fn run_path_scenario(cli: Cli) -> anyhow::Result<report::Report> {
         hold: cli.hold,
     };
     let _progress = progress::Progress::timed(scenario_name(cli.scenario), opts.duration);
-    match cli.scenario {
+    let cpu_before: Vec<Option<f64>> = watched
+        .iter()
+        .map(|w| procs::cpu_seconds(w.pid).ok())
+        .collect();
+    // Keeps Tether's child processes alive until their CPU time is read.
+    let _running = path.clone();
+    let mut report = match cli.scenario {
         Scenario::Bulk => scenario::bulk::run(path, opts, &label).await,
         Scenario::Rr => scenario::rr::run(path, opts, &label).await,
         Scenario::Hol => scenario::rr::hol(path, opts, &label).await,
         Scenario::Connect => scenario::connect::run(path, opts, &label).await,
         Scenario::Hold => scenario::hold::run(path, opts, &label, &watched).await,
         Scenario::Edges => unreachable!("edges has no path"),
+    }?;
+    for (w, before) in watched.iter().zip(cpu_before) {
+        if let (Some(before), Ok(after)) = (before, procs::cpu_seconds(w.pid)) {
+            add_cpu_figures(&mut report, &w.name, after - before);
+        }
+    }
+    Ok(report)
+}
+
+/// CPU a watched process used over the scenario (connection set-up included), and per unit
+/// of work where the scenario counts one: per GB moved (`bulk`, both directions) and per
+/// request (`rr`). How the thread default was held to issue 16's 10 % bound.
+fn add_cpu_figures(report: &mut report::Report, name: &str, cpu_s: f64) {
+    report.add(format!("{name}_cpu_ms"), cpu_s * 1e3, "ms");
+    if let Some(requests) = report.get("requests").filter(|r| *r > 0.0) {
+        report.add(
+            format!("{name}_cpu_us_per_request"),
+            cpu_s * 1e6 / requests,
+            "µs",
+        );
+    }
+    if let (Some(up), Some(down), Some(secs)) = (
+        report.get("up_mb_s"),
+        report.get("down_mb_s"),
+        report.get("seconds"),
+    ) {
+        let gb = (up + down) * secs / 1e3;
+        if gb > 0.0 {
+            report.add(format!("{name}_cpu_ms_per_gb"), cpu_s * 1e3 / gb, "ms");
+        }
     }
 }
 

@@ -46,6 +46,14 @@ impl Report {
         });
     }
 
+    /// The value of figure `name`, if the report has it.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.figures
+            .iter()
+            .find(|f| f.name == name)
+            .map(|f| f.value)
+    }
+
     /// Add p50/p90/p99/p999/max of a microsecond histogram, named `{prefix}_p50_us`...
     pub fn latency(&mut self, prefix: &str, hist: &Histogram<u64>) {
         for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")] {

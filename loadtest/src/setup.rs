@@ -18,6 +18,8 @@ use crate::Frontend;
 
 /// The benchmark node's IP (documentation range; the edge maps it to 127.0.0.1).
 const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+/// The IP of the second node of `--bulk-session` (its edge also dials 127.0.0.1).
+const BULK_NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 11));
 
 /// Bytes of a CONNECT answer head we accept at most.
 const MAX_ANSWER_HEAD: usize = 4 << 10;
@@ -61,6 +63,15 @@ impl Path {
                 Ok(Box::new(unix))
             }
             Path::Tether(t) => t.open().await,
+        }
+    }
+
+    /// Open the connection of a bulk stream: on its own session when the Tether runs a
+    /// second node for bulk (`--bulk-session`), otherwise as [`Path::open`].
+    pub async fn open_bulk(&self) -> anyhow::Result<Box<dyn Tunnel>> {
+        match self {
+            Path::Tether(t) => t.open_to(t.bulk_target.as_ref().unwrap_or(&t.target)).await,
+            _ => self.open().await,
         }
     }
 }
@@ -110,6 +121,8 @@ pub struct Tether {
     tcp: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     target: String,
+    /// The second node's target under `--bulk-session`.
+    bulk_target: Option<String>,
 }
 
 /// Either kind of tunnel stream.
@@ -134,6 +147,20 @@ impl Tether {
         let edge = ca.issue_edge(&node, &[NODE_IP], pki::EDGE_VALIDITY)?;
         pki::write_pem(&d.join("edge.pem"), &edge.cert_pem, false, true)?;
         pki::write_pem(&d.join("edge-key.pem"), &edge.key_pem, true, true)?;
+        let bulk_node = match BULK_SESSION.get() {
+            Some(true) => {
+                anyhow::ensure!(
+                    mode == Mode::InProcess,
+                    "--bulk-session runs both edges on one thread of this process: not with --processes"
+                );
+                let node = protocol_node("bench-bulk")?;
+                let edge = ca.issue_edge(&node, &[BULK_NODE_IP], pki::EDGE_VALIDITY)?;
+                pki::write_pem(&d.join("edge-bulk.pem"), &edge.cert_pem, false, true)?;
+                pki::write_pem(&d.join("edge-bulk-key.pem"), &edge.key_pem, true, true)?;
+                Some(node)
+            }
+            _ => None,
+        };
         let socket = d.join("connect.sock");
         std::fs::write(
             d.join("server.toml"),
@@ -145,7 +172,10 @@ impl Tether {
             ),
         )?;
         let (connect_tcp, children) = match mode {
-            Mode::InProcess => (start_in_process(&d, &node, target_port)?, Vec::new()),
+            Mode::InProcess => (
+                start_in_process(&d, &node, bulk_node.as_ref(), target_port)?,
+                Vec::new(),
+            ),
             Mode::Processes => start_processes(&d, &socket, target_port).await?,
         };
         let tls = Arc::new(tunnel_io::tls::client_config_mtls(
@@ -162,6 +192,7 @@ impl Tether {
             tcp: connect_tcp,
             tls,
             target: format!("{NODE_IP}:{target_port}"),
+            bulk_target: bulk_node.map(|_| format!("{BULK_NODE_IP}:{target_port}")),
         })
     }
 
@@ -178,10 +209,15 @@ impl Tether {
 
     /// Open one tunneled connection to the benchmark target.
     pub async fn open(&self) -> anyhow::Result<Box<dyn Tunnel>> {
+        self.open_to(&self.target).await
+    }
+
+    /// Open one tunneled connection to `target` (`NODE_IP:port` of one of this Tether's nodes).
+    async fn open_to(&self, target: &str) -> anyhow::Result<Box<dyn Tunnel>> {
         Ok(match self.frontend {
             Frontend::Unix => {
                 let mut unix = UnixStream::connect(&self.socket).await?;
-                handshake(&mut unix, &self.target).await?;
+                handshake(&mut unix, target).await?;
                 Box::new(unix)
             }
             Frontend::Tls => {
@@ -192,7 +228,7 @@ impl Tether {
                     .connect(name, tcp)
                     .await
                     .context("TLS to the CONNECT frontend")?;
-                handshake(&mut tls, &self.target).await?;
+                handshake(&mut tls, target).await?;
                 Box::new(tls)
             }
         })
@@ -215,6 +251,17 @@ pub fn set_transport(transport: SessionTransport) {
     let _ = TRANSPORT.set(transport);
 }
 
+static BULK_SESSION: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Give bulk streams a session of their own (once, before the first Tether starts): a second
+/// node whose edge runs on the first edge's thread, so the two sessions share the edge's
+/// runtime as two connections of one edge would. `hol` sends its bulk stream there; this
+/// is the upper bound of a second connection for bulk streams, without moving a stream
+/// from one connection to the other.
+pub fn set_bulk_session(on: bool) {
+    let _ = BULK_SESSION.set(on);
+}
+
 fn transport() -> &'static str {
     match TRANSPORT.get() {
         Some(SessionTransport::Quic) => "quic",
@@ -228,10 +275,20 @@ fn write_edge_config(
     server: std::net::SocketAddr,
     target_port: u16,
 ) -> anyhow::Result<()> {
+    write_named_edge_config(d, "edge", server, target_port)
+}
+
+/// Write `{name}.toml` for the edge whose certificate is `{name}.pem`.
+fn write_named_edge_config(
+    d: &std::path::Path,
+    name: &str,
+    server: std::net::SocketAddr,
+    target_port: u16,
+) -> anyhow::Result<()> {
     std::fs::write(
-        d.join("edge.toml"),
+        d.join(format!("{name}.toml")),
         format!(
-            "[server]\naddress = \"{server}\"\ntransport = \"{transport}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"edge.pem\"\nkey = \"edge-key.pem\"\n\
+            "[server]\naddress = \"{server}\"\ntransport = \"{transport}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\n\
              [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{target_port}]\n",
             transport = transport(),
         ),
@@ -240,9 +297,11 @@ fn write_edge_config(
 }
 
 /// Server and edge on threads of this process; returns once the edge's session is routed.
+/// With `bulk_node`, that node's edge runs on the same thread as the first.
 fn start_in_process(
     d: &std::path::Path,
     node: &protocol::NodeName,
+    bulk_node: Option<&protocol::NodeName>,
     target_port: u16,
 ) -> anyhow::Result<std::net::SocketAddr> {
     let config = tunnel_server::config::ServerConfig::load(&d.join("server.toml"))?;
@@ -268,18 +327,38 @@ fn start_in_process(
     write_edge_config(d, addrs.edge, target_port)?;
     let edge_config = tunnel_edge::EdgeConfig::load(&d.join("edge.toml"))?;
     let edge = Arc::new(tunnel_edge::Edge::new(edge_config)?);
+    let bulk_edge = match bulk_node {
+        Some(_) => {
+            write_named_edge_config(d, "edge-bulk", addrs.edge, target_port)?;
+            let config = tunnel_edge::EdgeConfig::load(&d.join("edge-bulk.toml"))?;
+            Some(Arc::new(tunnel_edge::Edge::new(config)?))
+        }
+        None => None,
+    };
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("runtime");
-        rt.block_on(edge.run(
-            Arc::new(tunnel_edge::EdgeStatus::default()),
-            tokio_util::sync::CancellationToken::new(),
-        ));
+        let run = |edge: Arc<tunnel_edge::Edge>| async move {
+            edge.run(
+                Arc::new(tunnel_edge::EdgeStatus::default()),
+                tokio_util::sync::CancellationToken::new(),
+            )
+            .await
+        };
+        rt.block_on(async move {
+            tokio::join!(run(edge), async move {
+                if let Some(bulk_edge) = bulk_edge {
+                    run(bulk_edge).await;
+                }
+            })
+        });
     });
     let deadline = Instant::now() + Duration::from_secs(10);
-    while shared.routes.get(node).is_none() {
+    while shared.routes.get(node).is_none()
+        || bulk_node.is_some_and(|n| shared.routes.get(n).is_none())
+    {
         anyhow::ensure!(Instant::now() < deadline, "edge did not connect");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{bounded, Opts};
 use crate::report::Report;
-use crate::setup::Path;
+use crate::setup::{Path, Tunnel};
 use crate::target::{self, BULK, DOWNLOAD_SEED, UPLOAD_SEED};
 
 /// What one bulk stream moved.
@@ -24,7 +24,11 @@ pub struct Moved {
 
 /// Run one bulk stream until `deadline`.
 pub async fn one_stream(path: &Path, deadline: Instant) -> anyhow::Result<Moved> {
-    let mut stream = path.open().await?;
+    stream_until(path.open().await?, deadline).await
+}
+
+/// Move bulk data both ways on `stream` (just opened) until `deadline`.
+pub async fn stream_until(mut stream: Box<dyn Tunnel>, deadline: Instant) -> anyhow::Result<Moved> {
     stream.write_all(&[BULK]).await?;
     let (mut r, mut w) = tokio::io::split(stream);
     let upload = target::pattern(UPLOAD_SEED);

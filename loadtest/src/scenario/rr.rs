@@ -100,7 +100,9 @@ fn spawn_bulk(
                 .enable_all()
                 .build();
             let moved = match rt {
-                Ok(rt) => rt.block_on(bulk::one_stream(&path, deadline)),
+                Ok(rt) => rt.block_on(async {
+                    bulk::stream_until(path.open_bulk().await?, deadline).await
+                }),
                 Err(e) => Err(e.into()),
             };
             let _ = done.send(moved);
