@@ -206,12 +206,15 @@ pub enum HandshakeError {
 
 /// Accept one TLS connection, giving up at `deadline` or when `cancel` fires: the one
 /// handshake step every TLS listener shares.
-pub async fn accept_within(
+pub async fn accept_within<IO>(
     acceptor: &tokio_rustls::TlsAcceptor,
-    tcp: tokio::net::TcpStream,
+    tcp: IO,
     deadline: tokio::time::Instant,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, HandshakeError> {
+) -> Result<tokio_rustls::server::TlsStream<IO>, HandshakeError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(HandshakeError::Cancelled),

@@ -51,6 +51,8 @@ pub struct ServerOptions {
     pub edge_extra: String,
     /// More sections (`[upstreams]`, say) at the end of the file, verbatim.
     pub extra_sections: String,
+    /// `--worker-threads` (`None`: the server's default, the cores it may use).
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +71,7 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(1),
             edge_extra: String::new(),
             extra_sections: String::new(),
+            worker_threads: None,
         }
     }
 }
@@ -99,7 +102,7 @@ pub struct ServerProc {
     pub addrs: ServerAddrs,
     config: PathBuf,
     ready_file: PathBuf,
-    grace: Duration,
+    launch: Launch,
     child: ChildGuard,
     dir: tempfile::TempDir,
 }
@@ -193,12 +196,15 @@ filter = "info"
         let config = dir.path().join("server.toml");
         std::fs::write(&config, toml).expect("write server.toml");
         let ready_file = dir.path().join("ready.json");
-        let grace = options.shutdown_grace;
+        let launch = Launch {
+            grace: options.shutdown_grace,
+            worker_threads: options.worker_threads,
+        };
         let child = spawn_server(
             &config,
             &ready_file,
             None,
-            grace,
+            launch,
             &dir.path().join("server.log"),
         );
         let mut server = ServerProc {
@@ -211,7 +217,7 @@ filter = "info"
             },
             config,
             ready_file,
-            grace,
+            launch,
             child,
             dir,
         };
@@ -263,7 +269,7 @@ filter = "info"
             &self.config,
             &self.ready_file,
             Some((edge, admin)),
-            self.grace,
+            self.launch,
             &log,
         );
         self.addrs = self.wait_ready().await;
@@ -357,11 +363,18 @@ filter = "info"
     }
 }
 
+/// Command-line settings of a server process, kept for its restarts.
+#[derive(Debug, Clone, Copy)]
+struct Launch {
+    grace: Duration,
+    worker_threads: Option<usize>,
+}
+
 fn spawn_server(
     config: &Path,
     ready: &Path,
     keep: Option<(SocketAddr, SocketAddr)>,
-    grace: Duration,
+    launch: Launch,
     log: &Path,
 ) -> ChildGuard {
     let mut command = Command::new(crate::binary("tunnel-server"));
@@ -372,7 +385,10 @@ fn spawn_server(
         .arg("--ready-file")
         .arg(ready)
         .arg("--shutdown-grace")
-        .arg(toml_duration(grace));
+        .arg(toml_duration(launch.grace));
+    if let Some(threads) = launch.worker_threads {
+        command.arg("--worker-threads").arg(threads.to_string());
+    }
     if let Some((edge, admin)) = keep {
         command.arg("--edge-listen").arg(edge.to_string());
         command.arg("--admin-listen").arg(admin.to_string());

@@ -28,6 +28,7 @@ pub mod replicas;
 /// edge listener and frontends that check it on every handshake and stream.
 pub use registration::state::revocation;
 pub mod server;
+pub mod shards;
 pub mod trust;
 
 pub use server::{BoundAddrs, RunningServer, Shared};

@@ -84,10 +84,12 @@ struct RunArgs {
     /// Once every listener is bound, write their addresses here as JSON.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Runtime threads [default: the cores this process may use]. One replica carries every
-    /// node's traffic, so by default it can use every core it is given. 1 runs everything on
-    /// one thread: the cheapest per GB and per request where cores are few and shared (on 2
-    /// shared cores two threads cost 25-65 % more CPU per GB; docs/ARCHITECTURE.md).
+    /// Threads [default: the cores this process may use]. One replica carries every node's
+    /// traffic, so by default it uses every core it is given: N shards (one thread and
+    /// single-threaded runtime each) that TCP edge sessions are spread over, each session's
+    /// CONNECT streams running on its shard, plus a pool of N threads for the rest (accepts,
+    /// QUIC sessions, Konnectivity, registration, admin). 1 runs everything on one thread:
+    /// the cheapest where cores are few and shared.
     #[arg(long, env = "TETHER_WORKER_THREADS")]
     worker_threads: Option<usize>,
     /// How long in-flight streams may run after SIGTERM before the process exits.
@@ -216,19 +218,27 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .map_err(|m| anyhow::anyhow!("{}: {m}", args.config.display()))?;
     tunnel_io::logging::init(config.log.format, &config.log.filter);
     let threads = args.worker_threads.unwrap_or_else(available_cores);
-    tracing::info!(worker_threads = threads, "starting runtime");
-    let runtime = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
+    tracing::info!(
+        worker_threads = threads,
+        shards = if threads > 1 { threads } else { 0 },
+        "starting runtime"
+    );
+    let (runtime, shards) = if threads <= 1 {
+        let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()?
+            .build()?;
+        (runtime, tunnel_server::shards::Shards::none())
     } else {
-        tokio::runtime::Builder::new_multi_thread()
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads)
             .enable_all()
-            .build()?
+            .build()?;
+        let shards =
+            tunnel_server::shards::Shards::start(threads).context("start shard threads")?;
+        (runtime, shards)
     };
     runtime.block_on(async move {
-        let server = RunningServer::start(config).await?;
+        let server = RunningServer::start_sharded(config, shards).await?;
         if let Some(path) = &args.ready_file {
             write_ready_file(path, &server.addrs)?;
         }

@@ -52,6 +52,13 @@ pub struct TransportLabels {
     pub transport: &'static str,
 }
 
+/// Label of the per-shard session gauge (`crate::shards`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShardLabels {
+    /// The shard's index, as in its thread's name (`tether-shard-N`).
+    pub shard: String,
+}
+
 /// Label of a per-frontend gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FrontendLabels {
@@ -96,6 +103,8 @@ pub struct Metrics {
     pub edges_connected: Gauge,
     /// Tether edge sessions up now, by transport (replaced ones still draining included).
     pub edge_sessions: Family<TransportLabels, Gauge>,
+    /// TCP edge sessions up now on each shard (none without shards).
+    pub shard_sessions: Family<ShardLabels, Gauge>,
     /// Tunneled streams open now.
     pub streams_open: Gauge,
     /// Dials by frontend and result.
@@ -166,6 +175,12 @@ impl Default for Metrics {
         for transport in ["tcp", "quic"] {
             let _ = edge_sessions.get_or_create(&TransportLabels { transport });
         }
+        let shard_sessions = Family::<ShardLabels, Gauge>::default();
+        registry.register(
+            "shard_edge_sessions",
+            "TCP edge sessions up now on each shard (thread) of the server",
+            shard_sessions.clone(),
+        );
         let streams_open = Gauge::default();
         registry.register(
             "streams_open",
@@ -302,6 +317,7 @@ impl Default for Metrics {
             agent_stalled_resets,
             edges_connected,
             edge_sessions,
+            shard_sessions,
             streams_open,
             dials,
             dials_pending,

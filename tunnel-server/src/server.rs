@@ -46,6 +46,8 @@ pub struct Shared {
     pub identities: Option<Arc<dyn crate::registration::state::identities::IdentityStore>>,
     /// Upstream stream and dial budgets per node.
     pub upstreams: crate::edge::upstream::NodeUpstreams,
+    /// Where TCP edge sessions and their CONNECT streams run (none: on this runtime).
+    pub shards: crate::shards::Shards,
 }
 
 /// The addresses the server actually bound (ports resolved when configured as 0).
@@ -85,8 +87,17 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Bind every listener and start serving.
+    /// Bind every listener and start serving, everything on the calling runtime.
     pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+        RunningServer::start_sharded(config, crate::shards::Shards::none()).await
+    }
+
+    /// Bind every listener and start serving, TCP edge sessions and the CONNECT streams to
+    /// them on `shards` (stopped at the end of [`RunningServer::shutdown`]).
+    pub async fn start_sharded(
+        config: ServerConfig,
+        shards: crate::shards::Shards,
+    ) -> anyhow::Result<RunningServer> {
         let edge_tls = server_config_mtls(
             &config.edge.cert,
             &config.edge.key,
@@ -193,6 +204,7 @@ impl RunningServer {
             revocations: registration.as_ref().map(|r| r.revocations.clone()),
             identities: registration.as_ref().map(|r| r.identities.clone()),
             upstreams: crate::edge::upstream::NodeUpstreams::default(),
+            shards,
         });
         shared
             .metrics
@@ -300,5 +312,6 @@ impl RunningServer {
         if let Some(path) = &self.addrs.konnectivity_unix {
             let _ = std::fs::remove_file(path);
         }
+        self.shared.shards.stop();
     }
 }

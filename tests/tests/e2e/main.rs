@@ -19,4 +19,5 @@ mod node_name;
 mod pending;
 mod refusals;
 mod restart;
+mod shards;
 mod ssrf;

@@ -51,6 +51,12 @@ impl NodeSession {
         self.tunnel().open(target, client, dial_timeout).await
     }
 
+    /// The shard the session runs on (`crate::shards`): a frontend moves a stream's pipe
+    /// there. Agents and QUIC sessions run on the server's own runtime (`None`).
+    pub fn shard(&self) -> Option<&crate::shards::Shard> {
+        self.tunnel().shard()
+    }
+
     /// Take no new streams; the session ends once its open ones have. An agent is also
     /// told DRAIN.
     pub fn retire(&self) {

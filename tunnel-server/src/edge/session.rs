@@ -57,6 +57,8 @@ pub struct EdgeSession {
     /// A QUIC session's connection: tunneled streams are opened on it directly
     /// ([`direct`]); the h2 sender then carries only session control (session-info).
     quic: std::sync::OnceLock<quinn::Connection>,
+    /// The shard the session runs on (`crate::shards`), where its streams' pipes belong.
+    shard: Option<crate::shards::Shard>,
 }
 
 /// Bytes moved on one session's streams, for the admin API's per-edge view: one relaxed
@@ -195,7 +197,13 @@ impl EdgeSession {
             },
             transport: std::sync::OnceLock::new(),
             quic: std::sync::OnceLock::new(),
+            shard: shared.shards.here(),
         }
+    }
+
+    /// The shard this session runs on, if any: a stream's pipe is cheapest there.
+    pub fn shard(&self) -> Option<&crate::shards::Shard> {
+        self.shard.as_ref()
     }
 
     /// Open this QUIC session's tunneled streams on `conn` directly (set once, at the

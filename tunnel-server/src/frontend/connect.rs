@@ -1,6 +1,7 @@
 //! The HTTP CONNECT frontend (kube-apiserver's `HTTPConnect` egress) on a Unix socket and on
 //! TCP with mandatory mTLS. Reads one CONNECT head within a deadline and a size limit, answers
-//! `200 Connection established` once the edge has dialed, then carries raw bytes both ways.
+//! `200 Connection established` once the edge has dialed, then carries raw bytes both ways,
+//! on the session's shard when the server has shards (`crate::shards`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,6 +20,7 @@ use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
 
 use crate::edge::session::OpenStream;
 use crate::frontend::dial::dial;
+use crate::shards::{MovableTcp, Rehome};
 use crate::Shared;
 
 /// Metric label of this frontend.
@@ -54,7 +56,7 @@ pub async fn serve_tcp(
                 // (~3.5 KiB more per idle connection; docs/BENCHMARKS.md, hold).
                 let handshake = Box::pin(tunnel_io::tls::accept_within(
                     &acceptor,
-                    tcp,
+                    MovableTcp::new(tcp),
                     deadline.into(),
                     &cancel,
                 ));
@@ -174,10 +176,10 @@ async fn serve_connection<S>(
     mut socket: S,
     client: String,
     deadline: Instant,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     cancel: &CancellationToken,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Rehome,
 {
     let started = Instant::now();
     let config = &shared.config.connect;
@@ -206,21 +208,23 @@ async fn serve_connection<S>(
 
     // While the edge dials, keep reading: a client that leaves cancels the dial (dropping it
     // resets the stream, and the edge closes any late socket); bytes it sends early are kept.
-    let dialing = dial(shared, FRONTEND, &target, &client);
-    tokio::pin!(dialing);
-    let dialed = loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            d = &mut dialing => break d,
-            r = socket.read_buf(&mut early), if early.len() < limits.max_head_bytes => match r {
-                Ok(0) | Err(_) => {
-                    shared.metrics.dial(FRONTEND, "client_cancelled");
-                    info!(target: "audit", frontend = FRONTEND, %client, dest = %target, result = "client_cancelled", duration_ms = started.elapsed().as_millis() as u64, "client left during dial");
-                    return;
-                }
-                Ok(_) => {}
-            },
+    let dialed = {
+        let dialing = dial(shared, FRONTEND, &target, &client);
+        tokio::pin!(dialing);
+        loop {
+            tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                d = &mut dialing => break d,
+                r = socket.read_buf(&mut early), if early.len() < limits.max_head_bytes => match r {
+                    Ok(0) | Err(_) => {
+                        shared.metrics.dial(FRONTEND, "client_cancelled");
+                        info!(target: "audit", frontend = FRONTEND, %client, dest = %target, result = "client_cancelled", duration_ms = started.elapsed().as_millis() as u64, "client left during dial");
+                        return;
+                    }
+                    Ok(_) => {}
+                },
+            }
         }
     };
     // Most clients wait for the 200 before sending: then free the read buffer now rather
@@ -242,9 +246,74 @@ async fn serve_connection<S>(
             return;
         }
     };
+    let tunnel = Tunnel {
+        client,
+        target,
+        started,
+        early,
+        dialed,
+    };
+    // On a sharded server the pipe runs on the session's shard, beside its HTTP/2
+    // connection task, so a frame's wake-ups stay on one thread (`crate::shards`).
+    let Some(shard) = tunnel
+        .dialed
+        .session
+        .shard()
+        .filter(|s| !s.is_current())
+        .cloned()
+    else {
+        // Boxed, so this task is not sized for the pipe's state when the pipe runs on a
+        // shard instead (an idle tunnel would hold it twice).
+        return Box::pin(run_tunnel(socket, tunnel, shared, cancel)).await;
+    };
+    let (shared, cancel) = (shared.clone(), cancel.clone());
+    let moved = shard.spawn(
+        async move {
+            match socket.rehome() {
+                Ok(socket) => run_tunnel(socket, tunnel, &shared, &cancel).await,
+                Err(error) => {
+                    warn!(client = tunnel.client, %error, "connect frontend: socket lost moving to its shard");
+                }
+            }
+        }
+        .in_current_span(),
+    );
+    // This task keeps the connection's slot (and the tracker's count) until the pipe ends.
+    let _ = moved.await;
+}
+
+/// A CONNECT whose dial succeeded: what its pipe and audit line need.
+struct Tunnel {
+    client: String,
+    target: Target,
+    started: Instant,
+    early: Bytes,
+    dialed: crate::frontend::dial::Dialed,
+}
+
+/// Answer 200 and pipe until the tunnel ends, then audit it.
+async fn run_tunnel<S>(mut socket: S, tunnel: Tunnel, shared: &Shared, cancel: &CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
     use crate::edge::routing::Routable;
+    let Tunnel {
+        client,
+        target,
+        started,
+        early,
+        dialed,
+    } = tunnel;
+    let config = &shared.config.connect;
     let node = dialed.session.node().clone();
-    if let Err(error) = socket.write_all(ESTABLISHED).await {
+    // Flushed: a TLS stream may keep the answer in its buffer when the socket is not yet
+    // writable (always so just after a move to a shard, whose reactor has not reported the
+    // socket yet), and the client sends nothing before it has the answer.
+    let answered = async {
+        socket.write_all(ESTABLISHED).await?;
+        socket.flush().await
+    };
+    if let Err(error) = answered.await {
         debug!(%error, "client left before the tunnel was established");
         return;
     }

@@ -57,16 +57,33 @@ pub async fn serve_edges(
             sources: sources.clone(),
             _global: permit,
         };
-        tracker.spawn(
-            handle_edge(
-                tcp,
-                peer,
-                acceptor.clone(),
-                shared.clone(),
-                stop.clone(),
-                admission,
-            )
-            .instrument(span),
+        let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
+        let Some(shard) = shared.shards.next() else {
+            tracker
+                .spawn(handle_edge(tcp, peer, acceptor, shared, stop, admission).instrument(span));
+            continue;
+        };
+        // The connection moves to its shard before its first byte is read, so its
+        // handshake, session and streams all run there (`crate::shards`).
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(error) => {
+                debug!(%peer, %error, "could not move an edge connection to its shard");
+                continue;
+            }
+        };
+        shard.spawn(
+            tracker.track_future(
+                async move {
+                    match TcpStream::from_std(tcp) {
+                        Ok(tcp) => handle_edge(tcp, peer, acceptor, shared, stop, admission).await,
+                        Err(error) => {
+                            warn!(%peer, %error, "edge connection lost moving to its shard")
+                        }
+                    }
+                }
+                .instrument(span),
+            ),
         );
     }
 }

@@ -69,6 +69,17 @@ pub(super) async fn run_session<S>(
         })
         .clone();
     by_transport.inc();
+    let on_shard = session.shard().map(|shard| {
+        let gauge = shared
+            .metrics
+            .shard_sessions
+            .get_or_create(&crate::metrics::ShardLabels {
+                shard: shard.index().to_string(),
+            })
+            .clone();
+        gauge.inc();
+        gauge
+    });
     // Counted while the session lives (replaced or not), dropped with this task.
     let _expiry = session
         .certificate()
@@ -136,6 +147,9 @@ pub(super) async fn run_session<S>(
     };
     session.closed.cancel();
     by_transport.dec();
+    if let Some(gauge) = on_shard {
+        gauge.dec();
+    }
     shared.routes.deregister(&routed);
     shared
         .metrics
