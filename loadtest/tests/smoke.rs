@@ -101,6 +101,33 @@ fn hold_reads_the_rss_of_server_and_edge_processes() {
 }
 
 #[test]
+fn processes_report_their_cpu_per_gb_and_per_request() {
+    let r = run(&["bulk", "--processes"]);
+    for process in ["server", "edge"] {
+        positive(&r, &format!("{process}_cpu_ms"));
+        positive(&r, &format!("{process}_cpu_ms_per_gb"));
+    }
+    let r = run(&["rr", "--processes", "--connections", "4"]);
+    for process in ["server", "edge"] {
+        positive(&r, &format!("{process}_cpu_us_per_request"));
+    }
+}
+
+#[test]
+fn hol_runs_its_bulk_stream_on_a_second_node_with_bulk_session() {
+    // The bulk stream asks for the second node's IP: without its session it is refused.
+    let r = run(&["hol", "--connections", "2", "--bulk-session"]);
+    positive(&r, "busy_rps");
+    positive(&r, "bulk_alone_mb_s");
+    positive(&r, "bulk_mb_s");
+    let out = Command::new(env!("CARGO_BIN_EXE_tunnel-loadtest"))
+        .args(["hol", "--bulk-session", "--processes"])
+        .output()
+        .expect("run tunnel-loadtest");
+    assert!(!out.status.success(), "--bulk-session is in-process only");
+}
+
+#[test]
 fn attach_reads_the_rss_of_a_named_process() {
     let pid = std::process::id().to_string();
     let r = run(&[
