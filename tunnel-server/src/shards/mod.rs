@@ -4,10 +4,11 @@
 //! Why not one multi-threaded runtime: a session's HTTP/2 connection task and the pipes of
 //! its streams wake each other for every frame. On tokio's work-stealing runtime those tasks
 //! land on different workers, so each wake-up crosses threads and the tasks' state moves
-//! between caches; on the 2-vCPU VM two workers cost 25–65 % more CPU per GB than one thread
-//! and halved the small requests' rate beside a bulk stream (docs/ARCHITECTURE.md, "Threads").
-//! A shard keeps one session and its streams on one thread, as the single-threaded mode
-//! does, while the sessions of many nodes use every core.
+//! between caches. On the 2-vCPU VM two workers cost 43 % more server CPU per GB and 24 %
+//! more per request than one thread, and cut the small requests' rate beside a bulk stream
+//! to a third; two shards cost +2 % per GB and −7 % per request (docs/ARCHITECTURE.md,
+//! "Threads: per-core shards"). A shard keeps one session and its streams on one thread,
+//! as the single-threaded mode does, while the sessions of many nodes use every core.
 //!
 //! What runs where: the accept loops, QUIC sessions, the Konnectivity frontend and agents,
 //! registration and admin stay on the server's own runtime. An accepted edge connection
@@ -20,7 +21,7 @@
 
 use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
@@ -30,18 +31,23 @@ mod rehome;
 pub use rehome::{MovableTcp, Rehome};
 
 thread_local! {
-    /// The shard this thread runs, if it is a shard's.
-    static CURRENT: Cell<Option<usize>> = const { Cell::new(None) };
+    /// The shard this thread runs, if it is a shard's: its set and its index in the set.
+    static CURRENT: Cell<Option<(u64, usize)>> = const { Cell::new(None) };
 }
 
-/// The shard the calling thread runs (`None` on any other thread).
+/// Numbers each [`Shards`] set, so a thread of one set (one server) is never taken for the
+/// same index of another (two servers in one process, as in tests).
+static NEXT_SET: AtomicU64 = AtomicU64::new(1);
+
+/// The index of the shard the calling thread runs (`None` on any other thread).
 pub fn current() -> Option<usize> {
-    CURRENT.with(Cell::get)
+    CURRENT.with(Cell::get).map(|(_, index)| index)
 }
 
 /// One shard: where to spawn onto it, and its index.
 #[derive(Clone, Debug)]
 pub struct Shard {
+    set: u64,
     index: usize,
     handle: Handle,
 }
@@ -54,7 +60,7 @@ impl Shard {
 
     /// Whether the calling thread is this shard's.
     pub fn is_current(&self) -> bool {
-        current() == Some(self.index)
+        CURRENT.with(Cell::get) == Some((self.set, self.index))
     }
 
     /// Run `task` on this shard. Sockets it was given must be re-registered there (taken
@@ -71,6 +77,7 @@ impl Shard {
 /// The server's shards (none: everything runs on the server's own runtime).
 #[derive(Debug, Default)]
 pub struct Shards {
+    set: u64,
     shards: Vec<Shard>,
     next: AtomicUsize,
     stop: CancellationToken,
@@ -85,6 +92,7 @@ impl Shards {
     /// Start `count` shard threads (`tether-shard-N`), each running a single-threaded
     /// runtime until [`Shards::stop`].
     pub fn start(count: usize) -> std::io::Result<Shards> {
+        let set = NEXT_SET.fetch_add(1, Ordering::Relaxed);
         let stop = CancellationToken::new();
         let mut shards = Vec::with_capacity(count);
         for index in 0..count {
@@ -96,14 +104,15 @@ impl Shards {
             std::thread::Builder::new()
                 .name(format!("tether-shard-{index}"))
                 .spawn(move || {
-                    CURRENT.with(|c| c.set(Some(index)));
+                    CURRENT.with(|c| c.set(Some((set, index))));
                     runtime.block_on(stop.cancelled());
                     // Dropping the runtime here ends whatever still runs on it: the
                     // server's shutdown has waited for its tracked tasks before stopping.
                 })?;
-            shards.push(Shard { index, handle });
+            shards.push(Shard { set, index, handle });
         }
         Ok(Shards {
+            set,
             shards,
             next: AtomicUsize::new(0),
             stop,
@@ -133,7 +142,10 @@ impl Shards {
 
     /// The shard the calling thread runs, as a [`Shard`] to move work back to.
     pub fn here(&self) -> Option<Shard> {
-        current().and_then(|i| self.shards.get(i).cloned())
+        match CURRENT.with(Cell::get) {
+            Some((set, index)) if set == self.set => self.shards.get(index).cloned(),
+            _ => None,
+        }
     }
 
     /// Stop every shard thread; tasks still on them are dropped.
@@ -172,6 +184,30 @@ mod tests {
         assert_eq!(seen, [0, 1, 0, 1]);
         assert_eq!(current(), None, "the test's own thread is no shard");
         shards.stop();
+    }
+
+    #[tokio::test]
+    async fn a_shard_of_one_server_is_not_taken_for_another_servers_shard() {
+        let (a, b) = (Shards::start(1).unwrap(), Shards::start(1).unwrap());
+        let (a0, b0) = (a.next().unwrap(), b.next().unwrap());
+        let b = std::sync::Arc::new(b);
+        let seen = {
+            let (a0, b0, b) = (a0.clone(), b0.clone(), b.clone());
+            a0.clone()
+                .spawn(async move {
+                    let here_in_b = b.here().map(|s| s.index());
+                    (a0.is_current(), b0.is_current(), here_in_b)
+                })
+                .await
+                .unwrap()
+        };
+        assert_eq!(
+            seen,
+            (true, false, None),
+            "on a's shard 0: is b's shard 0 here?"
+        );
+        a.stop();
+        b.stop();
     }
 
     #[test]
