@@ -45,10 +45,11 @@ struct Cli {
     /// child processes, and report their RSS (hold) instead of running them in-process.
     #[arg(long)]
     processes: bool,
-    /// hol: send the bulk stream over a session of its own (a second node whose edge runs
-    /// on the first edge's thread; in-process Tether only). Measures what a second
-    /// connection for bulk streams could give the small requests at most.
-    #[arg(long, conflicts_with_all = ["processes", "direct", "proxy", "relay", "unix_socket"])]
+    /// hol: send the bulk stream over a session of its own, to a second node whose edge
+    /// runs on the first edge's thread (in-process) or as a second edge process (with
+    /// --processes). Measures what a second connection for bulk streams could give the
+    /// small requests at most: on one thread, and with a thread of its own at the edge.
+    #[arg(long, conflicts_with_all = ["direct", "proxy", "relay", "unix_socket"])]
     bulk_session: bool,
     /// No tunnel: connect straight to the target.
     #[arg(long, conflicts_with_all = ["proxy", "relay", "unix_socket", "processes"])]

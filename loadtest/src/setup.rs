@@ -149,10 +149,6 @@ impl Tether {
         pki::write_pem(&d.join("edge-key.pem"), &edge.key_pem, true, true)?;
         let bulk_node = match BULK_SESSION.get() {
             Some(true) => {
-                anyhow::ensure!(
-                    mode == Mode::InProcess,
-                    "--bulk-session runs both edges on one thread of this process: not with --processes"
-                );
                 let node = protocol_node("bench-bulk")?;
                 let edge = ca.issue_edge(&node, &[BULK_NODE_IP], pki::EDGE_VALIDITY)?;
                 pki::write_pem(&d.join("edge-bulk.pem"), &edge.cert_pem, false, true)?;
@@ -176,7 +172,9 @@ impl Tether {
                 start_in_process(&d, &node, bulk_node.as_ref(), target_port)?,
                 Vec::new(),
             ),
-            Mode::Processes => start_processes(&d, &socket, target_port).await?,
+            Mode::Processes => {
+                start_processes(&d, &socket, target_port, bulk_node.is_some()).await?
+            }
         };
         let tls = Arc::new(tunnel_io::tls::client_config_mtls(
             &layout.ca_cert(),
@@ -254,10 +252,10 @@ pub fn set_transport(transport: SessionTransport) {
 static BULK_SESSION: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 /// Give bulk streams a session of their own (once, before the first Tether starts): a second
-/// node whose edge runs on the first edge's thread, so the two sessions share the edge's
-/// runtime as two connections of one edge would. `hol` sends its bulk stream there; this
-/// is the upper bound of a second connection for bulk streams, without moving a stream
-/// from one connection to the other.
+/// node, whose edge runs on the first edge's thread in-process (two sessions sharing the
+/// edge's runtime, as two connections of one edge would) or as a second edge process with
+/// `--processes` (a thread of its own). `hol` sends its bulk stream there: the upper bound
+/// of a second connection for bulk streams, without moving a stream from one to the other.
 pub fn set_bulk_session(on: bool) {
     let _ = BULK_SESSION.set(on);
 }
@@ -371,6 +369,7 @@ async fn start_processes(
     d: &std::path::Path,
     socket: &std::path::Path,
     target_port: u16,
+    bulk_edge: bool,
 ) -> anyhow::Result<(std::net::SocketAddr, Vec<ChildGuard>)> {
     let (server, ready) = procs::spawn_server(
         &d.join("server.toml"),
@@ -381,29 +380,46 @@ async fn start_processes(
     write_edge_config(d, procs::ready_addr(&ready, "edge")?, target_port)?;
     let edge = procs::spawn_edge(&d.join("edge.toml"), &d.join("edge.log"))?;
     let mut children = vec![server, edge];
-    let target = format!("{NODE_IP}:{target_port}");
+    let mut targets = vec![format!("{NODE_IP}:{target_port}")];
+    if bulk_edge {
+        write_named_edge_config(
+            d,
+            "edge-bulk",
+            procs::ready_addr(&ready, "edge")?,
+            target_port,
+        )?;
+        let mut edge = procs::spawn_edge(&d.join("edge-bulk.toml"), &d.join("edge-bulk.log"))?;
+        edge.name = "tunnel-edge_bulk".into();
+        children.push(edge);
+        targets.push(format!("{BULK_NODE_IP}:{target_port}"));
+    }
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        // A CONNECT answered 200 means the edge's session is up and routed.
-        let probe = tokio::time::timeout(
-            Duration::from_secs(2),
-            tunnel_server::client::connect_unix(socket, &target),
-        )
-        .await
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("CONNECT probe timed out")));
-        match probe {
-            Ok(_) => return Ok((connect_tcp, children)),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e.context("the edge's session did not come up within 10 s"))
-            }
-            Err(_) => {
-                for child in &mut children {
-                    child.check_running()?;
+    for target in &targets {
+        loop {
+            // A CONNECT answered 200 means the edge's session is up and routed.
+            let probe = tokio::time::timeout(
+                Duration::from_secs(2),
+                tunnel_server::client::connect_unix(socket, target),
+            )
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("CONNECT probe timed out")));
+            match probe {
+                Ok(_) => break,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(e.context(format!(
+                        "the session for {target} did not come up within 10 s"
+                    )))
                 }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err(_) => {
+                    for child in &mut children {
+                        child.check_running()?;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
     }
+    Ok((connect_tcp, children))
 }
 
 fn protocol_node(name: &str) -> anyhow::Result<protocol::NodeName> {
