@@ -56,8 +56,8 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// Clock ticks per second of `/proc/<pid>/stat`'s times: USER_HZ, which the kernel fixes at
-/// 100 for userspace on every architecture it exports these files on.
+/// Clock ticks per second of `/proc/<pid>/stat`'s times: USER_HZ, which Linux fixes at 100
+/// for userspace on x86 and Arm whatever the kernel's own tick rate.
 const USER_HZ: f64 = 100.0;
 
 /// CPU time (user + system, every thread) process `pid` has used, in seconds, at the
