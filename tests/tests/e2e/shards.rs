@@ -2,12 +2,14 @@
 //! spread over the shards, and a CONNECT stream, whichever frontend it came through, is
 //! moved to its session's shard and carries bytes both ways there. The mTLS frontend's
 //! stream is the case that needs care: its TLS state moves with the socket, and the
-//! `200` must reach the client although the moved socket is not yet known writable.
+//! `200` must reach the client although the moved socket is not yet known writable. curl
+//! checks both frontends as kube-apiserver's real peer would.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use tether_tests::frontend::metric;
+use tether_tests::frontend::{curl, curl_proxy_args, metric};
+use tether_tests::targets::UnixBridge;
 use tether_tests::{within, Cluster, ClusterOptions, EdgeOptions, EdgeProc, EdgeTuning};
 use tether_tests::{ServerOptions, NODE_IP};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -107,5 +109,28 @@ async fn sessions_spread_over_shards_and_streams_reach_every_node_through_both_f
         .expect("CONNECT over the Unix socket");
         echo_through(unix, &format!("echo via the Unix frontend to {target}")).await;
     }
+
+    // curl, the real client, through both frontends of the sharded server to the kubelet.
+    let url = format!("https://{NODE_IP}:{}/healthz", cluster.kubelet.addr.port());
+    let mut args = curl_proxy_args(cluster.server.addrs.connect_tcp, &cluster.pki);
+    args.push(url.clone());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl(&args).await;
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "ok"),
+        "curl via mTLS: {}",
+        out.stderr
+    );
+    let bridge = UnixBridge::start(cluster.server.addrs.connect_unix.clone()).await;
+    let proxy = format!("http://{}", bridge.addr);
+    let cacert = cluster.pki.kubelet_ca_file.display().to_string();
+    let out = curl(&["-p", "-x", &proxy, "--cacert", &cacert, &url]).await;
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "ok"),
+        "curl via the Unix socket: {}",
+        out.stderr
+    );
     drop(edges);
 }
