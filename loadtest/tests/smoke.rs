@@ -127,6 +127,43 @@ fn hol_runs_its_bulk_stream_on_a_second_node_with_bulk_session() {
 }
 
 #[test]
+fn hol_as_processes_leaves_no_server_or_edge_running() {
+    // The bulk stream's thread could hold the last reference to the Tether past the
+    // process's exit, so its children were never killed: about one run in three left a
+    // server and an edge behind. Their command lines name the temp dir, which TMPDIR puts
+    // in one this test owns.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    for _ in 0..6 {
+        let out = Command::new(env!("CARGO_BIN_EXE_tunnel-loadtest"))
+            .args([
+                "hol",
+                "--processes",
+                "--connections",
+                "2",
+                "--duration",
+                "0.6",
+            ])
+            .env("TMPDIR", tmp.path())
+            .output()
+            .expect("run tunnel-loadtest");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let needle = tmp.path().to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+        .filter(|cmdline| cmdline.contains(&needle))
+        .collect();
+    assert!(left.is_empty(), "still running: {left:?}");
+}
+
+#[test]
 fn attach_reads_the_rss_of_a_named_process() {
     let pid = std::process::id().to_string();
     let r = run(&[

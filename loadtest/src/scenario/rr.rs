@@ -105,6 +105,10 @@ fn spawn_bulk(
                 }),
                 Err(e) => Err(e.into()),
             };
+            // Before answering: this may be the last reference to a Tether run as processes,
+            // whose children are killed when it drops. Dropped after the answer, it raced
+            // the process's exit and left the server and edge running.
+            drop(path);
             let _ = done.send(moved);
         })?;
     Ok((deadline, moved))
