@@ -19,8 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 mod activity;
 mod halves;
+pub mod lane;
 use activity::Activity;
 pub use halves::{QuicSend, StreamRecv, StreamSend};
+use lane::{BulkWatch, Lane};
 
 /// First read buffer of a direction. Small, because most tunneled connections are idle or
 /// carry small requests (an idle pipe keeps it reserved); it doubles on every read that
@@ -87,6 +89,8 @@ pub struct PipeReport {
     pub stream_to_socket: u64,
     /// How both directions ended, or the first error of either.
     pub result: Result<PipeEnd, PipeError>,
+    /// Whether the stream moved to its session's lane ([`lane`]).
+    pub moved: bool,
 }
 
 /// Where a pipe adds the bytes it moves while it moves them (a metrics counter), so a long
@@ -116,7 +120,7 @@ pub async fn pipe<S>(
     cancel: &CancellationToken,
 ) -> PipeReport
 where
-    S: AsyncRead + AsyncWrite + Send,
+    S: AsyncRead + AsyncWrite + Send + Unpin,
 {
     pipe_metered(socket, send, recv, early, config, &(), cancel).await
 }
@@ -132,31 +136,142 @@ pub async fn pipe_metered<S>(
     cancel: &CancellationToken,
 ) -> PipeReport
 where
-    S: AsyncRead + AsyncWrite + Send,
+    S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let mut send = send.into();
-    let recv = recv.into();
-    let (reader, writer) = tokio::io::split(socket);
+    let stream = Stream {
+        send: send.into(),
+        recv: recv.into(),
+        lane: None,
+        handover: false,
+    };
+    match pipe_stream(socket, stream, early, config, meter, cancel).await {
+        Piped::Ended(report, _) => report,
+        Piped::Moving(_) => unreachable!("a pipe without a lane never moves"),
+    }
+}
+
+/// The tunnel side of a pipe: the stream's two halves, and how it may move to a lane.
+pub struct Stream {
+    /// Socket → tunnel.
+    pub send: StreamSend,
+    /// Tunnel → socket.
+    pub recv: StreamRecv,
+    /// `None`: the stream stays on its session.
+    pub lane: Option<Lane>,
+    /// Once moved, return [`Piped::Moving`] instead of piping on, so the caller can move the
+    /// rest of the pipe to the lane's thread.
+    pub handover: bool,
+}
+
+/// How [`pipe_stream`] returned.
+pub enum Piped<S> {
+    /// The pipe ended; the socket is given back (to set its linger, for one).
+    Ended(PipeReport, S),
+    /// The stream moved to its lane and the pipe stopped at a boundary: continue it where
+    /// the lane runs with [`pipe_resume`].
+    Moving(Resume<S>),
+}
+
+/// [`pipe_metered`] on a stream that may move to its session's lane while it runs.
+pub async fn pipe_stream<S>(
+    socket: S,
+    stream: Stream,
+    early: Bytes,
+    config: PipeConfig,
+    meter: &dyn ByteMeter,
+    cancel: &CancellationToken,
+) -> Piped<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let Stream {
+        send,
+        recv,
+        lane,
+        handover,
+    } = stream;
+    let resume = Resume::start(socket, send, recv);
+    run(resume, early, lane, handover, config, meter, cancel).await
+}
+
+/// Continue a pipe that stopped to move ([`Piped::Moving`]), on the lane's thread. The
+/// report counts the bytes of both parts; the socket is given back.
+pub async fn pipe_resume<S>(
+    resume: Resume<S>,
+    config: PipeConfig,
+    meter: &dyn ByteMeter,
+    cancel: &CancellationToken,
+) -> (PipeReport, S)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    match run(resume, Bytes::new(), None, false, config, meter, cancel).await {
+        Piped::Ended(report, socket) => (report, socket),
+        Piped::Moving(_) => unreachable!("a resumed pipe never hands over"),
+    }
+}
+
+async fn run<S>(
+    resume: Resume<S>,
+    early: Bytes,
+    lane: Option<Lane>,
+    handover: bool,
+    config: PipeConfig,
+    meter: &dyn ByteMeter,
+    cancel: &CancellationToken,
+) -> Piped<S>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let Resume {
+        socket,
+        mut send,
+        recv,
+        up_done,
+        down_end,
+        socket_eof,
+        up_bytes: mut up_total,
+        down_bytes: mut down_total,
+        moved: was_moved,
+    } = resume;
+    let (mut reader, mut writer) = tokio::io::split(socket);
     let abort = cancel.child_token();
     let finished = CancellationToken::new();
     let activity = Activity::new();
-    let socket_eof = AtomicBool::new(false);
-    let mut up_bytes = 0u64;
-    let mut down_bytes = 0u64;
+    let socket_eof = AtomicBool::new(socket_eof);
+    let up_ok = AtomicBool::new(true);
+    let bulk = matches!(lane, Some(Lane::Open(_))).then(BulkWatch::new);
+    let (handoff, takers) = match lane.is_some() {
+        true => {
+            let (handoff, takers) = lane::handoff();
+            (Some(handoff), Some(takers))
+        }
+        false => (None, None),
+    };
+    let (lane_send, lane_recv) = match takers {
+        Some(t) => (Some(t.send), Some(t.recv)),
+        None => (None, None),
+    };
 
     let up = async {
+        if up_done {
+            return Ok(Step::Done(()));
+        }
         let up = SocketToStream {
             config,
             activity: &activity,
             meter,
             eof: &socket_eof,
+            bulk: bulk.as_ref(),
+            handover,
         };
         let result = tokio::select! {
             biased;
             _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = up.run(reader, &mut send, early, &mut up_bytes) => r,
+            r = up.run(&mut reader, &mut send, early, lane_send, &mut up_total) => r,
         };
         if let Err(error) = &result {
+            up_ok.store(false, Ordering::Relaxed);
             abort.cancel();
             if !matches!(error, PipeError::Stream(_)) {
                 send.reset();
@@ -165,21 +280,27 @@ where
         result
     };
     let down = async {
+        if let Some(end) = down_end {
+            return Ok((Step::Done(end), recv));
+        }
         let down = StreamToSocket {
             config,
             activity: &activity,
             meter,
             socket_eof: &socket_eof,
+            bulk: bulk.as_ref(),
+            handover,
         };
+        let mut recv = recv;
         let result = tokio::select! {
             biased;
             _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = down.run(recv, writer, &mut down_bytes) => r,
+            r = down.run(&mut recv, &mut writer, lane_recv, &mut down_total) => r,
         };
         if result.is_err() {
             abort.cancel();
         }
-        result
+        result.map(|step| (step, recv))
     };
     let both = async {
         let results = tokio::join!(up, down);
@@ -198,7 +319,58 @@ where
             }
         }
     };
-    let ((up_result, down_result), idled) = tokio::join!(both, watchdog);
+    // Waits for the lane, then hands each direction its half of the lane stream.
+    let mover = async {
+        let (Some(lane), Some(handoff)) = (lane, handoff) else {
+            return false;
+        };
+        let idle = BulkWatch::new();
+        let moved = tokio::select! {
+            biased;
+            _ = finished.cancelled() => None,
+            _ = abort.cancelled() => None,
+            moved = lane::next(lane, bulk.as_ref().unwrap_or(&idle)) => moved,
+        };
+        match moved {
+            Some(moved) => {
+                handoff.deliver(moved, up_ok.load(Ordering::Relaxed));
+                true
+            }
+            None => false,
+        }
+    };
+    let ((up_result, down_result), idled, moved) = tokio::join!(both, watchdog, mover);
+    let moved = moved || was_moved;
+    let switched = matches!(
+        (&up_result, &down_result),
+        (Ok(Step::Switched), Ok(_)) | (Ok(_), Ok((Step::Switched, _)))
+    );
+    let down_result = match (switched, &up_result, down_result) {
+        (true, Ok(up), Ok((down, recv))) => {
+            // Both directions stopped at a boundary, at least one of them on the lane.
+            let socket = reader.unsplit(writer);
+            return Piped::Moving(Resume {
+                socket,
+                send,
+                recv,
+                up_done: matches!(up, Step::Done(())),
+                down_end: match down {
+                    Step::Done(end) => Some(end),
+                    Step::Switched => None,
+                },
+                socket_eof: socket_eof.load(Ordering::Acquire),
+                up_bytes: up_total,
+                down_bytes: down_total,
+                moved,
+            });
+        }
+        (_, _, down_result) => down_result,
+    };
+    let up_result = up_result.map(|_| ());
+    let down_result = down_result.map(|(step, _)| match step {
+        Step::Done(end) => end,
+        Step::Switched => unreachable!("a switched direction hands over"),
+    });
     // Report the cause, not the `Aborted` it provoked in the other direction.
     let result = match (up_result, down_result) {
         (Ok(()), Ok(end)) => Ok(end),
@@ -210,10 +382,68 @@ where
         // Nobody reads what the far end still sends: tell it to stop.
         send.reset();
     }
-    PipeReport {
-        socket_to_stream: up_bytes,
-        stream_to_socket: down_bytes,
+    let report = PipeReport {
+        socket_to_stream: up_total,
+        stream_to_socket: down_total,
         result,
+        moved,
+    };
+    Piped::Ended(report, reader.unsplit(writer))
+}
+
+/// Where one direction stopped without failing.
+enum Step<T> {
+    /// It reached its end.
+    Done(T),
+    /// It moved to the lane and stopped there, for the pipe to be continued elsewhere.
+    Switched,
+}
+
+/// A pipe stopped to move to its lane's thread: its socket, the lane stream's halves, and
+/// how far each direction got.
+pub struct Resume<S> {
+    socket: S,
+    send: StreamSend,
+    recv: StreamRecv,
+    up_done: bool,
+    down_end: Option<PipeEnd>,
+    socket_eof: bool,
+    up_bytes: u64,
+    down_bytes: u64,
+    moved: bool,
+}
+
+impl<S> Resume<S> {
+    fn start(socket: S, send: StreamSend, recv: StreamRecv) -> Resume<S> {
+        Resume {
+            socket,
+            send,
+            recv,
+            up_done: false,
+            down_end: None,
+            socket_eof: false,
+            up_bytes: 0,
+            down_bytes: 0,
+            moved: false,
+        }
+    }
+
+    /// The same pipe over `f(socket)` (the socket re-registered where it now runs).
+    pub fn map_socket<T>(
+        self,
+        f: impl FnOnce(S) -> std::io::Result<T>,
+    ) -> std::io::Result<Resume<T>> {
+        Ok(Resume {
+            socket: f(self.socket)?,
+            send: self.send,
+            recv: self.recv,
+            up_done: self.up_done,
+            down_end: self.down_end,
+            socket_eof: self.socket_eof,
+            up_bytes: self.up_bytes,
+            down_bytes: self.down_bytes,
+            moved: self.moved,
+        })
     }
 }
 
@@ -224,6 +454,10 @@ struct SocketToStream<'a> {
     meter: &'a dyn ByteMeter,
     /// Set once the socket's EOF was read: its peer has finished sending.
     eof: &'a AtomicBool,
+    /// Counts toward moving the stream to its lane (the end that decides).
+    bulk: Option<&'a BulkWatch>,
+    /// Stop once on the lane ([`Step::Switched`]).
+    handover: bool,
 }
 
 impl SocketToStream<'_> {
@@ -232,8 +466,9 @@ impl SocketToStream<'_> {
         mut reader: R,
         send: &mut StreamSend,
         early: Bytes,
+        mut lane: Option<tokio::sync::oneshot::Receiver<StreamSend>>,
         total: &mut u64,
-    ) -> Result<(), PipeError> {
+    ) -> Result<Step<()>, PipeError> {
         if !early.is_empty() {
             let n = early.len() as u64;
             send.send_all(early, self.config).await?;
@@ -244,14 +479,31 @@ impl SocketToStream<'_> {
         let mut since_yield = 0u64;
         loop {
             buf.reserve(chunk);
-            let n = reader
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| PipeError::Socket(e.to_string()))?;
+            let read = match lane.as_mut() {
+                // `read_buf` is cancel safe: when the lane wins, nothing was read.
+                Some(arrived) => tokio::select! {
+                    biased;
+                    moved = arrived => {
+                        lane = None;
+                        if let Ok(moved) = moved {
+                            // The last byte on the old stream is sent: the rest goes on.
+                            send.finish_moved()?;
+                            *send = moved;
+                            if self.handover {
+                                return Ok(Step::Switched);
+                            }
+                        }
+                        continue;
+                    }
+                    read = reader.read_buf(&mut buf) => read,
+                },
+                None => reader.read_buf(&mut buf).await,
+            };
+            let n = read.map_err(|e| PipeError::Socket(e.to_string()))?;
             if n == 0 {
                 self.eof.store(true, Ordering::Release);
                 // Half-close: the socket's EOF ends our side of the stream only.
-                return send.finish();
+                return send.finish().map(Step::Done);
             }
             if n >= chunk && chunk < MAX_CHUNK {
                 chunk *= 2;
@@ -270,6 +522,9 @@ impl SocketToStream<'_> {
     fn moved(&self, n: u64, total: &mut u64) {
         *total += n;
         self.meter.socket_to_stream(n);
+        if let Some(bulk) = self.bulk {
+            bulk.add(n);
+        }
     }
 }
 
@@ -307,27 +562,46 @@ struct StreamToSocket<'a> {
     meter: &'a dyn ByteMeter,
     /// Set by the other direction once the socket's peer has finished sending.
     socket_eof: &'a AtomicBool,
+    /// Counts toward moving the stream to its lane (the end that decides).
+    bulk: Option<&'a BulkWatch>,
+    /// Stop once on the lane ([`Step::Switched`]).
+    handover: bool,
 }
 
 impl StreamToSocket<'_> {
     async fn run<W: AsyncWrite + Unpin>(
         &self,
-        mut recv: StreamRecv,
+        recv: &mut StreamRecv,
         mut writer: W,
+        mut lane: Option<tokio::sync::oneshot::Receiver<StreamRecv>>,
         total: &mut u64,
-    ) -> Result<PipeEnd, PipeError> {
+    ) -> Result<Step<PipeEnd>, PipeError> {
         let config = self.config;
         let mut since_yield = 0u64;
         loop {
             match recv.data().await {
+                None if lane.is_some() && recv.moved().await? => {
+                    // The rest comes on the lane stream; its answer may still be on its way
+                    // over the other connection.
+                    let arrived = lane.take().unwrap_or_else(|| unreachable!());
+                    *recv = tokio::time::timeout(config.write_timeout, arrived)
+                        .await
+                        .map_err(|_| {
+                            PipeError::Stream("moved, but the lane stream did not arrive".into())
+                        })?
+                        .map_err(|_| PipeError::Stream("moved, but the lane was lost".into()))?;
+                    if self.handover {
+                        return Ok(Step::Switched);
+                    }
+                }
                 None => {
                     // END_STREAM: the peer finished writing; pass the half-close on.
                     let shutdown = tokio::time::timeout(config.write_timeout, writer.shutdown())
                         .await
                         .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
                     return match shutdown {
-                        Ok(()) => Ok(PipeEnd::Complete),
-                        Err(e) => self.socket_error(e),
+                        Ok(()) => Ok(Step::Done(PipeEnd::Complete)),
+                        Err(e) => self.socket_error(e).map(Step::Done),
                     };
                 }
                 // After a reset `data()` keeps returning errors: end here, never loop on them.
@@ -341,10 +615,13 @@ impl StreamToSocket<'_> {
                     .await
                     .map_err(|_| PipeError::WriteTimeout(config.write_timeout))?;
                     if let Err(e) = written {
-                        return self.socket_error(e);
+                        return self.socket_error(e).map(Step::Done);
                     }
                     *total += n as u64;
                     self.meter.stream_to_socket(n as u64);
+                    if let Some(bulk) = self.bulk {
+                        bulk.add(n as u64);
+                    }
                     self.activity.touch();
                     since_yield += n as u64;
                     if since_yield >= YIELD_EVERY {

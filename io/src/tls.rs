@@ -14,6 +14,10 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub const ALPN_EDGE_SESSION: &[u8] = b"tether-h2/1";
 /// ALPN protocol of an edge's upstream connection (edge → cloud, HTTP/2 in the usual roles).
 pub const ALPN_UPSTREAM: &[u8] = b"tether-up/1";
+/// ALPN protocol of an edge session's lane: a second TLS + HTTP/2 connection (reverse roles,
+/// like the session) that streams shown to be bulk move to, so the session's own connection
+/// and threads stay free for the small exchanges.
+pub const ALPN_LANE: &[u8] = b"tether-lane/1";
 /// ALPN protocol of an edge session over QUIC (UDP; every tunneled connection its own QUIC
 /// stream, edge → cloud upstreams on the same connection).
 pub const ALPN_QUIC_SESSION: &[u8] = b"tether-quic/1";

@@ -310,3 +310,23 @@ mod session_info_tests {
         assert!(!valid_server_id(&"a".repeat(65)));
     }
 }
+
+/// Header of a tunneled stream's CONNECT when its session has lanes: a number naming the
+/// stream, unique per server, by which a lane stream says which stream it continues.
+pub const STREAM_ID_HEADER: &str = "tether-stream";
+/// Path of a lane stream: the rest of the stream named by its [`STREAM_ID_HEADER`] (a POST
+/// on a lane connection, ALPN `tether-lane/1`; the edge answers 200 once it moves its side).
+pub const LANE_PATH: &str = "/tether.v1/lane";
+/// Full URI of a lane stream.
+pub const LANE_URI: &str = "https://tether/tether.v1/lane";
+/// Trailer that ends one direction of a stream whose rest goes on its lane stream: the
+/// receiver reads the lane stream from here on, so the bytes stay in order.
+pub const MOVED_TRAILER: &str = "tether-moved";
+
+/// Parse a [`STREAM_ID_HEADER`] value: decimal, at most 20 digits, fits a `u64`.
+pub fn parse_stream_id(value: &str) -> Option<u64> {
+    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}

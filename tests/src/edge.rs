@@ -47,6 +47,8 @@ pub struct EdgeTuning {
     pub transport: Transport,
     /// `server.quic_retry_interval` (`None`: the edge's default).
     pub quic_retry_interval: Option<Duration>,
+    /// `server.lane` (on by default, as in the edge).
+    pub lane: bool,
 }
 
 /// The session transport of a test edge; tests that run over both take it as a parameter.
@@ -94,6 +96,7 @@ impl Default for EdgeTuning {
             log_json: false,
             transport: Transport::Tcp,
             quic_retry_interval: None,
+            lane: true,
         }
     }
 }
@@ -163,6 +166,7 @@ cert = "{cert}"
 key = "{key}"
 connect_timeout = "5s"
 transport = "{transport}"
+lane = {lane}
 {quic_retry}
 
 [reconnect]
@@ -200,6 +204,7 @@ format = "{log_format}"
             },
             log_format = if tuning.log_json { "json" } else { "text" },
             transport = tuning.transport.as_str(),
+            lane = tuning.lane,
             quic_retry = tuning
                 .quic_retry_interval
                 .map(|d| format!("quic_retry_interval = \"{}\"", ms(d)))

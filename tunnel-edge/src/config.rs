@@ -105,9 +105,20 @@ pub struct ServerSection {
     /// [`DEFAULT_QUIC_RETRY_INTERVAL`]).
     #[serde(default, with = "humantime_serde")]
     pub quic_retry_interval: Option<Duration>,
+    /// Open a lane beside each TCP session (default on): a second connection, run on a
+    /// thread of its own, that the server moves streams shown to be bulk to, so small
+    /// exchanges keep their pace beside a `kubectl logs` or `cp` (docs/ARCHITECTURE.md,
+    /// "Lanes"). QUIC sessions need none: every stream is its own QUIC stream there.
+    #[serde(default)]
+    pub lane: Option<bool>,
 }
 
 impl ServerSection {
+    /// Whether TCP sessions open a lane (`lane`, default on).
+    pub fn lane(&self) -> bool {
+        self.lane.unwrap_or(true)
+    }
+
     /// `quic_handshake_timeout` or its default.
     pub fn quic_handshake_timeout(&self) -> Duration {
         self.quic_handshake_timeout

@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 pub mod forward;
 pub mod join;
+mod lane;
 pub mod metrics;
 pub mod proxy;
 pub mod quic;

@@ -66,6 +66,10 @@ pub struct EdgeMetrics {
     pub session_transport: Family<TransportLabels, Gauge>,
     /// Times `transport = "auto"` found no QUIC handshake within its bound and used TCP.
     pub quic_fallbacks: Counter,
+    /// Lane connections up now (one at most per TCP session).
+    pub lanes_up: Gauge,
+    /// Streams the server moved to a lane.
+    pub lane_moves: Counter,
 }
 
 impl Default for EdgeMetrics {
@@ -150,6 +154,18 @@ impl Default for EdgeMetrics {
             "Times auto transport found no QUIC handshake within its bound and used TCP",
             quic_fallbacks.clone(),
         );
+        let lanes_up = Gauge::default();
+        registry.register(
+            "lanes_up",
+            "Lane connections up now: second connections beside TCP sessions that bulk streams move to",
+            lanes_up.clone(),
+        );
+        let lane_moves = Counter::default();
+        registry.register(
+            "lane_moves",
+            "Streams the server moved to a lane after they showed themselves to be bulk",
+            lane_moves.clone(),
+        );
         let ok = ResultLabels { result: "ok" };
         let _ = dials.get_or_create(&ok);
         let _ = upstream_streams.get_or_create(&ok);
@@ -167,6 +183,8 @@ impl Default for EdgeMetrics {
             certificate_expiry,
             session_transport,
             quic_fallbacks,
+            lanes_up,
+            lane_moves,
         }
     }
 }

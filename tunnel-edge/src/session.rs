@@ -13,7 +13,7 @@ use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, Instrument};
 
 use crate::allow::{EdgeAllowlist, SelfDial};
 use crate::config::{EdgeConfig, Transport};
@@ -38,6 +38,12 @@ pub struct Edge {
     connector: std::sync::RwLock<TlsConnector>,
     /// Same credentials, ALPN `tether-up/1`: the edge → cloud upstream connection.
     upstream_connector: std::sync::RwLock<TlsConnector>,
+    /// Same credentials, ALPN `tether-lane/1`: each TCP session's lane.
+    lane_connector: std::sync::RwLock<TlsConnector>,
+    /// Streams that may move to a lane now.
+    lanes: Arc<crate::lane::Registry>,
+    /// Where lanes run (started with the first one).
+    lane_thread: std::sync::OnceLock<crate::lane::LaneThread>,
     allow: Arc<EdgeAllowlist>,
     /// How servers are reached: directly or through the egress proxy.
     egress: Egress,
@@ -111,6 +117,12 @@ impl Edge {
                 &tls,
                 tunnel_io::tls::ALPN_UPSTREAM,
             )))),
+            lane_connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(with_alpn(
+                &tls,
+                tunnel_io::tls::ALPN_LANE,
+            )))),
+            lanes: Arc::default(),
+            lane_thread: std::sync::OnceLock::new(),
             connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(tls))),
             allow: Arc::new(allow),
             egress,
@@ -145,6 +157,11 @@ impl Edge {
             .write()
             .unwrap_or_else(|p| p.into_inner()) =
             TlsConnector::from(Arc::new(with_alpn(&tls, tunnel_io::tls::ALPN_UPSTREAM)));
+        *self
+            .lane_connector
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) =
+            TlsConnector::from(Arc::new(with_alpn(&tls, tunnel_io::tls::ALPN_LANE)));
         *self.connector.write().unwrap_or_else(|p| p.into_inner()) =
             TlsConnector::from(Arc::new(tls));
         if let Some(leaf) = tunnel_io::tls::load_certs(cert)?.first() {
@@ -283,6 +300,12 @@ impl Edge {
         // Not a child of `cancel`: SIGTERM must not end in-flight streams, only the grace
         // period (or the session's failure) does, below.
         let session_cancel = CancellationToken::new();
+        // Cancelled when this session ends: its lane takes no new stream after that.
+        let session_over = CancellationToken::new();
+        let _over = session_over.clone().drop_guard();
+        // Started once the server confirmed the session (its first session-info).
+        let mut lane_wanted = quic.is_none() && self.config.server.lane();
+        let mut replica_name: Option<Arc<str>> = None;
         let live = &self.config.liveness;
         let keepalive =
             tunnel_io::liveness::keepalive(ping_pong, live.ping_interval, live.ping_misses);
@@ -300,7 +323,8 @@ impl Edge {
                     let drain = async {
                         while let Some(Ok((request, respond))) = connection.accept().await {
                             // Sent before the server saw the GOAWAY: still ours to serve.
-                            self.spawn_stream(request, respond, streams, &session_cancel);
+                            let replica = replica_name.as_ref();
+                            self.spawn_stream(request, respond, streams, &session_cancel, replica);
                         }
                     };
                     let finished = tokio::time::timeout(grace, drain).await.is_ok();
@@ -331,7 +355,16 @@ impl Edge {
                             && request.uri().path() == protocol::stream::SESSION_INFO_PATH
                         {
                             match session_info(&request, respond, index, replicas, &mut replica) {
-                                Control::Continue => continue,
+                                Control::Continue => {
+                                    if replica_name.as_deref() != replica.as_deref() {
+                                        replica_name = replica.as_deref().map(Arc::from);
+                                    }
+                                    if lane_wanted && replica.is_some() {
+                                        lane_wanted = false;
+                                        self.start_lane(host, port, &session_over, &session_cancel);
+                                    }
+                                    continue;
+                                }
                                 Control::Duplicate(id) => {
                                     status.duplicates.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                     debug!(replica = id, "already holding a session with this replica; closing");
@@ -339,7 +372,8 @@ impl Edge {
                                 }
                             }
                         }
-                        self.spawn_stream(request, respond, streams, &session_cancel);
+                        let replica = replica_name.as_ref();
+                        self.spawn_stream(request, respond, streams, &session_cancel, replica);
                     }
                     Some(Err(e)) => break Err(format!("session error: {e}").into()),
                     None => break Ok("server closed the session"),
@@ -362,7 +396,8 @@ impl Edge {
                     let (allow, metrics, config) = (allow.clone(), metrics.clone(), config.clone());
                     let cancel = session_cancel.clone();
                     streams.spawn(async move {
-                        serve_stream(request, respond, &allow, &config, &metrics, &cancel).await;
+                        let stream = (request, respond, None);
+                        serve_stream(stream, &allow, &config, &metrics, &cancel).await;
                     });
                 }
             });
@@ -382,18 +417,72 @@ impl Edge {
 
 impl Edge {
     /// Serve one tunneled stream on its own task, tracked for the drain.
+    /// `replica` opened it; with a lane, the stream may move there.
     fn spawn_stream(
         &self,
         request: http::Request<h2::RecvStream>,
         respond: h2::server::SendResponse<Bytes>,
         streams: &TaskTracker,
         cancel: &CancellationToken,
+        replica: Option<&Arc<str>>,
     ) {
         let (allow, metrics) = (self.allow.clone(), self.metrics.clone());
         let (config, cancel) = (self.config.clone(), cancel.clone());
+        let lane = match (self.config.server.lane(), self.lane_thread.get()) {
+            (true, Some(thread)) => {
+                self.lanes
+                    .register(replica, &request)
+                    .map(|(lane, registered)| crate::stream::LaneSide {
+                        lane,
+                        registered,
+                        thread: thread.handle(),
+                    })
+            }
+            _ => None,
+        };
         streams.spawn(async move {
-            serve_stream(request, respond, &allow, &config, &metrics, &cancel).await;
+            serve_stream((request, respond, lane), &allow, &config, &metrics, &cancel).await;
         });
+    }
+
+    /// Keep a lane beside this TCP session, on the lane thread, until `session_over`.
+    fn start_lane(
+        &self,
+        host: &str,
+        port: u16,
+        session_over: &CancellationToken,
+        streams_cancel: &CancellationToken,
+    ) {
+        let thread = match self.lane_thread.get() {
+            Some(thread) => thread,
+            None => match crate::lane::LaneThread::start() {
+                Ok(thread) => self.lane_thread.get_or_init(|| thread),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot start the lane thread; bulk streams stay on the session");
+                    return;
+                }
+            },
+        };
+        let worker = crate::lane::LaneWorker {
+            host: host.to_owned(),
+            port,
+            connector: self
+                .lane_connector
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+            server_name: self.server_name.clone(),
+            egress: self.egress.clone(),
+            config: self.config.clone(),
+            registry: self.lanes.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let (over, cancel) = (session_over.clone(), streams_cancel.clone());
+        thread.spawn(
+            worker
+                .run(over, cancel)
+                .instrument(tracing::Span::current()),
+        );
     }
 }
 

@@ -14,7 +14,9 @@ use protocol::Target;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
+use tunnel_io::pipe::{
+    pipe_resume, pipe_stream, PipeConfig, PipeEnd, PipeError, PipeReport, Piped, Stream,
+};
 
 use crate::allow::EdgeAllowlist;
 use crate::config::EdgeConfig;
@@ -29,9 +31,20 @@ pub(crate) fn refuse(mut respond: SendResponse<Bytes>, failure: DialFailure, rea
     }
 }
 
+/// A stream the server opened: its request, where to answer, and how it may move to a lane.
+pub(crate) type Opened = (Request<RecvStream>, SendResponse<Bytes>, Option<LaneSide>);
+
+/// A stream's way to its lane: the lane's offer, its place in the registry (held until the
+/// pipe ends: a lane stream may name it until then) and the lane thread, where the pipe
+/// continues once moved.
+pub(crate) struct LaneSide {
+    pub(crate) lane: tunnel_io::pipe::lane::Lane,
+    pub(crate) registered: crate::lane::Registered,
+    pub(crate) thread: tokio::runtime::Handle,
+}
+
 pub(crate) async fn serve_stream(
-    request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    (request, mut respond, lane): Opened,
     allow: &EdgeAllowlist,
     config: &EdgeConfig,
     metrics: &EdgeMetrics,
@@ -127,21 +140,13 @@ pub(crate) async fn serve_stream(
         },
         Err(_) => return,
     };
-    let mut tcp = tcp;
-    let report = pipe_metered(
-        &mut tcp,
-        send,
-        request.into_body(),
-        Bytes::new(),
-        PipeConfig {
-            write_timeout: config.dial.write_timeout,
-            idle_timeout: config.dial.idle_timeout,
-        },
-        &metrics.tunneled,
-        cancel,
-    )
-    .await;
-    if report.result.is_err() {
+    let pipe_config = PipeConfig {
+        write_timeout: config.dial.write_timeout,
+        idle_timeout: config.dial.idle_timeout,
+    };
+    let body = request.into_body();
+    let (report, tcp) = pipe(tcp, send, body, lane, pipe_config, metrics, cancel).await;
+    if let (Err(_), Some(tcp)) = (&report.result, &tcp) {
         // A failed stream must look like a failure to the target as well: a RST, not the FIN
         // of a clean half-close that would pass a truncated request off as complete.
         let _ = tcp.set_zero_linger();
@@ -159,7 +164,59 @@ pub(crate) async fn serve_stream(
         result,
         bytes_to_target = report.stream_to_socket,
         bytes_from_target = report.socket_to_stream,
+        moved_to_lane = report.moved,
         duration_ms = started.elapsed().as_millis() as u64,
         "edge stream closed"
     );
+}
+
+/// Pipe the stream; once it moves to its lane, continue on the lane thread, so the bulk
+/// stream's bytes no longer take turns on the session's thread.
+async fn pipe(
+    tcp: TcpStream,
+    send: h2::SendStream<Bytes>,
+    recv: RecvStream,
+    lane: Option<LaneSide>,
+    config: PipeConfig,
+    metrics: &EdgeMetrics,
+    cancel: &CancellationToken,
+) -> (PipeReport, Option<TcpStream>) {
+    let (lane, _registered, thread) = match lane {
+        Some(side) => (Some(side.lane), Some(side.registered), Some(side.thread)),
+        None => (None, None, None),
+    };
+    let stream = Stream {
+        send: send.into(),
+        recv: recv.into(),
+        lane,
+        handover: thread.is_some(),
+    };
+    let resume =
+        match pipe_stream(tcp, stream, Bytes::new(), config, &metrics.tunneled, cancel).await {
+            Piped::Ended(report, tcp) => return (report, Some(tcp)),
+            Piped::Moving(resume) => resume,
+        };
+    let thread = thread.unwrap_or_else(|| unreachable!("only a pipe with a lane thread moves"));
+    let (meter, cancel) = (metrics.tunneled.clone(), cancel.clone());
+    // Out of this thread's reactor, into the lane thread's.
+    let resume = resume.map_socket(|tcp| tcp.into_std());
+    let moved = thread.spawn(async move {
+        let resume = resume?.map_socket(TcpStream::from_std)?;
+        Ok::<_, std::io::Error>(pipe_resume(resume, config, &meter, &cancel).await)
+    });
+    let error = match moved.await {
+        Ok(Ok((report, tcp))) => return (report, Some(tcp)),
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    // The socket is gone with the error; its streams' halves were dropped, which resets them.
+    let report = PipeReport {
+        socket_to_stream: 0,
+        stream_to_socket: 0,
+        result: Err(PipeError::Socket(format!(
+            "lost moving to the lane thread: {error}"
+        ))),
+        moved: true,
+    };
+    (report, None)
 }

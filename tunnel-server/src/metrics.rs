@@ -105,6 +105,10 @@ pub struct Metrics {
     pub edge_sessions: Family<TransportLabels, Gauge>,
     /// TCP edge sessions up now on each shard (none without shards).
     pub shard_sessions: Family<ShardLabels, Gauge>,
+    /// Lane connections up now (one at most per TCP edge session).
+    pub lanes: Gauge,
+    /// Streams moved to their session's lane.
+    pub lane_moves: Counter,
     /// Tunneled streams open now.
     pub streams_open: Gauge,
     /// Dials by frontend and result.
@@ -180,6 +184,18 @@ impl Default for Metrics {
             "shard_edge_sessions",
             "TCP edge sessions up now on each shard (thread) of the server",
             shard_sessions.clone(),
+        );
+        let lanes = Gauge::default();
+        registry.register(
+            "edge_lanes",
+            "Lane connections up now: second connections of TCP edge sessions that bulk streams move to",
+            lanes.clone(),
+        );
+        let lane_moves = Counter::default();
+        registry.register(
+            "lane_moves",
+            "Streams moved to their session's lane after showing themselves to be bulk",
+            lane_moves.clone(),
         );
         let streams_open = Gauge::default();
         registry.register(
@@ -318,6 +334,8 @@ impl Default for Metrics {
             edges_connected,
             edge_sessions,
             shard_sessions,
+            lanes,
+            lane_moves,
             streams_open,
             dials,
             dials_pending,

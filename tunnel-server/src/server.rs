@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::info;
-use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION, ALPN_UPSTREAM};
+use tunnel_io::tls::{server_config_mtls, ALPN_EDGE_SESSION, ALPN_LANE, ALPN_UPSTREAM};
 
 use crate::config::ServerConfig;
 use crate::edge::node_session::NodeSession;
@@ -33,6 +33,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Source of session ids.
     pub next_session_id: AtomicU64,
+    /// Source of the numbers that name streams to an edge with lanes: from a random start,
+    /// so a restarted replica's numbers do not meet the ones an edge still holds.
+    pub next_stream_id: Arc<AtomicU64>,
     /// Every listener is bound.
     pub ready: AtomicBool,
     /// Shutdown has started.
@@ -102,7 +105,10 @@ impl RunningServer {
             &config.edge.cert,
             &config.edge.key,
             &config.edge.client_ca,
-            &[ALPN_EDGE_SESSION, ALPN_UPSTREAM],
+            match config.edge.lanes {
+                true => &[ALPN_EDGE_SESSION, ALPN_UPSTREAM, ALPN_LANE],
+                false => &[ALPN_EDGE_SESSION, ALPN_UPSTREAM],
+            },
         )
         .context("edge listener TLS")?;
         let edge_listener = TcpListener::bind(config.edge.listen)
@@ -199,6 +205,7 @@ impl RunningServer {
             routes: RouteTable::default(),
             metrics: Metrics::default(),
             next_session_id: AtomicU64::new(1),
+            next_stream_id: Arc::new(AtomicU64::new(rand::random::<u64>() >> 1)),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             revocations: registration.as_ref().map(|r| r.revocations.clone()),

@@ -106,6 +106,23 @@ impl StreamSend {
         }
     }
 
+    /// End this direction on this stream with the MOVED trailer: its rest follows on the
+    /// lane stream (`super::lane`). Only HTTP/2 streams move.
+    pub fn finish_moved(&mut self) -> Result<(), PipeError> {
+        match self {
+            StreamSend::H2(send) => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert(
+                    protocol::stream::MOVED_TRAILER,
+                    http::HeaderValue::from_static("1"),
+                );
+                send.send_trailers(trailers)
+                    .map_err(|e| PipeError::Stream(e.to_string()))
+            }
+            StreamSend::Quic(_) => Err(PipeError::Stream("a QUIC stream has no lane".into())),
+        }
+    }
+
     /// Fail the stream (RST_STREAM CANCEL, QUIC RESET_STREAM): the far end sees an error,
     /// never a clean end.
     pub fn reset(&mut self) {
@@ -165,6 +182,19 @@ impl StreamRecv {
                     Err(e) => Some(Err(PipeError::Stream(e.to_string()))),
                 }
             }
+        }
+    }
+
+    /// After [`StreamRecv::data`] returned `None`: whether this direction ended with the
+    /// MOVED trailer, its rest following on the lane stream (`super::lane`).
+    pub async fn moved(&mut self) -> Result<bool, PipeError> {
+        match self {
+            StreamRecv::H2(recv) => match recv.trailers().await {
+                Ok(Some(trailers)) => Ok(trailers.contains_key(protocol::stream::MOVED_TRAILER)),
+                Ok(None) => Ok(false),
+                Err(e) => Err(PipeError::Stream(e.to_string())),
+            },
+            StreamRecv::Quic { .. } => Ok(false),
         }
     }
 

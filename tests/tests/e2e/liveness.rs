@@ -37,6 +37,8 @@ async fn half_open_link_is_found_within_ping_interval_times_misses_and_the_edge_
         edge: EdgeTuning {
             ping_interval: Duration::from_secs(1),
             ping_misses: 3,
+            // The relay's accept count below is the session's reconnects: no lane beside it.
+            lane: false,
             ..EdgeTuning::default()
         },
         ..ClusterOptions::default()

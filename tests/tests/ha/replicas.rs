@@ -57,11 +57,25 @@ async fn replicas_behind_haproxy_two_replicas_reach_the_edge_and_proxy_v2_shows_
     // Each replica's audit log names the edge's own source port toward haproxy, which only
     // the PROXY header can tell it: haproxy's connections to the replicas come from other
     // ports.
+    // Each session gets its lane through the balancer too: a lane that lands on a replica
+    // holding one already is refused and retried, until every replica has one.
+    for (i, server) in cluster.servers.iter().enumerate() {
+        poll_until(
+            &format!("replica {i}'s lane"),
+            Duration::from_secs(15),
+            Duration::from_millis(50),
+            || async move {
+                let (_, text) = admin_get(server.addrs.admin, "/metrics").await.ok()?;
+                (metric(&text, "tether_edge_lanes") == Some(1.0)).then_some(())
+            },
+        )
+        .await;
+    }
     let edge_ports = cluster.edge.local_ports_to(cluster.haproxy.addr);
     assert_eq!(
         edge_ports.len(),
-        2,
-        "one connection to haproxy per replica: {edge_ports:?}"
+        4,
+        "a session and its lane to haproxy per replica: {edge_ports:?}"
     );
     for (i, server) in cluster.servers.iter().enumerate() {
         let lines = server.established_lines();

@@ -92,6 +92,11 @@ pub struct EdgeListenerConfig {
     /// 0 = always Retry. See `edge/session/quic.rs` for the measurement behind the default.
     #[serde(default = "default_quic_retry_above")]
     pub quic_retry_above: usize,
+    /// Take lanes: a second TCP connection per edge session, on another shard, that streams
+    /// shown to be bulk move to so the session's small exchanges keep their pace
+    /// (docs/ARCHITECTURE.md, "Lanes"). An edge opens one only when its `server.lane` is on.
+    #[serde(default = "default_lanes")]
+    pub lanes: bool,
 }
 
 impl EdgeListenerConfig {
@@ -160,6 +165,9 @@ impl EdgeListenerConfig {
 }
 
 fn default_quic() -> bool {
+    true
+}
+fn default_lanes() -> bool {
     true
 }
 /// Default of `edge.quic_retry_above`: a fleet's reconnect after a replica restart brings at

@@ -4,6 +4,7 @@
 //! → cloud upstreams that ride the same edges. Frontends reach nodes only through
 //! [`node_session::NodeSession`] and the [`routing`] table.
 
+pub mod lane;
 pub mod node_session;
 pub mod routing;
 pub mod session;

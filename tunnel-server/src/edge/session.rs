@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use protocol::stream::{sanitize_reason, DialFailure, CLIENT_HEADER, REASON_HEADER};
+use protocol::stream::{
+    sanitize_reason, DialFailure, CLIENT_HEADER, REASON_HEADER, STREAM_ID_HEADER,
+};
 use protocol::{NodeName, Target};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,10 @@ pub struct EdgeSession {
     quic: std::sync::OnceLock<quinn::Connection>,
     /// The shard the session runs on (`crate::shards`), where its streams' pipes belong.
     shard: Option<crate::shards::Shard>,
+    /// Its lane, where streams shown to be bulk move (`crate::edge::lane`).
+    lane: Arc<crate::edge::lane::LaneSlot>,
+    /// Names its streams for a lane (`None`: `[edge] lanes` is off, streams stay).
+    naming: Option<crate::edge::lane::Naming>,
 }
 
 /// Bytes moved on one session's streams, for the admin API's per-edge view: one relaxed
@@ -123,6 +129,8 @@ pub struct OpenStream {
     pub slot: OwnedSemaphorePermit,
     /// Counts the stream's bytes (globally and for its session).
     pub meter: StreamMeter,
+    /// How the stream may move to its session's lane (`None`: it stays).
+    pub lane: Option<tunnel_io::pipe::lane::Lane>,
 }
 
 /// A dial that did not produce a stream.
@@ -198,7 +206,23 @@ impl EdgeSession {
             transport: std::sync::OnceLock::new(),
             quic: std::sync::OnceLock::new(),
             shard: shared.shards.here(),
+            lane: Arc::default(),
+            naming: None,
         }
+    }
+
+    /// Name this session's streams so they can move to a lane (TCP sessions with `[edge]
+    /// lanes` on; set before the session is routed).
+    pub(crate) fn with_lanes(mut self, shared: &Shared) -> EdgeSession {
+        if shared.config.edge.lanes {
+            self.naming = Some(crate::edge::lane::Naming::of(shared));
+        }
+        self
+    }
+
+    /// Its lane slot.
+    pub fn lane(&self) -> &Arc<crate::edge::lane::LaneSlot> {
+        &self.lane
     }
 
     /// The shard this session runs on, if any: a stream's pipe is cheapest there.
@@ -284,6 +308,7 @@ impl EdgeSession {
     pub fn retire(&self) {
         self.retired.cancel();
         self.sender_slot().take();
+        self.lane.detach();
     }
 
     pub(crate) fn sender_slot(
@@ -324,15 +349,22 @@ impl EdgeSession {
                 ..OpenError::new(DialFailure::Unreachable, "session retiring")
             })?;
             if let Some(conn) = self.quic.get() {
-                return direct::open(conn, target, client).await;
+                let (send, recv) = direct::open(conn, target, client).await?;
+                return Ok((send, recv, None));
             }
             let mut sender = sender.ready().await.map_err(|e| {
                 OpenError::new(DialFailure::Unreachable, format!("session lost: {e}"))
             })?;
-            let request = Request::builder()
+            let mut request = Request::builder()
                 .method(Method::CONNECT)
                 .uri(target.to_string())
-                .header(CLIENT_HEADER, sanitize_reason(client))
+                .header(CLIENT_HEADER, sanitize_reason(client));
+            let lane = self.naming.as_ref().map(|naming| {
+                let id = naming.next();
+                request = std::mem::take(&mut request).header(STREAM_ID_HEADER, id);
+                self.lane.opener(id, naming)
+            });
+            let request = request
                 .body(())
                 .map_err(|e| OpenError::new(DialFailure::Internal, e.to_string()))?;
             let (response, send) = sender.send_request(request, false).map_err(|e| {
@@ -343,7 +375,7 @@ impl EdgeSession {
             })?;
             let status = response.status();
             if status == StatusCode::OK {
-                return Ok((send.into(), response.into_body().into()));
+                return Ok((send.into(), response.into_body().into(), lane));
             }
             let reason = response
                 .headers()
@@ -358,11 +390,12 @@ impl EdgeSession {
                 Err(OpenError::new(DialFailure::Unreachable, "edge session closed during dial"))
             }
             result = tokio::time::timeout(dial_timeout, dial) => match result {
-                Ok(Ok((send, recv))) => Ok(OpenStream {
+                Ok(Ok((send, recv, lane))) => Ok(OpenStream {
                     send,
                     recv,
                     slot,
                     meter: self.meter.clone(),
+                    lane,
                 }),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(OpenError::new(

@@ -16,7 +16,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
-use tunnel_io::pipe::{pipe_metered, PipeConfig, PipeEnd};
+use tunnel_io::pipe::{
+    pipe_resume, pipe_stream, PipeConfig, PipeEnd, PipeError, PipeReport, Piped, Resume, Stream,
+};
 
 use crate::edge::session::OpenStream;
 use crate::frontend::dial::dial;
@@ -294,7 +296,7 @@ struct Tunnel {
 /// Answer 200 and pipe until the tunnel ends, then audit it.
 async fn run_tunnel<S>(mut socket: S, tunnel: Tunnel, shared: &Shared, cancel: &CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Rehome,
 {
     use crate::edge::routing::Routable;
     let Tunnel {
@@ -323,20 +325,25 @@ where
         recv,
         slot,
         meter,
+        lane,
     } = dialed.stream;
-    let report = pipe_metered(
-        socket,
+    let pipe_config = PipeConfig {
+        write_timeout: config.write_timeout,
+        idle_timeout: config.idle_timeout,
+    };
+    let lane_slot = dialed.session.edge_session().lane().clone();
+    let stream = Stream {
         send,
         recv,
-        early,
-        PipeConfig {
-            write_timeout: config.write_timeout,
-            idle_timeout: config.idle_timeout,
-        },
-        &meter,
-        cancel,
-    )
-    .await;
+        handover: lane.is_some(),
+        lane,
+    };
+    let report = match pipe_stream(socket, stream, early, pipe_config, &meter, cancel).await {
+        Piped::Ended(report, _) => report,
+        Piped::Moving(resume) => {
+            on_lane(resume, lane_slot.shard(), pipe_config, &meter, cancel).await
+        }
+    };
     drop(open);
     drop(slot);
     let result = match &report.result {
@@ -355,7 +362,46 @@ where
         result,
         bytes_to_edge = report.socket_to_stream,
         bytes_from_edge = report.stream_to_socket,
+        moved_to_lane = report.moved,
         duration_ms = started.elapsed().as_millis() as u64,
         "stream closed"
     );
+}
+
+/// Continue a pipe that moved to its lane on the lane's shard, so the bulk stream's bytes
+/// no longer take turns on the session's thread (`crate::edge::lane`).
+async fn on_lane<S>(
+    resume: Resume<S>,
+    shard: Option<crate::shards::Shard>,
+    config: PipeConfig,
+    meter: &crate::edge::session::StreamMeter,
+    cancel: &CancellationToken,
+) -> PipeReport
+where
+    S: AsyncRead + AsyncWrite + Unpin + Rehome,
+{
+    let Some(shard) = shard.filter(|s| !s.is_current()) else {
+        return pipe_resume(resume, config, meter, cancel).await.0;
+    };
+    let (meter, cancel) = (meter.clone(), cancel.clone());
+    let moved = shard.spawn(
+        async move {
+            let resume = resume.map_socket(Rehome::rehome)?;
+            Ok::<_, std::io::Error>(pipe_resume(resume, config, &meter, &cancel).await.0)
+        }
+        .in_current_span(),
+    );
+    let error = match moved.await {
+        Ok(Ok(report)) => return report,
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    };
+    PipeReport {
+        socket_to_stream: 0,
+        stream_to_socket: 0,
+        result: Err(PipeError::Socket(format!(
+            "lost moving to the lane's shard: {error}"
+        ))),
+        moved: true,
+    }
 }

@@ -80,7 +80,30 @@ pub struct Shards {
     set: u64,
     shards: Vec<Shard>,
     next: AtomicUsize,
+    /// Edge connections placed on each shard and still there ([`Placed`]).
+    load: std::sync::Arc<Vec<AtomicUsize>>,
     stop: CancellationToken,
+}
+
+/// An edge connection's place on a shard, counted until dropped: when the connection ends,
+/// or turns out to be a lane, which runs elsewhere and must not count as a session here.
+#[derive(Debug)]
+pub struct Placed {
+    shard: Shard,
+    load: std::sync::Arc<Vec<AtomicUsize>>,
+}
+
+impl Placed {
+    /// The shard the connection was placed on.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        self.load[self.shard.index].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shards {
@@ -113,6 +136,7 @@ impl Shards {
         }
         Ok(Shards {
             set,
+            load: std::sync::Arc::new((0..count).map(|_| AtomicUsize::new(0)).collect()),
             shards,
             next: AtomicUsize::new(0),
             stop,
@@ -129,15 +153,36 @@ impl Shards {
         self.shards.is_empty()
     }
 
-    /// The shard for a new edge connection: the next one, round robin (`None` without
-    /// shards). Sessions are long-lived and alike in cost at the start, and a node's load
-    /// is not known when it connects, so the count is what is balanced.
-    pub fn next(&self) -> Option<Shard> {
-        if self.shards.is_empty() {
+    /// The shard for a new edge connection (`None` without shards): the one with the fewest
+    /// edge connections placed, ties taken round robin. Sessions are long-lived and alike in
+    /// cost at the start, and a node's load is not known when it connects, so the count is
+    /// what is balanced. Counted at accept, so a reconnect storm spreads before any session
+    /// is up; a lane gives its place back once it is known to be one (it runs beside its
+    /// session's shard), or plain round robin would put every session on one shard of two.
+    pub fn next(&self) -> Option<Placed> {
+        let n = self.shards.len();
+        if n == 0 {
             return None;
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len();
-        Some(self.shards[i].clone())
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let index = (0..n)
+            .map(|k| (start + k) % n)
+            .min_by_key(|&i| self.load[i].load(Ordering::Relaxed))
+            .unwrap_or(start);
+        self.load[index].fetch_add(1, Ordering::Relaxed);
+        Some(Placed {
+            shard: self.shards[index].clone(),
+            load: self.load.clone(),
+        })
+    }
+
+    /// The shard after `shard` (`None` with fewer than two): where a session's lane runs,
+    /// so the two never wait for each other's thread.
+    pub fn other_than(&self, shard: &Shard) -> Option<Shard> {
+        if self.shards.len() < 2 || shard.set != self.set {
+            return None;
+        }
+        Some(self.shards[(shard.index + 1) % self.shards.len()].clone())
     }
 
     /// The shard the calling thread runs, as a [`Shard`] to move work back to.
@@ -164,12 +209,32 @@ impl Drop for Shards {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_place_given_back_goes_to_the_next_connection_so_sessions_stay_spread() {
+        let shards = Shards::start(2).unwrap();
+        let mut sessions = Vec::new();
+        // Each session's lane is accepted right after it, placed, then found to be a lane.
+        for _ in 0..4 {
+            sessions.push(shards.next().unwrap());
+            drop(shards.next().unwrap());
+        }
+        let on: Vec<usize> = sessions.iter().map(|p| p.shard().index()).collect();
+        assert_eq!(on.iter().filter(|&&i| i == 0).count(), 2, "{on:?}");
+        assert_eq!(on.iter().filter(|&&i| i == 1).count(), 2, "{on:?}");
+        drop(sessions);
+        assert!(shards.load.iter().all(|l| l.load(Ordering::Relaxed) == 0));
+        shards.stop();
+    }
+
     #[tokio::test]
     async fn tasks_run_on_the_shard_they_were_given_round_robin() {
         let shards = Shards::start(2).unwrap();
         let mut seen = Vec::new();
+        let mut held = Vec::new();
         for _ in 0..4 {
-            let shard = shards.next().unwrap();
+            let placed = shards.next().unwrap();
+            let shard = placed.shard().clone();
+            held.push(placed);
             let on = shard
                 .spawn(async { (current(), std::thread::current().name().map(str::to_owned)) })
                 .await
@@ -190,6 +255,7 @@ mod tests {
     async fn a_shard_of_one_server_is_not_taken_for_another_servers_shard() {
         let (a, b) = (Shards::start(1).unwrap(), Shards::start(1).unwrap());
         let (a0, b0) = (a.next().unwrap(), b.next().unwrap());
+        let (a0, b0) = (a0.shard().clone(), b0.shard().clone());
         let b = std::sync::Arc::new(b);
         let seen = {
             let (a0, b0, b) = (a0.clone(), b0.clone(), b.clone());

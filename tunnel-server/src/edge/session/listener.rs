@@ -19,6 +19,7 @@ use tunnel_io::control_frames::ControlFrameLimit;
 use super::EdgeSession;
 use crate::listen::prelude::{Prelude, PreludeError};
 use crate::listen::source_limit::{SourceLimit, SourceSlot};
+use crate::shards::MovableTcp;
 use crate::Shared;
 
 /// Accept edge connections until draining starts. Per-connection failures are logged and skipped;
@@ -56,12 +57,18 @@ pub async fn serve_edges(
             prelude: prelude.clone(),
             sources: sources.clone(),
             _global: permit,
+            placed: None,
         };
         let (acceptor, shared, stop) = (acceptor.clone(), shared.clone(), stop.clone());
-        let Some(shard) = shared.shards.next() else {
+        let Some(placed) = shared.shards.next() else {
             tracker
                 .spawn(handle_edge(tcp, peer, acceptor, shared, stop, admission).instrument(span));
             continue;
+        };
+        let shard = placed.shard().clone();
+        let admission = Admission {
+            placed: Some(placed),
+            ..admission
         };
         // The connection moves to its shard before its first byte is read, so its
         // handshake, session and streams all run there (`crate::shards`).
@@ -94,6 +101,8 @@ struct Admission {
     prelude: Prelude,
     sources: Arc<SourceLimit>,
     _global: OwnedSemaphorePermit,
+    /// Its place on a shard, held for the connection's life (given back by a lane).
+    placed: Option<crate::shards::Placed>,
 }
 
 /// A slot of the source's, then the first byte and PROXY header within the handshake
@@ -149,9 +158,14 @@ enum Accepted {
     Session(Box<Handshaken>),
     /// A tunnel session of a revoked node: told why, then closed ([`super::refusal`]).
     Revoked(Box<super::refusal::Revoked<SessionIo>>),
+    /// A session's lane (`tether-lane/1`, `crate::edge::lane`).
+    Lane {
+        tls: crate::edge::lane::LaneTls,
+        node: NodeName,
+    },
     /// An edge → cloud upstream connection (`tether-up/1`).
     Upstream {
-        tls: Box<tokio_rustls::server::TlsStream<TcpStream>>,
+        tls: Box<tokio_rustls::server::TlsStream<MovableTcp>>,
         node: NodeName,
         cert_der: Vec<u8>,
         peer: SocketAddr,
@@ -190,8 +204,9 @@ async fn handshake(
     acceptor: TlsAcceptor,
     shared: &Shared,
 ) -> Result<Accepted, (&'static str, String)> {
+    // Movable: a lane moves to another shard than the one it was accepted on.
     let tls = acceptor
-        .accept(tcp)
+        .accept(MovableTcp::new(tcp))
         .await
         .map_err(|e| ("tls", format!("TLS handshake failed: {e}")))?;
     let der = tls
@@ -206,6 +221,18 @@ async fn handshake(
         issued,
         certificate,
     } = identify(shared, der.as_ref())?;
+    if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_LANE) {
+        if let Some(at) = revoked_at {
+            return Err((
+                "revoked",
+                crate::revocation::revoked_reason(&identity.node, at),
+            ));
+        }
+        return Ok(Accepted::Lane {
+            tls: Box::new(tls),
+            node: identity.node,
+        });
+    }
     if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
         // No request goes from server to edge on an upstream connection: refuse it plainly.
         if let Some(at) = revoked_at {
@@ -245,13 +272,10 @@ async fn handshake(
     let ping_pong = connection
         .ping_pong()
         .ok_or(("h2", "PING handle unavailable".to_string()))?;
-    let session = Arc::new(EdgeSession::new(
-        shared,
-        identity.node,
-        identity.ips,
-        peer,
-        send_request,
-    ));
+    let session = Arc::new(
+        EdgeSession::new(shared, identity.node, identity.ips, peer, send_request)
+            .with_lanes(shared),
+    );
     if let Some(issued) = issued {
         session.set_certificate_issued(issued);
     }
@@ -298,11 +322,22 @@ async fn handle_edge(
     };
     // Both slots are held until the session is confirmed (or the connection turns out to be
     // an upstream connection): the confirm step is part of the handshake.
+    // Held while the connection lives here; the handshake slots go once it is confirmed.
+    let mut admission = admission;
+    let placed = admission.placed.take();
     let slots = (admission, source_slot);
     let handshaken =
         tokio::time::timeout_at(deadline, handshake(tcp, peer, acceptor, &shared)).await;
     let (session, connection, ping_pong) = match handshaken {
         Ok(Ok(Accepted::Session(h))) => *h,
+        Ok(Ok(Accepted::Lane { tls, node })) => {
+            tracing::Span::current().record("node", node.as_str());
+            drop(slots);
+            // A lane runs beside its session's shard: no place among the sessions.
+            drop(placed);
+            crate::edge::lane::serve(tls, node, shared, stop).await;
+            return;
+        }
         Ok(Ok(Accepted::Upstream {
             tls,
             node,
@@ -355,4 +390,5 @@ async fn handle_edge(
         None,
     )
     .await;
+    drop(placed);
 }

@@ -280,6 +280,9 @@ async fn serve_stream(
         recv,
         slot,
         meter,
+        // Konnectivity streams stay on their session: its DATA packets are not a socket
+        // the lane's pipe could read (docs/ARCHITECTURE.md, "Lanes").
+        lane: _,
     } = dialed.stream;
     let mut up_bytes = 0u64;
     let mut down_bytes = 0u64;
