@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use tether_tests::data::{exchange, PeerRequest, MIB};
+use tether_tests::frontend::metric;
 use tether_tests::targets::Firehose;
 use tether_tests::{poll_until, within, Cluster, ClusterOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -82,6 +83,13 @@ async fn small_echoes_complete_beside_a_bulk_stream_and_a_stalled_reader() {
     assert!(
         !bulk.is_finished(),
         "the bulk stream ended before the exchanges did: they did not run beside it"
+    );
+    // The bulk stream went to the session's lane, where it no longer takes turns with the
+    // small exchanges on the session's threads (e2e/lanes.rs checks the move itself).
+    let moved = metric(&cluster.metrics().await, "tether_lane_moves_total");
+    assert!(
+        moved >= Some(1.0),
+        "the bulk stream did not move to the lane: {moved:?}"
     );
     println!(
         "{EXCHANGES} echo exchanges of {EXCHANGE_BYTES} B beside a bulk stream and a stalled \

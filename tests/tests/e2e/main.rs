@@ -14,6 +14,7 @@ mod idle;
 mod integrity;
 mod interactive;
 mod isolation;
+mod lanes;
 mod liveness;
 mod node_name;
 mod pending;
