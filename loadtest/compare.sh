@@ -10,6 +10,9 @@
 #   loadtest/compare.sh                      # DURATION=3 REPEAT=1 HOLD=2000 EDGES=10000
 #   DURATION=2 REPEAT=3 loadtest/compare.sh  # medians of three
 #   SCENARIOS="rr connect" loadtest/compare.sh
+#   PROCESSES=1 loadtest/compare.sh          # Tether as its binaries (shards, lane thread) in
+#                                            # every scenario, as rathole and haproxy run;
+#                                            # adds tether-unix-nolane (server.lane = false)
 set -euo pipefail
 
 DURATION=${DURATION:-3}
@@ -64,8 +67,10 @@ wait_port() {
 
 TARGET_PORT=$(free_port)
 PATHS=("direct:--direct" "tether-unix:--frontend unix" "tether-tls:--frontend tls")
+if [[ -n "${PROCESSES:-}" ]]; then PATHS+=("tether-unix-nolane:--frontend unix --no-lane"); fi
 # Extra options per path for `hold`: Tether as processes, the relays' own processes attached.
-declare -A HOLD_OPTS=(["tether-unix"]="--processes" ["tether-tls"]="--processes")
+declare -A HOLD_OPTS=(["tether-unix"]="--processes" ["tether-tls"]="--processes"
+    ["tether-unix-nolane"]="--processes")
 
 if command -v haproxy >/dev/null; then
     HP=$(free_port)
@@ -139,7 +144,11 @@ for scenario in $SCENARIOS; do
         for entry in "${PATHS[@]}"; do
             name=${entry%%:*}
             extra=""
-            if [[ $scenario == hold ]]; then extra=${HOLD_OPTS[$name]:-}; fi
+            if [[ $scenario == hold ]]; then
+                extra=${HOLD_OPTS[$name]:-}
+            elif [[ -n "${PROCESSES:-}" && $name == tether-* ]]; then
+                extra="--processes"
+            fi
             # shellcheck disable=SC2086 # the path options are meant to split
             if ! timeout "$LIMIT" "$LOADTEST_BIN" "$scenario" ${entry#*:} $extra --label "$name" \
                 --target-port "$TARGET_PORT" --duration "$DURATION" --hold "$HOLD" --json \

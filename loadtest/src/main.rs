@@ -51,6 +51,10 @@ struct Cli {
     /// small requests at most: on one thread, and with a thread of its own at the edge.
     #[arg(long, conflicts_with_all = ["direct", "proxy", "relay", "unix_socket"])]
     bulk_session: bool,
+    /// Start the edges with `server.lane = false`: bulk streams stay on the session (the
+    /// baseline lanes are measured against).
+    #[arg(long, conflicts_with_all = ["direct", "proxy", "relay", "unix_socket"])]
+    no_lane: bool,
     /// No tunnel: connect straight to the target.
     #[arg(long, conflicts_with_all = ["proxy", "relay", "unix_socket", "processes"])]
     direct: bool,
@@ -160,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let json = cli.json;
     setup::set_transport(cli.transport);
     setup::set_bulk_session(cli.bulk_session);
+    setup::set_no_lane(cli.no_lane);
     let report = if let Scenario::Edges = cli.scenario {
         let opts = scenario::edges::EdgesOpts {
             edges: cli.edges,

@@ -260,6 +260,14 @@ pub fn set_bulk_session(on: bool) {
     let _ = BULK_SESSION.set(on);
 }
 
+static NO_LANE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Keep bulk streams on the session (once, before the first Tether starts): the edges are
+/// configured with `server.lane = false`, the baseline lanes are measured against.
+pub fn set_no_lane(on: bool) {
+    let _ = NO_LANE.set(on);
+}
+
 fn transport() -> &'static str {
     match TRANSPORT.get() {
         Some(SessionTransport::Quic) => "quic",
@@ -286,9 +294,10 @@ fn write_named_edge_config(
     std::fs::write(
         d.join(format!("{name}.toml")),
         format!(
-            "[server]\naddress = \"{server}\"\ntransport = \"{transport}\"\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\n\
+            "[server]\naddress = \"{server}\"\ntransport = \"{transport}\"\nlane = {lane}\nserver_name = \"127.0.0.1\"\nca = \"ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}-key.pem\"\n\
              [dial]\nself_host = \"127.0.0.1\"\n[allow]\nports = [{target_port}]\n",
             transport = transport(),
+            lane = !NO_LANE.get().copied().unwrap_or(false),
         ),
     )?;
     Ok(())
