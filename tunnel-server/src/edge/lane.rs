@@ -199,7 +199,7 @@ async fn run(tls: LaneTls, session: Arc<EdgeSession>, shared: &Arc<Shared>, stop
         return debug!("lane refused: the session has one already");
     }
     shared.metrics.lanes.inc();
-    info!(node = %crate::edge::routing::Routable::node(&*session), shard = ?crate::shards::current(), "lane up");
+    info!(node = %crate::edge::routing::Routable::node(&*session), shard = crate::shards::current().map(|i| i as u64), "lane up");
     let keepalive = tunnel_io::liveness::keepalive(ping_pong, edge.ping_interval, edge.ping_misses);
     let ended = tokio::select! {
         biased;
