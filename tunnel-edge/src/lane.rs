@@ -163,7 +163,11 @@ impl LaneWorker {
                 _ = streams_cancel.cancelled() => return,
                 connected = self.connect() => match connected {
                     Ok(connection) => self.serve(connection, &session_over, &streams_cancel).await,
-                    Err(reason) => reason,
+                    Err(Refused::NoLanes) => {
+                        info!("the server takes no lanes (it refused ALPN tether-lane/1): bulk streams stay on the session");
+                        return;
+                    }
+                    Err(Refused::Failed(reason)) => reason,
                 },
             };
             debug!(reason = ended, "lane ended");
@@ -178,7 +182,7 @@ impl LaneWorker {
         }
     }
 
-    async fn connect(&self) -> Result<h2::server::Connection<LaneIo, Bytes>, String> {
+    async fn connect(&self) -> Result<h2::server::Connection<LaneIo, Bytes>, Refused> {
         let limit = self
             .config
             .server
@@ -189,26 +193,29 @@ impl LaneWorker {
                 .egress
                 .dial(&self.host, self.port)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Refused::Failed(e.to_string()))?;
             tunnel_io::set_session_socket_options(&tcp);
             let tls = self
                 .connector
                 .connect(self.server_name.clone(), tcp)
                 .await
-                .map_err(|e| format!("lane TLS handshake: {e}"))?;
+                .map_err(|e| match refused_alpn(&e) {
+                    true => Refused::NoLanes,
+                    false => Refused::Failed(format!("lane TLS handshake: {e}")),
+                })?;
             if tls.get_ref().1.alpn_protocol() != Some(tunnel_io::tls::ALPN_LANE) {
-                return Err("the server takes no lanes".to_string());
+                return Err(Refused::NoLanes);
             }
             self.config
                 .h2
                 .server_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
-                .map_err(|e| format!("lane HTTP/2 handshake: {e}"))
+                .map_err(|e| Refused::Failed(format!("lane HTTP/2 handshake: {e}")))
         };
         tokio::time::timeout(limit, connect)
             .await
-            .map_err(|_| format!("lane connect timed out after {limit:?}"))?
+            .map_err(|_| Refused::Failed(format!("lane connect timed out after {limit:?}")))?
     }
 
     /// Serve one lane connection until it ends; returns why.
@@ -292,6 +299,27 @@ impl LaneWorker {
             self.metrics.lane_moves.inc();
         }
     }
+}
+
+/// Why a lane did not connect.
+enum Refused {
+    /// The server offers no lanes (an older server, or `[edge] lanes = false`): not retried
+    /// for this session.
+    NoLanes,
+    /// Anything else: retried after the reconnect backoff.
+    Failed(String),
+}
+
+/// Whether the server refused the lane's ALPN (its TLS offers no `tether-lane/1`).
+fn refused_alpn(error: &std::io::Error) -> bool {
+    matches!(
+        error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::AlertReceived(
+            rustls::AlertDescription::NoApplicationProtocol
+        ))
+    )
 }
 
 /// A lane's connection: TLS over TCP, from the edge.

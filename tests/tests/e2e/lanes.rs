@@ -195,3 +195,35 @@ async fn a_lane_lost_under_a_moved_stream_fails_it_visibly_and_the_session_carri
         "the new lane takes bulk streams again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_lanes_is_told_once_and_bulk_streams_stay_on_the_session() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        server: tether_tests::ServerOptions {
+            edge_extra: "lanes = false".into(),
+            ..tether_tests::ServerOptions::default()
+        },
+        ..ClusterOptions::default()
+    })
+    .await;
+    const SAID: &str = "the server takes no lanes";
+    poll_until(
+        "the edge to learn the server takes no lanes",
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || std::future::ready(cluster.edge.log().contains(SAID).then_some(())),
+    )
+    .await;
+    checked(&mut cluster, 10, BULK, BULK, false).await;
+    assert_eq!(lane_moves(&cluster).await, 0.0);
+    let text = cluster.metrics().await;
+    assert_eq!(metric(&text, "tether_edge_lanes"), Some(0.0));
+    // Not retried for this session: one attempt, one line.
+    let log = cluster.edge.log();
+    assert_eq!(log.matches(SAID).count(), 1, "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("edge stream closed") && l.contains("moved_to_lane=false")),
+        "{log}"
+    );
+}
