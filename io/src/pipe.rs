@@ -328,12 +328,11 @@ where
         let (Some(lane), Some(handoff)) = (lane, handoff) else {
             return false;
         };
-        let idle = BulkWatch::new();
         let moved = tokio::select! {
             biased;
             _ = finished.cancelled() => None,
             _ = abort.cancelled() => None,
-            moved = lane::next(lane, bulk.as_ref().unwrap_or(&idle)) => moved,
+            moved = lane::next(lane, bulk.as_ref()) => moved,
         };
         match moved {
             Some(moved) => {
@@ -371,9 +370,10 @@ where
         (_, _, down_result) => down_result,
     };
     let up_result = up_result.map(|_| ());
+    // A direction that stopped on the lane while the other failed: the failure is the result.
     let down_result = down_result.map(|(step, _)| match step {
         Step::Done(end) => end,
-        Step::Switched => unreachable!("a switched direction hands over"),
+        Step::Switched => PipeEnd::Complete,
     });
     // Report the cause, not the `Aborted` it provoked in the other direction.
     let result = match (up_result, down_result) {

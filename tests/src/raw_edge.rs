@@ -55,12 +55,36 @@ impl RawEdge {
         from: IpAddr,
         prefix: &[u8],
     ) -> std::io::Result<RawEdge> {
+        let alpn = tunnel_io::tls::ALPN_EDGE_SESSION;
+        Self::connect_as(pki, server, (node, ips), alpn, from, prefix).await
+    }
+
+    /// A session's lane (ALPN `tether-lane/1`) as `node`, with a certificate of its own (a
+    /// new one, not the session's).
+    pub async fn connect_lane(
+        pki: &Pki,
+        server: SocketAddr,
+        node: &str,
+        ips: &[IpAddr],
+    ) -> std::io::Result<RawEdge> {
+        let alpn = tunnel_io::tls::ALPN_LANE;
+        Self::connect_as(pki, server, (node, ips), alpn, crate::flood::source(1), b"").await
+    }
+
+    async fn connect_as(
+        pki: &Pki,
+        server: SocketAddr,
+        (node, ips): (&str, &[IpAddr]),
+        alpn: &[u8],
+        from: IpAddr,
+        prefix: &[u8],
+    ) -> std::io::Result<RawEdge> {
         let files = pki.issue_edge(node, ips);
         let config = tunnel_io::tls::client_config_mtls(
             &pki.layout.ca_cert(),
             &files.cert,
             &files.key,
-            &[tunnel_io::tls::ALPN_EDGE_SESSION],
+            &[alpn],
         )
         .map_err(std::io::Error::other)?;
         let mut tcp = crate::flood::connect_from(from, server).await?;

@@ -137,7 +137,7 @@ impl Drop for LaneThread {
 pub(crate) struct LaneWorker {
     pub(crate) host: String,
     pub(crate) port: u16,
-    pub(crate) connector: TlsConnector,
+    pub(crate) connector: Arc<std::sync::RwLock<TlsConnector>>,
     pub(crate) server_name: ServerName<'static>,
     pub(crate) egress: Egress,
     pub(crate) config: EdgeConfig,
@@ -195,8 +195,12 @@ impl LaneWorker {
                 .await
                 .map_err(|e| Refused::Failed(e.to_string()))?;
             tunnel_io::set_session_socket_options(&tcp);
-            let tls = self
+            let connector = self
                 .connector
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let tls = connector
                 .connect(self.server_name.clone(), tcp)
                 .await
                 .map_err(|e| match refused_alpn(&e) {

@@ -40,7 +40,8 @@ pub struct Edge {
     /// Same credentials, ALPN `tether-up/1`: the edge → cloud upstream connection.
     upstream_connector: std::sync::RwLock<TlsConnector>,
     /// Same credentials, ALPN `tether-lane/1`: each TCP session's lane.
-    lane_connector: std::sync::RwLock<TlsConnector>,
+    /// Shared with the lane workers, so a renewed certificate reaches their next redial.
+    lane_connector: Arc<std::sync::RwLock<TlsConnector>>,
     /// Streams that may move to a lane now.
     lanes: Arc<crate::lane::Registry>,
     /// Where lanes run (started with the first one).
@@ -118,9 +119,8 @@ impl Edge {
                 &tls,
                 tunnel_io::tls::ALPN_UPSTREAM,
             )))),
-            lane_connector: std::sync::RwLock::new(TlsConnector::from(Arc::new(with_alpn(
-                &tls,
-                tunnel_io::tls::ALPN_LANE,
+            lane_connector: Arc::new(std::sync::RwLock::new(TlsConnector::from(Arc::new(
+                with_alpn(&tls, tunnel_io::tls::ALPN_LANE),
             )))),
             lanes: Arc::default(),
             lane_thread: std::sync::OnceLock::new(),

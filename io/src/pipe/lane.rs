@@ -149,13 +149,14 @@ impl Handoff {
 
 /// Wait for the lane: the far end's offer, or, for [`Lane::Open`], the stream to show itself
 /// bulk and then the lane stream's answer.
-pub(super) async fn next(lane: Lane, bulk: &BulkWatch) -> Option<Moved> {
-    match lane {
-        Lane::Offered(offer) => offer.await.ok(),
-        Lane::Open(open) => {
+pub(super) async fn next(lane: Lane, bulk: Option<&BulkWatch>) -> Option<Moved> {
+    match (lane, bulk) {
+        (Lane::Offered(offer), _) => offer.await.ok(),
+        (Lane::Open(open), Some(bulk)) => {
             bulk.notify.notified().await;
             open().await
         }
+        (Lane::Open(_), None) => None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tether_tests::data::{exchange, PeerRequest, MIB};
 use tether_tests::frontend::metric;
+use tether_tests::raw_edge::RawEdge;
 use tether_tests::relay::{Cut, Direction};
 use tether_tests::{poll_until, within, Cluster, ClusterOptions};
 use tokio::io::AsyncReadExt;
@@ -226,4 +227,54 @@ async fn a_server_without_lanes_is_told_once_and_bulk_streams_stay_on_the_sessio
             .any(|l| l.contains("edge stream closed") && l.contains("moved_to_lane=false")),
         "{log}"
     );
+}
+
+/// The attack: a lane opened with another valid certificate of the node (an old one, or one
+/// issued elsewhere) to a session that has none. Attached, it would receive the bytes of
+/// every stream the server moves there; it must be refused, and the streams stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_with_another_certificate_of_the_node_is_refused_and_gets_no_stream() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        // The real edge opens no lane, so the session's slot is free for the attacker's.
+        edge: tether_tests::EdgeTuning {
+            lane: false,
+            ..tether_tests::EdgeTuning::default()
+        },
+        ..ClusterOptions::default()
+    })
+    .await;
+    let server = cluster.server.addrs.edge;
+    let ips = [tether_tests::NODE_IP];
+    // Refused before HTTP/2 (no preface) is the expected end; let through, it would answer
+    // the replica's announcement as an edge's lane does, and hold on.
+    let mut attacker = RawEdge::connect_lane(&cluster.pki, server, tether_tests::NODE, &ips)
+        .await
+        .ok();
+    if let Some(lane) = attacker.as_mut() {
+        if let Ok(Ok(first)) =
+            tokio::time::timeout(Duration::from_secs(2), lane.next_request()).await
+        {
+            let _ = lane.answer_ok(first).await;
+        }
+    }
+    // Long enough for a lane to attach if it were let through.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = cluster.metrics().await;
+    assert_eq!(
+        metric(&text, "tether_edge_lanes"),
+        Some(0.0),
+        "a lane with another certificate of the node was attached"
+    );
+    checked(&mut cluster, 11, BULK, BULK, false).await;
+    assert_eq!(
+        lane_moves(&cluster).await,
+        0.0,
+        "a stream moved to a foreign lane"
+    );
+    let refused = cluster.server.log();
+    assert!(
+        refused.contains("lane refused: its certificate is not its session's"),
+        "no audit line for the refused lane:\n{refused}"
+    );
+    drop(attacker);
 }

@@ -62,11 +62,7 @@ impl Edge {
         let worker = crate::lane::LaneWorker {
             host: host.to_owned(),
             port,
-            connector: self
-                .lane_connector
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
+            connector: self.lane_connector.clone(),
             server_name: self.server_name.clone(),
             egress: self.egress.clone(),
             config: self.config.clone(),

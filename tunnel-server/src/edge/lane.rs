@@ -9,8 +9,8 @@
 //! for bulk streams"). A separate connection on the same threads gave nothing, so the lane
 //! runs on another shard here and on the edge's lane thread there.
 //!
-//! A lane has no route of its own: it lives and dies with its session. At most one lane per
-//! session; a second one is refused (closed), and the edge retries it later, so with several
+//! A lane has no route of its own: it lives and dies with its session, and only the peer
+//! holding the session's own certificate may open it. At most one lane per session; a second one is refused (closed), and the edge retries it later, so with several
 //! replicas behind a balancer every replica gets one. The lane's first request tells the
 //! edge which replica it reached; streams are named per replica
 //! (`protocol::stream::STREAM_ID_HEADER`).
@@ -21,12 +21,13 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use protocol::stream::{LANE_URI, SERVER_ID_HEADER, SESSION_INFO_URI, STREAM_ID_HEADER};
 use protocol::NodeName;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 use tunnel_io::control_frames::ControlFrameLimit;
 use tunnel_io::pipe::lane::{Lane, Moved};
 
 use crate::edge::node_session::NodeSession;
 use crate::edge::session::EdgeSession;
+use crate::edge::session_certificate::SessionCertificate;
 use crate::lifecycle::Stop;
 use crate::shards::{MovableTcp, Rehome};
 use crate::Shared;
@@ -136,9 +137,15 @@ async fn open(slot: &LaneSlot, id: u64) -> Option<Moved> {
     })
 }
 
-/// Serve a lane connection from `node` until its session ends. A lane for a node with no TCP
-/// session here, or whose session has one already, is closed at once.
-pub(crate) async fn serve(tls: LaneTls, node: NodeName, shared: Arc<Shared>, stop: Stop) {
+/// Serve a lane connection from `node`, presenting `certificate`, until its session ends. A
+/// lane for a node with no TCP session here, whose session has one already, or whose
+/// certificate is not the session's, is closed at once.
+pub(crate) async fn serve(
+    tls: LaneTls,
+    (node, certificate): (NodeName, SessionCertificate),
+    shared: Arc<Shared>,
+    stop: Stop,
+) {
     let session = match shared.routes.get(&node).as_deref() {
         Some(NodeSession::Tether(session)) if session.transport() == "tcp" => session.clone(),
         _ => {
@@ -146,6 +153,14 @@ pub(crate) async fn serve(tls: LaneTls, node: NodeName, shared: Arc<Shared>, sto
             return;
         }
     };
+    // The moved streams' bytes go wherever the lane leads: only the session's own peer may
+    // hold it. Another certificate of the node (an older one, or one issued elsewhere) is
+    // refused, as it could never replace the session either.
+    let session_serial = session.certificate().serial;
+    if certificate.serial == "?" || certificate.serial != session_serial {
+        warn!(target: "audit", event = "lane_refused", %node, serial = certificate.serial, session_serial, "lane refused: its certificate is not its session's");
+        return;
+    }
     if session.lane().is_up() || session.retired.is_cancelled() {
         debug!(%node, "lane refused: the session has one, or is retiring");
         return;

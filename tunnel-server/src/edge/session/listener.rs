@@ -162,6 +162,7 @@ enum Accepted {
     Lane {
         tls: crate::edge::lane::LaneTls,
         node: NodeName,
+        certificate: crate::edge::session_certificate::SessionCertificate,
     },
     /// An edge → cloud upstream connection (`tether-up/1`).
     Upstream {
@@ -231,6 +232,7 @@ async fn handshake(
         return Ok(Accepted::Lane {
             tls: Box::new(tls),
             node: identity.node,
+            certificate,
         });
     }
     if tls.get_ref().1.alpn_protocol() == Some(tunnel_io::tls::ALPN_UPSTREAM) {
@@ -330,12 +332,16 @@ async fn handle_edge(
         tokio::time::timeout_at(deadline, handshake(tcp, peer, acceptor, &shared)).await;
     let (session, connection, ping_pong) = match handshaken {
         Ok(Ok(Accepted::Session(h))) => *h,
-        Ok(Ok(Accepted::Lane { tls, node })) => {
+        Ok(Ok(Accepted::Lane {
+            tls,
+            node,
+            certificate,
+        })) => {
             tracing::Span::current().record("node", node.as_str());
             drop(slots);
             // A lane runs beside its session's shard: no place among the sessions.
             drop(placed);
-            crate::edge::lane::serve(tls, node, shared, stop).await;
+            crate::edge::lane::serve(tls, (node, certificate), shared, stop).await;
             return;
         }
         Ok(Ok(Accepted::Upstream {
