@@ -11,7 +11,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use std::future::Future;
+
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +29,7 @@ use directions::{SocketToStream, StreamToSocket};
 pub use halves::{QuicSend, StreamRecv, StreamSend};
 use lane::{BulkWatch, Lane};
 pub use resume::Resume;
-use resume::Step;
+use resume::{Parts, Step};
 
 /// First read buffer of a direction. Small, because most tunneled connections are idle or
 /// carry small requests (an idle pipe keeps it reserved); it doubles on every read that
@@ -130,17 +133,17 @@ where
 }
 
 /// [`pipe`], adding every chunk to `meter` as soon as it has moved.
-pub async fn pipe_metered<S>(
+pub fn pipe_metered<'a, S>(
     socket: S,
     send: impl Into<StreamSend>,
     recv: impl Into<StreamRecv>,
     early: Bytes,
     config: PipeConfig,
-    meter: &dyn ByteMeter,
-    cancel: &CancellationToken,
-) -> PipeReport
+    meter: &'a dyn ByteMeter,
+    cancel: &'a CancellationToken,
+) -> impl Future<Output = PipeReport> + Send + 'a
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
 {
     let stream = Stream {
         send: send.into(),
@@ -148,10 +151,12 @@ where
         lane: None,
         handover: false,
     };
-    match pipe_stream(socket, stream, early, config, meter, cancel).await {
+    // Mapped, not awaited in an `async fn`: a wrapping future would keep its own copy of
+    // the arguments for the pipe's whole life (an idle tunnel's memory).
+    pipe_stream(socket, stream, early, config, meter, cancel).map(|piped| match piped {
         Piped::Ended(report, _) => report,
         Piped::Moving(_) => unreachable!("a pipe without a lane never moves"),
-    }
+    })
 }
 
 /// The tunnel side of a pipe: the stream's two halves, and how it may move to a lane.
@@ -177,16 +182,16 @@ pub enum Piped<S> {
 }
 
 /// [`pipe_metered`] on a stream that may move to its session's lane while it runs.
-pub async fn pipe_stream<S>(
+pub fn pipe_stream<'a, S>(
     socket: S,
     stream: Stream,
     early: Bytes,
     config: PipeConfig,
-    meter: &dyn ByteMeter,
-    cancel: &CancellationToken,
-) -> Piped<S>
+    meter: &'a dyn ByteMeter,
+    cancel: &'a CancellationToken,
+) -> impl Future<Output = Piped<S>> + Send + 'a
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
 {
     let Stream {
         send,
@@ -194,29 +199,30 @@ where
         lane,
         handover,
     } = stream;
-    let resume = Resume::start(socket, send, recv);
-    run(resume, early, lane, handover, config, meter, cancel).await
+    let parts = Resume::start(socket, send, recv).into_parts();
+    run(parts, early, lane, handover, config, meter, cancel)
 }
 
 /// Continue a pipe that stopped to move ([`Piped::Moving`]), on the lane's thread. The
 /// report counts the bytes of both parts; the socket is given back.
-pub async fn pipe_resume<S>(
+pub fn pipe_resume<'a, S>(
     resume: Resume<S>,
     config: PipeConfig,
-    meter: &dyn ByteMeter,
-    cancel: &CancellationToken,
-) -> (PipeReport, S)
+    meter: &'a dyn ByteMeter,
+    cancel: &'a CancellationToken,
+) -> impl Future<Output = (PipeReport, S)> + Send + 'a
 where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'a,
 {
-    match run(resume, Bytes::new(), None, false, config, meter, cancel).await {
+    let parts = resume.into_parts();
+    run(parts, Bytes::new(), None, false, config, meter, cancel).map(|piped| match piped {
         Piped::Ended(report, socket) => (report, socket),
         Piped::Moving(_) => unreachable!("a resumed pipe never hands over"),
-    }
+    })
 }
 
 async fn run<S>(
-    resume: Resume<S>,
+    mut parts: Parts<S>,
     early: Bytes,
     lane: Option<Lane>,
     handover: bool,
@@ -227,151 +233,139 @@ async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let Resume {
-        socket,
-        mut send,
+    let Parts {
+        reader,
+        writer,
+        send,
         recv,
         up_done,
         down_end,
         socket_eof,
-        up_bytes: mut up_total,
-        down_bytes: mut down_total,
+        up_bytes: up_total,
+        down_bytes: down_total,
         moved: was_moved,
-    } = resume;
-    let (mut reader, mut writer) = tokio::io::split(socket);
+    } = &mut parts;
+    let (up_done, down_end) = (*up_done, *down_end);
     let abort = cancel.child_token();
     let finished = CancellationToken::new();
     let activity = Activity::new();
-    let socket_eof = AtomicBool::new(socket_eof);
-    let up_ok = AtomicBool::new(true);
-    let bulk = matches!(lane, Some(Lane::Open(_))).then(BulkWatch::new);
-    let (handoff, takers) = match lane.is_some() {
-        true => {
+    let socket_eof = AtomicBool::new(*socket_eof);
+    let moved = AtomicBool::new(*was_moved);
+    let (bulk, takers) = match lane {
+        Some(Lane::Open(open)) => {
             let (handoff, takers) = lane::handoff();
-            (Some(handoff), Some(takers))
+            (Some(Box::new(BulkWatch::new(open, handoff))), Some(takers))
         }
-        false => (None, None),
+        Some(Lane::Offered(takers)) => (None, Some(takers)),
+        None => (None, None),
     };
     let (lane_send, lane_recv) = match takers {
         Some(t) => (Some(t.send), Some(t.recv)),
         None => (None, None),
     };
 
-    let up = async {
-        if up_done {
-            return Ok(Step::Done(()));
-        }
-        let up = SocketToStream {
-            config,
-            activity: &activity,
-            meter,
-            eof: &socket_eof,
-            bulk: bulk.as_ref(),
-            handover,
-        };
-        let result = tokio::select! {
-            biased;
-            _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = up.run(&mut reader, &mut send, early, lane_send, &mut up_total) => r,
-        };
-        if let Err(error) = &result {
-            up_ok.store(false, Ordering::Relaxed);
-            abort.cancel();
-            if !matches!(error, PipeError::Stream(_)) {
-                send.reset();
+    let ((up_result, down_result), idled) = {
+        let up = async {
+            if up_done {
+                return Ok(Step::Done(()));
             }
-        }
-        result
-    };
-    let down = async {
-        if let Some(end) = down_end {
-            return Ok((Step::Done(end), recv));
-        }
-        let down = StreamToSocket {
-            config,
-            activity: &activity,
-            meter,
-            socket_eof: &socket_eof,
-            bulk: bulk.as_ref(),
-            handover,
-        };
-        let mut recv = recv;
-        let result = tokio::select! {
-            biased;
-            _ = abort.cancelled() => Err(PipeError::Aborted),
-            r = down.run(&mut recv, &mut writer, lane_recv, &mut down_total) => r,
-        };
-        if result.is_err() {
-            abort.cancel();
-        }
-        result.map(|step| (step, recv))
-    };
-    let both = async {
-        let results = tokio::join!(up, down);
-        finished.cancel();
-        results
-    };
-    let watchdog = async {
-        let Some(limit) = config.idle_timeout.filter(|d| !d.is_zero()) else {
-            return false;
-        };
-        tokio::select! {
-            _ = finished.cancelled() => false,
-            _ = activity.idle_for(limit) => {
+            let up = SocketToStream {
+                config,
+                activity: &activity,
+                meter,
+                eof: &socket_eof,
+                bulk: bulk.as_deref(),
+                handover,
+                moved: &moved,
+            };
+            let result = tokio::select! {
+                biased;
+                _ = abort.cancelled() => Err(PipeError::Aborted),
+                r = up.run(&mut *reader, &mut *send, early, lane_send, &mut *up_total) => r,
+            };
+            if let Err(error) = &result {
                 abort.cancel();
-                true
+                if !matches!(error, PipeError::Stream(_)) {
+                    send.reset();
+                }
             }
-        }
-    };
-    // Waits for the lane, then hands each direction its half of the lane stream.
-    let mover = async {
-        let (Some(lane), Some(handoff)) = (lane, handoff) else {
-            return false;
+            result
         };
-        let moved = tokio::select! {
-            biased;
-            _ = finished.cancelled() => None,
-            _ = abort.cancelled() => None,
-            moved = lane::next(lane, bulk.as_ref()) => moved,
-        };
-        match moved {
-            Some(moved) => {
-                handoff.deliver(moved, up_ok.load(Ordering::Relaxed));
-                true
+        let down = async {
+            if let Some(end) = down_end {
+                return Ok(Step::Done(end));
             }
-            None => false,
-        }
+            let down = StreamToSocket {
+                config,
+                activity: &activity,
+                meter,
+                socket_eof: &socket_eof,
+                bulk: bulk.as_deref(),
+                handover,
+                moved: &moved,
+            };
+            let result = tokio::select! {
+                biased;
+                _ = abort.cancelled() => Err(PipeError::Aborted),
+                r = down.run(&mut *recv, &mut *writer, lane_recv, &mut *down_total) => r,
+            };
+            if result.is_err() {
+                abort.cancel();
+            }
+            result
+        };
+        // Pinned here and joined by reference: an async block that took them by value would
+        // keep a copy of both beside the ones `join!` holds (~1.6 KiB per pipe, idle or not).
+        tokio::pin!(up, down);
+        let both = async {
+            let results = tokio::join!(&mut up, &mut down);
+            finished.cancel();
+            results
+        };
+        let watchdog = async {
+            let Some(limit) = config.idle_timeout.filter(|d| !d.is_zero()) else {
+                return false;
+            };
+            tokio::select! {
+                _ = finished.cancelled() => false,
+                _ = activity.idle_for(limit) => {
+                    abort.cancel();
+                    true
+                }
+            }
+        };
+        tokio::join!(both, watchdog)
     };
-    let ((up_result, down_result), idled, moved) = tokio::join!(both, watchdog, mover);
-    let moved = moved || was_moved;
+    let moved = moved.load(Ordering::Relaxed);
     let switched = matches!(
         (&up_result, &down_result),
-        (Ok(Step::Switched), Ok(_)) | (Ok(_), Ok((Step::Switched, _)))
+        (Ok(Step::Switched), Ok(_)) | (Ok(_), Ok(Step::Switched))
     );
-    let down_result = match (switched, &up_result, down_result) {
-        (true, Ok(up), Ok((down, recv))) => {
-            // Both directions stopped at a boundary, at least one of them on the lane.
-            let socket = reader.unsplit(writer);
-            return Piped::Moving(Resume {
-                socket,
-                send,
-                recv,
-                up_done: matches!(up, Step::Done(())),
-                down_end: match down {
-                    Step::Done(end) => Some(end),
-                    Step::Switched => None,
-                },
-                socket_eof: socket_eof.load(Ordering::Acquire),
-                up_bytes: up_total,
-                down_bytes: down_total,
-                moved,
-            });
-        }
-        (_, _, down_result) => down_result,
-    };
+    if let (true, Ok(up), Ok(down)) = (switched, &up_result, &down_result) {
+        // Both directions stopped at a boundary, at least one of them on the lane.
+        let (up_done, down_end) = (
+            matches!(up, Step::Done(())),
+            match down {
+                Step::Done(end) => Some(*end),
+                Step::Switched => None,
+            },
+        );
+        let socket_eof = socket_eof.load(Ordering::Acquire);
+        return Piped::Moving(Resume {
+            socket: parts.reader.unsplit(parts.writer),
+            send: parts.send,
+            recv: parts.recv,
+            up_done,
+            down_end,
+            socket_eof,
+            up_bytes: parts.up_bytes,
+            down_bytes: parts.down_bytes,
+            moved,
+        });
+    }
     let up_result = up_result.map(|_| ());
     // A direction that stopped on the lane while the other failed: the failure is the result.
-    let down_result = down_result.map(|(step, _)| match step {
+    let down_result = down_result.map(|step| match step {
         Step::Done(end) => end,
         Step::Switched => PipeEnd::Complete,
     });
@@ -384,13 +378,13 @@ where
     };
     if result == Ok(PipeEnd::SocketLeft) {
         // Nobody reads what the far end still sends: tell it to stop.
-        send.reset();
+        parts.send.reset();
     }
     let report = PipeReport {
-        socket_to_stream: up_total,
-        stream_to_socket: down_total,
+        socket_to_stream: parts.up_bytes,
+        stream_to_socket: parts.down_bytes,
         result,
         moved,
     };
-    Piped::Ended(report, reader.unsplit(writer))
+    Piped::Ended(report, parts.reader.unsplit(parts.writer))
 }

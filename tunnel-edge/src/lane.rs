@@ -26,11 +26,10 @@ use protocol::stream::{
     STREAM_ID_HEADER,
 };
 use rustls::pki_types::ServerName;
-use tokio::sync::oneshot;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use tunnel_io::pipe::lane::{Lane, Moved};
+use tunnel_io::pipe::lane::{handoff, Handoff, Lane, Moved};
 
 use crate::backoff::Backoff;
 use crate::config::EdgeConfig;
@@ -43,7 +42,7 @@ type Name = (Arc<str>, u64);
 /// The streams that may move to a lane now, by name.
 #[derive(Default)]
 pub(crate) struct Registry {
-    streams: Mutex<HashMap<Name, oneshot::Sender<Moved>>>,
+    streams: Mutex<HashMap<Name, Handoff>>,
 }
 
 /// Holds a stream's place in the [`Registry`] until dropped (its pipe ended).
@@ -59,7 +58,7 @@ impl Drop for Registered {
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Name, oneshot::Sender<Moved>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Name, Handoff>> {
         self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -76,21 +75,21 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_stream_id)?;
         let name = (replica?.clone(), id);
-        let (tx, rx) = oneshot::channel();
         let mut streams = self.lock();
         if streams.contains_key(&name) {
             return None;
         }
-        streams.insert(name.clone(), tx);
+        let (handoff, takers) = handoff();
+        streams.insert(name.clone(), handoff);
         let registered = Registered {
             registry: self.clone(),
             name,
         };
-        Some((Lane::Offered(rx), registered))
+        Some((Lane::Offered(takers), registered))
     }
 
-    /// The pipe waiting for the lane stream `name`, taken out (a name moves once).
-    fn take(&self, name: &Name) -> Option<oneshot::Sender<Moved>> {
+    /// Where the lane stream `name` goes to its pipe, taken out (a name moves once).
+    fn take(&self, name: &Name) -> Option<Handoff> {
         self.lock().remove(name)
     }
 }
@@ -295,13 +294,11 @@ impl LaneWorker {
             },
             Err(_) => return,
         };
-        let moved = Moved {
+        waiting.deliver(Moved {
             send: send.into(),
             recv: request.into_body().into(),
-        };
-        if waiting.send(moved).is_ok() {
-            self.metrics.lane_moves.inc();
-        }
+        });
+        self.metrics.lane_moves.inc();
     }
 }
 

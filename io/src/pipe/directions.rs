@@ -27,6 +27,8 @@ pub(super) struct SocketToStream<'a> {
     pub(super) bulk: Option<&'a BulkWatch>,
     /// Stop once on the lane ([`Step::Switched`]).
     pub(super) handover: bool,
+    /// Set once either direction goes on on the lane.
+    pub(super) moved: &'a AtomicBool,
 }
 
 impl SocketToStream<'_> {
@@ -58,6 +60,7 @@ impl SocketToStream<'_> {
                             // The last byte on the old stream is sent: the rest goes on.
                             send.finish_moved()?;
                             *send = moved;
+                            self.moved.store(true, Ordering::Relaxed);
                             if self.handover {
                                 return Ok(Step::Switched);
                             }
@@ -135,6 +138,8 @@ pub(super) struct StreamToSocket<'a> {
     pub(super) bulk: Option<&'a BulkWatch>,
     /// Stop once on the lane ([`Step::Switched`]).
     pub(super) handover: bool,
+    /// Set once either direction goes on on the lane.
+    pub(super) moved: &'a AtomicBool,
 }
 
 impl StreamToSocket<'_> {
@@ -159,6 +164,7 @@ impl StreamToSocket<'_> {
                             PipeError::Stream("moved, but the lane stream did not arrive".into())
                         })?
                         .map_err(|_| PipeError::Stream("moved, but the lane was lost".into()))?;
+                    self.moved.store(true, Ordering::Relaxed);
                     if self.handover {
                         return Ok(Step::Switched);
                     }

@@ -14,14 +14,14 @@
 //!   stream ends the lane stream's at once, and nothing is read from it.
 //!
 //! Only the server decides to move (it sees both directions' rates); the edge's side is
-//! [`Lane::Offered`].
+//! [`Lane::Offered`], its lane stream handed to the pipe by whoever accepts it.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{StreamRecv, StreamSend};
@@ -57,28 +57,31 @@ pub type OpenLane = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Option<Moved
 pub enum Lane {
     /// This end moves the stream once it has moved [`BULK_BYTES`] within [`BULK_WINDOW`].
     Open(OpenLane),
-    /// The far end moves it: the lane stream's halves arrive here, already answered.
-    Offered(oneshot::Receiver<Moved>),
+    /// The far end moves it: its lane stream's halves are handed to the pipe through the
+    /// [`Handoff`] made with these [`Takers`] ([`handoff`]).
+    Offered(Takers),
 }
 
-/// Counts a pipe's bytes against [`BULK_BYTES`] per [`BULK_WINDOW`] and wakes the pipe's
-/// mover once they pass it. Atomics, so the pipe's future stays `Send`.
+/// Counts a pipe's bytes against [`BULK_BYTES`] per [`BULK_WINDOW`]; once they pass it, opens
+/// the lane stream on a task of its own and hands it to the pipe. No future waits for it
+/// inside the pipe: every pipe carries this, idle ones too (memory per idle tunnel).
+/// Atomics and a lock taken once, so the pipe's future stays `Send`.
 pub(super) struct BulkWatch {
     started: Instant,
     window_start_ms: AtomicU64,
     bytes: AtomicU64,
     fired: AtomicBool,
-    pub(super) notify: Notify,
+    open: std::sync::Mutex<Option<(OpenLane, Handoff)>>,
 }
 
 impl BulkWatch {
-    pub(super) fn new() -> BulkWatch {
+    pub(super) fn new(open: OpenLane, handoff: Handoff) -> BulkWatch {
         BulkWatch {
             started: Instant::now(),
             window_start_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             fired: AtomicBool::new(false),
-            notify: Notify::new(),
+            open: std::sync::Mutex::new(Some((open, handoff))),
         }
     }
 
@@ -98,25 +101,38 @@ impl BulkWatch {
         };
         if total >= BULK_BYTES {
             self.fired.store(true, Ordering::Relaxed);
-            // A permit is stored if the mover is not waiting yet.
-            self.notify.notify_one();
+            self.fire();
+        }
+    }
+
+    /// Open the lane stream beside the pipe, which keeps flowing on the session meanwhile.
+    fn fire(&self) {
+        let taken = self.open.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some((open, handoff)) = taken {
+            tokio::spawn(async move {
+                if let Some(moved) = open().await {
+                    handoff.deliver(moved);
+                }
+            });
         }
     }
 }
 
-/// Where the mover hands each half of the lane stream to the direction that uses it.
-pub(super) struct Handoff {
-    pub(super) send: oneshot::Sender<StreamSend>,
-    pub(super) recv: oneshot::Sender<StreamRecv>,
+/// Where each half of a lane stream goes to the pipe direction that uses it.
+pub struct Handoff {
+    send: oneshot::Sender<StreamSend>,
+    recv: oneshot::Sender<StreamRecv>,
 }
 
-/// The receiving ends of a [`Handoff`], one per direction.
-pub(super) struct Takers {
+/// The receiving ends of a [`Handoff`], one per pipe direction.
+pub struct Takers {
     pub(super) send: oneshot::Receiver<StreamSend>,
     pub(super) recv: oneshot::Receiver<StreamRecv>,
 }
 
-pub(super) fn handoff() -> (Handoff, Takers) {
+/// A handoff and its takers: the takers go to the pipe ([`Lane::Offered`]), the handoff to
+/// whoever receives the lane stream.
+pub fn handoff() -> (Handoff, Takers) {
     let (send_tx, send_rx) = oneshot::channel();
     let (recv_tx, recv_rx) = oneshot::channel();
     (
@@ -132,31 +148,16 @@ pub(super) fn handoff() -> (Handoff, Takers) {
 }
 
 impl Handoff {
-    /// Give each direction its half. A sending direction that has already ended on the old
-    /// stream ends the lane stream's at once (`ended_ok`), or resets it if it failed; a
-    /// receiving direction that has ended never reads the lane stream (its half is dropped).
-    pub(super) fn deliver(self, moved: Moved, up_ok: bool) {
+    /// Give each pipe direction its half of the lane stream. A sending direction that has
+    /// already ended on the old stream ends the lane stream's at once: the far end may be
+    /// sending on the lane stream, which a reset would cut (if that direction failed, the
+    /// old stream's reset fails the far end anyway). A receiving direction that has ended
+    /// never reads the lane stream: its half is dropped.
+    pub fn deliver(self, moved: Moved) {
         if let Err(mut send) = self.send.send(moved.send) {
-            if up_ok {
-                let _ = send.finish();
-            } else {
-                send.reset();
-            }
+            let _ = send.finish();
         }
         let _ = self.recv.send(moved.recv);
-    }
-}
-
-/// Wait for the lane: the far end's offer, or, for [`Lane::Open`], the stream to show itself
-/// bulk and then the lane stream's answer.
-pub(super) async fn next(lane: Lane, bulk: Option<&BulkWatch>) -> Option<Moved> {
-    match (lane, bulk) {
-        (Lane::Offered(offer), _) => offer.await.ok(),
-        (Lane::Open(open), Some(bulk)) => {
-            bulk.notify.notified().await;
-            open().await
-        }
-        (Lane::Open(_), None) => None,
     }
 }
 
@@ -164,28 +165,41 @@ pub(super) async fn next(lane: Lane, bulk: Option<&BulkWatch>) -> Option<Moved> 
 mod tests {
     use super::*;
 
+    /// A watch whose opener counts its calls and declines (the stream stays).
+    fn watch(opened: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> BulkWatch {
+        let opened = opened.clone();
+        let open: OpenLane = Box::new(move || {
+            opened.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { None })
+        });
+        BulkWatch::new(open, handoff().0)
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn bulk_fires_once_the_bytes_within_one_window_pass_the_bound() {
-        let watch = BulkWatch::new();
+    async fn bulk_opens_the_lane_once_the_bytes_within_one_window_pass_the_bound() {
+        let opened = std::sync::Arc::default();
+        let watch = watch(&opened);
         watch.add(BULK_BYTES / 2);
         watch.add(BULK_BYTES / 2 - 1);
         assert!(!watch.fired.load(Ordering::Relaxed));
         watch.add(1);
         assert!(watch.fired.load(Ordering::Relaxed));
-        // The permit waits for a mover that was not listening yet.
-        tokio::time::timeout(Duration::from_millis(1), watch.notify.notified())
-            .await
-            .expect("notified");
+        watch.add(BULK_BYTES);
+        tokio::task::yield_now().await;
+        assert_eq!(opened.load(Ordering::Relaxed), 1, "opened once");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_stream_never_counts_as_bulk() {
-        let watch = BulkWatch::new();
+        let opened = std::sync::Arc::default();
+        let watch = watch(&opened);
         // 3/4 of the bound per window, for ten windows: never the bound within one.
         for _ in 0..10 {
             watch.add(BULK_BYTES / 4 * 3);
             tokio::time::advance(BULK_WINDOW + Duration::from_millis(2)).await;
         }
         assert!(!watch.fired.load(Ordering::Relaxed));
+        tokio::task::yield_now().await;
+        assert_eq!(opened.load(Ordering::Relaxed), 0);
     }
 }

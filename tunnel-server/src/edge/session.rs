@@ -359,11 +359,16 @@ impl EdgeSession {
                 .method(Method::CONNECT)
                 .uri(target.to_string())
                 .header(CLIENT_HEADER, sanitize_reason(client));
-            let lane = self.naming.as_ref().map(|naming| {
-                let id = naming.next();
-                request = std::mem::take(&mut request).header(STREAM_ID_HEADER, id);
-                self.lane.opener(id, naming)
-            });
+            // Named only while a lane is up: a stream that cannot move carries nothing for it.
+            let lane = self
+                .naming
+                .as_ref()
+                .filter(|_| self.lane.is_up())
+                .map(|naming| {
+                    let id = naming.next();
+                    request = std::mem::take(&mut request).header(STREAM_ID_HEADER, id);
+                    self.lane.opener(id, naming)
+                });
             let request = request
                 .body(())
                 .map_err(|e| OpenError::new(DialFailure::Internal, e.to_string()))?;

@@ -340,8 +340,16 @@ where
     };
     let report = match pipe_stream(socket, stream, early, pipe_config, &meter, cancel).await {
         Piped::Ended(report, _) => report,
+        // Boxed: an idle tunnel's task is not sized for the moved pipe's state as well.
         Piped::Moving(resume) => {
-            on_lane(resume, lane_slot.shard(), pipe_config, &meter, cancel).await
+            Box::pin(on_lane(
+                resume,
+                lane_slot.shard(),
+                pipe_config,
+                &meter,
+                cancel,
+            ))
+            .await
         }
     };
     drop(open);
